@@ -1,0 +1,238 @@
+"""The few-shot task of paper-notes §1: exemplar sources, label-pair split and the batched sampler.
+
+A sequence is [x1, y1, ..., xN, yN, xq]. The sampler draws whole batches with tensor ops; the
+training stream is counter-based (chunk c of run seed s always holds the same sequences), so a
+resumed run or a run inside a batched sweep sees exactly the data it would have seen alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ihstudy.errors import ConfigError
+
+MAX_FEATURE_ELEMENTS = 2_000_000_000  # refuse absurd files before reading them
+
+
+@dataclass
+class Batch:
+    """Sequences of one or more runs. Leading axes: [runs, batch] (the run axis may be absent)."""
+
+    exemplars: torch.Tensor  # [..., N+1, dim] float: context exemplars then the query exemplar
+    labels: torch.Tensor  # [..., N] long: context labels
+    target: torch.Tensor  # [...] long: the query's label
+
+    @property
+    def context_len(self) -> int:
+        return self.labels.shape[-1]
+
+    @staticmethod
+    def stack(batches: list["Batch"]) -> "Batch":
+        """Stack per-run batches along a new leading run axis."""
+        return Batch(*(torch.stack([getattr(b, f) for b in batches]) for f in ("exemplars", "labels", "target")))
+
+    def __getitem__(self, index) -> "Batch":
+        return Batch(self.exemplars[index], self.labels[index], self.target[index])
+
+    def to(self, device) -> "Batch":
+        return Batch(self.exemplars.to(device), self.labels.to(device), self.target.to(device))
+
+
+# --- exemplar sources ---------------------------------------------------------------------------
+
+
+def gaussian_features(n_classes: int, n_exemplars: int, dim: int, latent_dim: int,
+                      within_class_std: float, seed: int) -> torch.Tensor:
+    """Built-in exemplars [classes, exemplars, dim] with shared low-dimensional structure.
+
+    Class centres lie in a random `latent_dim`-dimensional subspace (paper-notes §6: isotropic
+    class vectors never let held-out classes generalise); exemplars scatter isotropically around
+    them. Every exemplar is scaled to unit norm, like a normalised feature vector.
+    """
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(latent_dim, dim, generator=g) / math.sqrt(latent_dim)
+    centres = torch.randn(n_classes, 1, latent_dim, generator=g) @ basis
+    centres = centres / centres.norm(dim=-1, keepdim=True)
+    spread = torch.randn(n_classes, n_exemplars, dim, generator=g) * (within_class_std / math.sqrt(dim))
+    features = centres + spread
+    return features / features.norm(dim=-1, keepdim=True)
+
+
+def load_feature_file(path: str, dataset: str | None = None) -> torch.Tensor:
+    """Features [classes, exemplars, dim] from an HDF5 file (dataset path inside it) or a .npy file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"feature file not found: {file}")
+    try:
+        if file.suffix == ".npy":
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+            _check_feature_array(file, array.shape, array.dtype)
+            array = np.asarray(array)
+        else:
+            import h5py
+
+            with h5py.File(file, "r") as h5:
+                if not dataset or dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
+                    raise ConfigError(f"feature file {file} has no dataset '{dataset}'")
+                _check_feature_array(file, h5[dataset].shape, h5[dataset].dtype)
+                array = h5[dataset][()]
+    except ConfigError:
+        raise
+    except Exception as exc:  # unreadable or not the format its name says
+        raise ConfigError(f"cannot read feature file {file}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    features = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if not torch.isfinite(features).all():
+        raise ConfigError(f"feature file {file} contains NaN or infinite values")
+    return features
+
+
+def _check_feature_array(file: Path, shape: tuple, dtype: np.dtype) -> None:
+    if len(shape) != 3:
+        raise ConfigError(f"feature file {file} must hold a [classes, exemplars, dim] array, got shape {tuple(shape)}")
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise ConfigError(f"feature file {file} has non-numeric dtype {dtype}")
+    if min(shape) < 1 or math.prod(shape) > MAX_FEATURE_ELEMENTS:
+        raise ConfigError(f"feature file {file} has an unusable shape {tuple(shape)}")
+
+
+# --- labels ---------------------------------------------------------------------------------------
+
+
+def label_pair_split(n_labels: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the unordered label pairs {i<j} into train and val pairs ([P, 2] long tensors).
+
+    The permutation is seeded; if some label would never occur in a train pair, the next seed is
+    tried, so every label is seen in training.
+    """
+    pairs = torch.tensor([(i, j) for i in range(n_labels) for j in range(i + 1, n_labels)], dtype=torch.long)
+    n_val = round(len(pairs) * val_fraction)
+    if n_labels < 2 or len(pairs) - n_val < math.ceil(n_labels / 2):
+        raise ConfigError(f"task.n_labels={n_labels} gives too few label pairs for a train/val split")
+    for attempt in range(1000):
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + attempt))
+        train, val = pairs[order[n_val:]], pairs[order[:n_val]]
+        if len(train.unique()) == n_labels:
+            return train, val
+    raise ConfigError(f"no label-pair split with every label in training for n_labels={n_labels}")
+
+
+# --- the sampler ----------------------------------------------------------------------------------
+
+
+class FewShotSampler:
+    """Draws few-shot sequences from one choice of classes, exemplars and label pairs."""
+
+    def __init__(self, features: torch.Tensor, classes: torch.Tensor, exemplars: torch.Tensor,
+                 pairs: torch.Tensor, n_labels: int, context_len: int, burstiness: int,
+                 zipf_alpha: float = 0.0, exemplar_noise: float = 0.0):
+        self.features, self.classes, self.exemplars, self.pairs = features, classes, exemplars, pairs
+        self.n_labels, self.context_len, self.burstiness = n_labels, context_len, burstiness
+        self.n_fillers = context_len - 2 * burstiness
+        self.exemplar_noise = exemplar_noise
+        ranks = torch.arange(1, len(classes) + 1, dtype=torch.float64)
+        self.class_probs = (ranks ** -zipf_alpha).float()
+
+    def sample(self, n: int, generator: torch.Generator) -> Batch:
+        b, fillers = self.burstiness, self.n_fillers
+        g = generator
+        # Query class first, then a distinct distractor, then distinct filler classes.
+        drawn = torch.multinomial(self.class_probs.expand(n, -1), 2 + fillers, replacement=False, generator=g)
+        query_class, distractor = drawn[:, :1], drawn[:, 1:2]
+        pair = self.pairs[torch.randint(len(self.pairs), (n,), generator=g)]
+        flip = torch.randint(2, (n, 1), generator=g)
+        label_a, label_b = pair.gather(1, flip), pair.gather(1, 1 - flip)
+        context_classes = torch.cat([query_class.expand(n, b), distractor.expand(n, b), drawn[:, 2:]], 1)
+        context_labels = torch.cat([label_a.expand(n, b), label_b.expand(n, b),
+                                    self._filler_labels(label_a, label_b, n, g)], 1)
+        order = torch.rand(n, self.context_len, generator=g).argsort(1)
+        context_classes, context_labels = context_classes.gather(1, order), context_labels.gather(1, order)
+        item_classes = self.classes[torch.cat([context_classes, query_class], 1)]
+        item_exemplars = self.exemplars[torch.randint(len(self.exemplars), item_classes.shape, generator=g)]
+        x = self.features[item_classes, item_exemplars]
+        if self.exemplar_noise:
+            x = x + self.exemplar_noise * torch.randn(x.shape, generator=g)
+        return Batch(x, context_labels, label_a.squeeze(1))
+
+    def _filler_labels(self, label_a, label_b, n, g):
+        """Fillers get labels outside the sequence's pair, so the pair stays unambiguous."""
+        if self.n_fillers == 0:
+            return label_a[:, :0]
+        labels = torch.randint(self.n_labels - 2, (n, self.n_fillers), generator=g)
+        low, high = torch.minimum(label_a, label_b), torch.maximum(label_a, label_b)
+        labels = labels + (labels >= low)
+        return labels + (labels >= high)
+
+
+def chunk_generator(seed: int, chunk: int) -> torch.Generator:
+    """An independent generator for chunk `chunk` of the stream seeded by `seed`."""
+    state = np.random.SeedSequence([seed, chunk]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+
+class TrainStream:
+    """The training batches of one run: batch k is a pure function of (data seed, k)."""
+
+    def __init__(self, sampler: FewShotSampler, seed: int, batch_size: int, chunk_batches: int = 256):
+        self.sampler, self.seed, self.batch_size, self.chunk_batches = sampler, seed, batch_size, chunk_batches
+        self._chunk_index, self._chunk = -1, None
+
+    def batch(self, step: int) -> Batch:
+        chunk, offset = divmod(step, self.chunk_batches)
+        if chunk != self._chunk_index:
+            drawn = self.sampler.sample(self.chunk_batches * self.batch_size, chunk_generator(self.seed, chunk))
+            self._chunk = Batch(*(t.view(self.chunk_batches, self.batch_size, *t.shape[1:])
+                                  for t in (drawn.exemplars, drawn.labels, drawn.target)))
+            self._chunk_index = chunk
+        return self._chunk[offset]
+
+
+# --- the task: splits, training sampler and evaluators ---------------------------------------------
+
+# evaluator name -> (class split, exemplar split, label-pair split)
+EVALUATORS = {
+    "fsl_train": ("train", "train", "train"),
+    "fsl_val_rl": ("train", "train", "val"),
+    "fsl_train_valex": ("train", "val", "train"),
+    "fsl_test_class": ("test", "train", "train"),
+}
+SPLITS = ("train", "val", "test")
+
+
+class FewShotTask:
+    """Splits the exemplar array by class and exemplar counts and builds the samplers of one task config."""
+
+    def __init__(self, task_cfg, features: torch.Tensor):
+        self.cfg, self.features = task_cfg, features
+        self.class_ids = _split_ranges(task_cfg.class_split)
+        self.exemplar_ids = _split_ranges(task_cfg.exemplar_split)
+        train_pairs, val_pairs = label_pair_split(task_cfg.n_labels, task_cfg.val_pair_fraction, task_cfg.pair_seed)
+        self.pairs = {"train": train_pairs, "val": val_pairs}
+
+    def sampler(self, classes: str = "train", exemplars: str = "train", pairs: str = "train") -> FewShotSampler:
+        c = self.cfg
+        return FewShotSampler(self.features, self.class_ids[classes], self.exemplar_ids[exemplars], self.pairs[pairs],
+                              c.n_labels, c.context_len, c.burstiness, c.zipf_alpha, c.exemplar_noise)
+
+    def eval_set(self, name: str, n_sequences: int, eval_seed: int) -> Batch:
+        """The fixed sequences of evaluator `name`, drawn once from the eval seed."""
+        index = list(EVALUATORS).index(name)
+        return self.sampler(*EVALUATORS[name]).sample(n_sequences, chunk_generator(eval_seed, index))
+
+
+def _split_ranges(counts) -> dict[str, torch.Tensor]:
+    """Consecutive index ranges for the train/val/test counts, e.g. [50, 1473, 100]."""
+    bounds = np.cumsum([0, *counts])
+    return {name: torch.arange(int(bounds[i]), int(bounds[i + 1])) for i, name in enumerate(SPLITS)}
+
+
+def load_features(data_cfg) -> torch.Tensor:
+    """The exemplar array [classes, exemplars, dim] named by the `data` config group."""
+    if data_cfg.source == "gaussian":
+        return gaussian_features(data_cfg.n_classes, data_cfg.n_exemplars, data_cfg.dim, data_cfg.latent_dim,
+                                 data_cfg.within_class_std, data_cfg.seed)
+    return load_feature_file(data_cfg.path, data_cfg.get("dataset"))

@@ -1,0 +1,343 @@
+"""The attention-only transformer of paper-notes §2, as R stacked copies ("runs") with named sites.
+
+Every parameter carries a leading run axis, so a batched sweep trains R independent models with
+the same few large ops a single model needs (R=1 for a single run). All parameters of all runs
+live in one flat buffer `flat` [R, P] (and their gradients in `flat_grad`), which makes the
+optimizer, gradient norms and checkpoints one tensor operation each.
+
+Named activation sites (TransformerLens names; every tensor has the run axis R first):
+
+  hook_embed                      [R, B, T, D]  token embeddings (exemplar and label tokens)
+  hook_pos_embed                  [R|1, 1, T, D] learned or sinusoidal positions (absent for rotary)
+  blocks.{l}.hook_resid_pre       [R, B, T, D]
+  blocks.{l}.hook_qk_input        [R, B, T, D]  residual read by Q and K   (opt-in, see below)
+  blocks.{l}.hook_v_input         [R, B, T, D]  residual read by V         (opt-in)
+  blocks.{l}.ln1.hook_normalized  [R, B, T, D]
+  blocks.{l}.attn.hook_q/k/v      [R, B, T, H, d_head]
+  blocks.{l}.attn.hook_rot_q/k    [R, B, T, H, d_head]  after rotary embedding
+  blocks.{l}.attn.hook_attn_scores [R, B, H, Tq, Tk]  pre-softmax, scaled and causally masked
+  blocks.{l}.attn.hook_pattern    [R, B, H, Tq, Tk]
+  blocks.{l}.attn.hook_z          [R, B, T, H, d_head]  pattern-weighted values
+  blocks.{l}.attn.hook_result     [R, B, T, H, D]  per-head output after W_O (opt-in)
+  blocks.{l}.hook_attn_out        [R, B, T, D]
+  blocks.{l}.hook_resid_mid, blocks.{l}.mlp.hook_pre/hook_post, blocks.{l}.hook_mlp_out  (with an MLP)
+  blocks.{l}.hook_resid_post      [R, B, T, D]
+  ln_final.hook_normalized        [R, B, T, D]
+  hook_logits                     [R, B, T, n_labels]
+
+A hook is `fn(tensor, hook) -> tensor | None` (hook.name is the site name); returning a tensor
+replaces the activation. Opt-in sites change how the layer is computed (per-head results summed,
+Q/K and V read from separate inputs), so they run only when hooked or named in a cache filter.
+Token positions: exemplar i at 2i, its label at 2i+1, the query at T-1 = 2N.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ihstudy.data import Batch
+
+# Parameters are views into one flat buffer; autograd notes that their strides skip the other runs.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+OPT_IN_SITES = ("hook_qk_input", "hook_v_input", "attn.hook_result")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layers: int
+    n_heads: int
+    d_model: int
+    n_features: int
+    n_labels: int
+    context_len: int
+    positional: str = "rotary"  # rotary | learned | sinusoidal
+    rotary_base: float = 10000.0
+    mlp_ratio: float = 0.0  # 0: attention-only
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_tokens(self) -> int:
+        return 2 * self.context_len + 1
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.mlp_ratio * self.d_model)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter of one run, in a fixed order (the order of the flat buffer and of init)."""
+        D, L = self.d_model, self.n_labels
+        shapes = {"embed.W_x": (self.n_features, D), "embed.b_x": (D,), "embed.W_y": (L, D)}
+        if self.positional == "learned":
+            shapes["pos_embed.W_pos"] = (self.n_tokens, D)
+        for layer in range(self.n_layers):
+            b = f"blocks.{layer}."
+            shapes |= {b + "ln1.w": (D,), b + "ln1.b": (D,),
+                       b + "attn.W_QKV": (D, 3 * D), b + "attn.W_O": (D, D)}
+            if self.d_mlp:
+                shapes |= {b + "ln2.w": (D,), b + "ln2.b": (D,), b + "mlp.W_in": (D, self.d_mlp),
+                           b + "mlp.b_in": (self.d_mlp,), b + "mlp.W_out": (self.d_mlp, D), b + "mlp.b_out": (D,)}
+        return shapes | {"ln_final.w": (D,), "ln_final.b": (D,), "unembed.W_U": (D, L), "unembed.b_U": (L,)}
+
+
+def init_param(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Paper-notes §2: LeCun-normal exemplar embedding, truncated-normal(0.02) label embedding,
+    uniform(±1/sqrt(fan_in)) attention, MLP and unembedding weights, zero biases, unit LN gains."""
+    leaf = name.rsplit(".", 1)[1]
+    if name == "embed.W_x":
+        return torch.randn(shape, generator=g) / math.sqrt(shape[0])
+    if name in ("embed.W_y", "pos_embed.W_pos"):
+        return torch.nn.init.trunc_normal_(torch.empty(shape), std=0.02, a=-0.04, b=0.04, generator=g)
+    if leaf == "w":
+        return torch.ones(shape)
+    if leaf.startswith("b"):
+        return torch.zeros(shape)
+    bound = 1 / math.sqrt(shape[0])
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    name: str
+
+
+class Transformer:
+    def __init__(self, shape: ModelShape, n_runs: int = 1, device: str | torch.device = "cpu"):
+        self.shape, self.n_runs, self.device = shape, n_runs, torch.device(device)
+        shapes = shape.param_shapes()
+        sizes = [math.prod(s) for s in shapes.values()]
+        self.flat = torch.zeros(n_runs, sum(sizes), device=self.device)
+        self.flat_grad = torch.zeros_like(self.flat)
+        self.params: dict[str, torch.Tensor] = {}
+        offset = 0
+        for (name, s), size in zip(shapes.items(), sizes):
+            param = self.flat[:, offset:offset + size].view(n_runs, *s).requires_grad_()
+            param.grad = self.flat_grad[:, offset:offset + size].view(n_runs, *s)
+            self.params[name], offset = param, offset + size
+        self._hooks: dict[str, list] = {}
+        self._setup_positions()
+
+    # --- parameters ---------------------------------------------------------------------------
+
+    def init_(self, seeds: list[int]) -> "Transformer":
+        """Initialise run r from its own generator seeded with seeds[r]."""
+        with torch.no_grad():
+            for run, seed in enumerate(seeds):
+                g = torch.Generator().manual_seed(seed)
+                for name, param in self.params.items():
+                    param[run] = init_param(name, tuple(param.shape[1:]), g)
+        return self
+
+    def state_dict(self, run: int) -> dict[str, torch.Tensor]:
+        return {name: p[run].detach().clone().cpu() for name, p in self.params.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], run: int) -> None:
+        expected = {name: tuple(p.shape[1:]) for name, p in self.params.items()}
+        found = {name: tuple(t.shape) for name, t in state.items()}
+        if expected != found:
+            raise ValueError("checkpoint does not match the model shape")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p[run] = state[name]
+
+    @property
+    def n_params(self) -> int:
+        return self.flat.shape[1]
+
+    # --- sites ----------------------------------------------------------------------------------
+
+    def site_names(self) -> list[str]:
+        names = ["hook_embed"] + (["hook_pos_embed"] if self.shape.positional != "rotary" else [])
+        for layer in range(self.shape.n_layers):
+            b = f"blocks.{layer}."
+            names += [b + "hook_resid_pre", b + "hook_qk_input", b + "hook_v_input", b + "ln1.hook_normalized"]
+            names += [b + "attn." + s for s in ("hook_q", "hook_k", "hook_v")]
+            if self.shape.positional == "rotary":
+                names += [b + "attn.hook_rot_q", b + "attn.hook_rot_k"]
+            names += [b + "attn." + s for s in ("hook_attn_scores", "hook_pattern", "hook_z", "hook_result")]
+            names.append(b + "hook_attn_out")
+            if self.shape.d_mlp:
+                names += [b + s for s in ("hook_resid_mid", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out")]
+            names.append(b + "hook_resid_post")
+        return names + ["ln_final.hook_normalized", "hook_logits"]
+
+    @contextmanager
+    def hooks(self, fwd_hooks):
+        """Install (site name, fn) hooks for the duration of the block (nesting adds to outer hooks)."""
+        known = set(self.site_names())
+        previous = self._hooks
+        merged = {name: list(fns) for name, fns in previous.items()}
+        for name, fn in fwd_hooks:
+            if name not in known:
+                raise KeyError(f"unknown activation site '{name}'")
+            merged.setdefault(name, []).append(fn)
+        self._hooks = merged
+        try:
+            yield self
+        finally:
+            self._hooks = previous
+
+    def run_with_hooks(self, batch: Batch, fwd_hooks) -> torch.Tensor:
+        with self.hooks(fwd_hooks):
+            return self(batch)
+
+    def run_with_cache(self, batch: Batch, names_filter=None, fwd_hooks=()):
+        """Logits and a dict of recorded activations (all always-on sites, or those in names_filter).
+
+        Recorded tensors keep their autograd history, so a later pass may train through them.
+        """
+        if names_filter is None:
+            names = [n for n in self.site_names() if not n.endswith(OPT_IN_SITES)]
+        elif callable(names_filter):
+            names = [n for n in self.site_names() if names_filter(n)]
+        else:
+            names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+        cache: dict[str, torch.Tensor] = {}
+
+        def record(tensor, hook):
+            cache[hook.name] = tensor
+
+        with self.hooks(list(fwd_hooks) + [(name, record) for name in names]):
+            logits = self(batch)
+        return logits, cache
+
+    def _site(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        fns = self._hooks.get(name) if self._hooks else None
+        if fns:
+            hook = HookPoint(name)
+            for fn in fns:
+                out = fn(x, hook)
+                if out is not None:
+                    x = out
+        return x
+
+    def _hooked(self, name: str) -> bool:
+        return name in self._hooks
+
+    # --- the forward pass -----------------------------------------------------------------------
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        """Logits [R, B, T, n_labels] for sequences with run axis: exemplars [R, B, N+1, F]."""
+        p, s = self.params, self.shape
+        resid = self._site("hook_embed", self._embed(batch))
+        if s.positional != "rotary":
+            resid = resid + self._site("hook_pos_embed", self._absolute_positions())
+        for layer in range(s.n_layers):
+            resid = self._block(layer, resid)
+        final = self._site("ln_final.hook_normalized", _layer_norm(resid, p["ln_final.w"], p["ln_final.b"]))
+        return self._site("hook_logits", _linear(final, p["unembed.W_U"], p["unembed.b_U"]))
+
+    def _embed(self, batch: Batch) -> torch.Tensor:
+        p = self.params
+        x = _linear(batch.exemplars, p["embed.W_x"], p["embed.b_x"])  # [R, B, N+1, D]
+        y = _linear(F.one_hot(batch.labels, self.shape.n_labels).to(x.dtype), p["embed.W_y"])  # [R, B, N, D]
+        R, B, N, D = y.shape
+        pairs = torch.stack([x[:, :, :N], y], dim=3).view(R, B, 2 * N, D)
+        return torch.cat([pairs, x[:, :, N:]], dim=2)
+
+    def _block(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
+        p, b = self.params, f"blocks.{layer}."
+        resid = self._site(b + "hook_resid_pre", resid)
+        resid = resid + self._site(b + "hook_attn_out", self._attention(layer, resid))
+        if self.shape.d_mlp:
+            resid = self._site(b + "hook_resid_mid", resid)
+            h = _layer_norm(resid, p[b + "ln2.w"], p[b + "ln2.b"])
+            pre = self._site(b + "mlp.hook_pre", _linear(h, p[b + "mlp.W_in"], p[b + "mlp.b_in"]))
+            post = self._site(b + "mlp.hook_post", F.gelu(pre))
+            out = _linear(post, p[b + "mlp.W_out"], p[b + "mlp.b_out"])
+            resid = resid + self._site(b + "hook_mlp_out", out)
+        return self._site(b + "hook_resid_post", resid)
+
+    def _attention(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
+        p, s, b = self.params, self.shape, f"blocks.{layer}."
+        w, bias, W_QKV = p[b + "ln1.w"], p[b + "ln1.b"], p[b + "attn.W_QKV"]
+        R, B, T, D = resid.shape
+        H, dh = s.n_heads, s.d_head
+        if self._hooked(b + "hook_qk_input") or self._hooked(b + "hook_v_input"):
+            qk_in = _layer_norm(self._site(b + "hook_qk_input", resid), w, bias)
+            v_in = _layer_norm(self._site(b + "hook_v_input", resid), w, bias)
+            q, k, _ = _linear(qk_in, W_QKV).view(R, B, T, 3, H, dh).unbind(3)
+            v = _linear(v_in, W_QKV).view(R, B, T, 3, H, dh)[:, :, :, 2]
+        else:
+            h = self._site(b + "ln1.hook_normalized", _layer_norm(resid, w, bias))
+            q, k, v = _linear(h, W_QKV).view(R, B, T, 3, H, dh).unbind(3)
+        q, k, v = (self._site(b + "attn.hook_" + n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+        if s.positional == "rotary":
+            q = self._site(b + "attn.hook_rot_q", self._rotate(q))
+            k = self._site(b + "attn.hook_rot_k", self._rotate(k))
+        scores = (q.transpose(2, 3) @ k.permute(0, 1, 3, 4, 2)) / math.sqrt(dh)
+        scores = self._site(b + "attn.hook_attn_scores", scores.masked_fill(self._future, float("-inf")))
+        pattern = self._site(b + "attn.hook_pattern", _softmax(scores))
+        z = self._site(b + "attn.hook_z", (pattern @ v.transpose(2, 3)).transpose(2, 3))  # [R, B, T, H, dh]
+        W_O = p[b + "attn.W_O"]
+        if self._hooked(b + "attn.hook_result"):
+            per_head = W_O.view(W_O.shape[0], 1, 1, H, dh, D)
+            result = self._site(b + "attn.hook_result", (z.unsqueeze(-2) @ per_head).squeeze(-2))
+            return result.sum(3)
+        return _linear(z.reshape(R, B, T, H * dh), W_O)
+
+    # --- positions ----------------------------------------------------------------------------
+
+    def _setup_positions(self) -> None:
+        s, dev = self.shape, self.device
+        T = s.n_tokens
+        self._future = torch.ones(T, T, dtype=torch.bool, device=dev).triu(1)
+        positions = torch.arange(T, dtype=torch.float32, device=dev)[:, None]
+        if s.positional == "rotary":
+            half = s.d_head // 2
+            freqs = s.rotary_base ** (-torch.arange(half, dtype=torch.float32, device=dev) / half)
+            angles = (positions * freqs).repeat(1, 2)  # [T, d_head], halves share frequencies
+            self._cos, self._sin = angles.cos()[:, None], angles.sin()[:, None]  # broadcast over heads
+            rotate_half = torch.zeros(s.d_head, s.d_head, device=dev)
+            rotate_half[half:, :half] = -torch.eye(half)  # x @ rotate_half = cat(-x2, x1)
+            rotate_half[:half, half:] = torch.eye(half)
+            self._rotate_half = rotate_half
+        elif s.positional == "sinusoidal":
+            div = torch.exp(torch.arange(0, s.d_model, 2, dtype=torch.float32, device=dev) * (-math.log(10000.0) / s.d_model))
+            table = torch.zeros(T, s.d_model, device=dev)
+            table[:, 0::2], table[:, 1::2] = torch.sin(positions * div), torch.cos(positions * div)
+            self._sinusoid = table
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self._cos + (x @ self._rotate_half) * self._sin
+
+    def _absolute_positions(self) -> torch.Tensor:
+        if self.shape.positional == "learned":
+            return self.params["pos_embed.W_pos"][:, None]
+        return self._sinusoid[None, None]
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [R, ..., in] @ weight [R|1, in, out] (+ bias [R|1, out]) as one batched matmul per run."""
+    out = (x.reshape(x.shape[0], -1, x.shape[-1]) @ weight).view(*x.shape[:-1], weight.shape[-1])
+    return out if bias is None else out + bias.view(bias.shape[0], *[1] * (x.dim() - 2), -1)
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(bias[:, None, None], F.layer_norm(x, x.shape[-1:]), weight[:, None, None])
+
+
+# PyTorch's CPU softmax kernels are slow for rows as short as ours (5 tokens, 5 labels): these
+# few elementwise ops run 2x faster forward and backward. The max is a constant for autograd.
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    e = (x - x.detach().amax(-1, keepdim=True)).exp()
+    return e / e.sum(-1, keepdim=True)
+
+
+def log_softmax(x: torch.Tensor) -> torch.Tensor:
+    shifted = x - x.detach().amax(-1, keepdim=True)
+    return shifted - shifted.exp().sum(-1, keepdim=True).log()
+
+
+def query_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at the query token, per run and sequence: [R, B]."""
+    return -log_softmax(logits[..., -1, :]).gather(-1, target.unsqueeze(-1)).squeeze(-1)

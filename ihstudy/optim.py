@@ -1,0 +1,72 @@
+"""Optimizers and learning-rate schedules for R runs stacked in one flat parameter buffer.
+
+Adam and SGD are elementwise, so updating the stacked [R, P] buffer with a per-run learning rate
+is exactly R separate optimizers: a run trains identically alone or inside a batched sweep.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lr_schedule(optim_cfg, n_steps: int, batch_size: int) -> torch.Tensor:
+    """Learning rate before each of the n_steps updates: [n_steps]."""
+    step = torch.arange(n_steps, dtype=torch.float64)
+    base, floor = optim_cfg.lr, optim_cfg.lr * optim_cfg.min_lr_fraction
+    warmup = optim_cfg.warmup_sequences / batch_size
+    ramp = torch.clamp((step + 1) / warmup, max=1.0) if warmup > 0 else torch.ones_like(step)
+    if optim_cfg.schedule == "constant":
+        return (base * ramp).float()
+    progress = torch.clamp((step - warmup) / max(n_steps - warmup, 1), 0.0, 1.0)
+    if optim_cfg.schedule == "cosine":
+        decayed = floor + (base - floor) * 0.5 * (1 + torch.cos(math.pi * progress))
+    else:  # warmup_decay: linear decay to the floor after warmup
+        decayed = base + (floor - base) * progress
+    return (ramp * decayed).float()
+
+
+class StackedOptimizer:
+    """Adam (bias-corrected, like torch.optim.Adam) or SGD with momentum over a [R, P] buffer."""
+
+    def __init__(self, optim_cfgs: list, params: torch.Tensor, grads: torch.Tensor):
+        names = {c.name for c in optim_cfgs}
+        if len(names) != 1:
+            raise ValueError("runs packed together must use the same optimizer")
+        cfg = optim_cfgs[0]
+        self.name, self.params, self.grads = cfg.name, params, grads
+        self.beta1, self.beta2 = cfg.betas
+        self.eps = cfg.eps
+        self.momentum = torch.tensor([float(c.momentum) for c in optim_cfgs], device=params.device)[:, None]
+        self.exp_avg = torch.zeros_like(params)
+        self.exp_avg_sq = torch.zeros_like(params) if self.name == "adam" else None
+        self.steps_done = 0
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor, active: torch.Tensor) -> None:
+        """One update with per-run learning rates lr [R]; inactive (failed) runs stay unchanged."""
+        self.steps_done += 1
+        scale = (lr * active)[:, None]
+        g = self.grads
+        if self.name == "sgd":
+            self.exp_avg.mul_(self.momentum).add_(g)
+            self.params.sub_(scale * self.exp_avg)
+            return
+        t = self.steps_done
+        self.exp_avg.lerp_(g, 1 - self.beta1)
+        self.exp_avg_sq.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        denom = (self.exp_avg_sq / (1 - self.beta2 ** t)).sqrt_().add_(self.eps)
+        self.params.sub_((scale / (1 - self.beta1 ** t)) * self.exp_avg / denom)
+
+    def state(self, run: int) -> dict:
+        state = {"steps_done": self.steps_done, "exp_avg": self.exp_avg[run].clone().cpu()}
+        if self.exp_avg_sq is not None:
+            state["exp_avg_sq"] = self.exp_avg_sq[run].clone().cpu()
+        return state
+
+    def load_state(self, state: dict, run: int) -> None:
+        self.steps_done = int(state["steps_done"])
+        self.exp_avg[run] = state["exp_avg"]
+        if self.exp_avg_sq is not None:
+            self.exp_avg_sq[run] = state["exp_avg_sq"]
