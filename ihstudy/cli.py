@@ -6,7 +6,7 @@ ends in one line on stderr and exit code 2, before anything is written.
 
 from __future__ import annotations
 
-import shutil
+import shlex
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
@@ -39,40 +39,56 @@ def train(
 ) -> None:
     """Train one model (paper-notes §1-2 by default) and write its run folder under outputs/."""
     from ihstudy.config import compose_config
+    from ihstudy.run_files import RunFiles, claim_run_dir
     from ihstudy.train import Pack, RunSpec
 
+    overrides = overrides or []
     try:
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        cfg, run_dir = compose_config(overrides or [])
-        pack = Pack([RunSpec(cfg, run_dir, run_dir.name)])
-        run_dir = claim_run_dir(run_dir, resume, overwrite)
-        if resume and pack.restore():
-            console.print(f"resuming {run_dir} at {pack.step * pack.batch_size:,} sequences")
+        cfg, run_dir = compose_config(overrides)
+        pack = Pack([RunSpec(cfg, run_dir, run_dir.name)])  # validates everything before a file is written
+        run_dir, lock = claim_run_dir(run_dir, resume, overwrite, rename_on_collision=not sets_run_dir(overrides))
     except ConfigError as exc:
         fail(str(exc))
-    with training_progress(pack.n_steps * pack.batch_size, quiet) as progress:
-        results = pack.train(progress)
+    try:  # the lock keeps other processes out of the run folder until we are done
+        pack.specs[0].run_dir = run_dir  # a taken default folder name may have got a suffix
+        if resume and RunFiles(run_dir).read_status().get("status") == "completed":
+            console.print(f"{run_dir} is already completed", highlight=False, soft_wrap=True)
+            return
+        try:
+            if resume and pack.restore():
+                console.print(f"resuming {run_dir} at {pack.step * pack.batch_size:,} sequences", highlight=False,
+                              soft_wrap=True)
+        except ConfigError as exc:
+            fail(str(exc))
+        with training_progress(pack.n_steps * pack.batch_size, quiet) as progress:
+            results = pack.train(progress)
+    finally:
+        lock.release()
     if not quiet:
         print_summary(results)
-    if any(r.status != "completed" for r in results):
+    report_unfinished(results, overrides)
+
+
+def sets_run_dir(overrides: list[str]) -> bool:
+    return any(o.lstrip("+~").startswith("hydra.run.dir=") for o in overrides)
+
+
+def report_unfinished(results, overrides: list[str]) -> None:
+    """One line per failed or interrupted run (even with --quiet), then exit 1 (failed) or 130 (interrupted)."""
+    for r in results:
+        if r.status == "failed":
+            console.print(f"[bold red]error:[/] {r.run_dir}: {r.summary.get('error')}", highlight=False, soft_wrap=True)
+        elif r.status == "interrupted":
+            again = [o for o in overrides if not sets_run_dir([o])] + [f"hydra.run.dir={r.run_dir}"]
+            console.print(f"interrupted; continue with: {shlex.join(['ihstudy', 'train', '--resume', *again])}",
+                          highlight=False, soft_wrap=True)
+    statuses = {r.status for r in results}
+    if "failed" in statuses:
         raise typer.Exit(1)
-
-
-def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
-    """Create the run folder, refusing to touch an existing run unless asked to."""
-    from ihstudy.run_files import RunFiles
-
-    files = RunFiles(run_dir)
-    if files.holds_run():
-        if overwrite:
-            shutil.rmtree(run_dir)
-        elif not resume:
-            raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    elif resume:
-        raise ConfigError(f"no run to resume in {run_dir}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    if "interrupted" in statuses:
+        raise typer.Exit(130)
 
 
 @contextmanager
@@ -81,41 +97,108 @@ def training_progress(total_sequences: int, quiet: bool, description: str = "tra
     if quiet:
         yield None
         return
+    with progress_display() as bars:
+        yield progress_bar(bars, description, total_sequences)
+
+
+def progress_display() -> Progress:
     columns = [TextColumn("[bold]{task.description}"), BarColumn(),
                TextColumn("{task.completed:,.0f}/{task.total:,.0f} seq"), TextColumn("{task.fields[rate]} seq/s"),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(description, total=total_sequences, loss="-", rate="-")
-
-        def update(sequences: int, losses) -> None:
-            speed = bar.tasks[task].speed
-            bar.update(task, completed=sequences, rate=f"{speed:,.0f}" if speed else "-",
-                       loss=" ".join(f"{float(x):.3f}" for x in losses[:4]))
-
-        yield update
+    return Progress(*columns, console=console)
 
 
-def print_summary(results) -> None:
+def progress_bar(bars: Progress, description: str, total_sequences: int):
+    """Add a bar; returns its update(sequences done, per-run losses)."""
+    task = bars.add_task(description, total=total_sequences, loss="-", rate="-")
+
+    def update(sequences: int, losses) -> None:
+        speed = bars.tasks[task].speed
+        bars.update(task, completed=sequences, rate=f"{speed:,.0f}" if speed else "-",
+                    loss=" ".join(f"{float(x):.3f}" for x in losses[:4]))
+
+    return update
+
+
+def print_summary(results, root: Path | None = None) -> None:
+    """One row per run; with `root`, runs are named by their folder inside it."""
     from ihstudy.evaluate import PHASE_CHANGE_THRESHOLD
 
-    table = Table(title=f"Summary (phase change: first eval with fsl_train loss < 0.4·ln2 = {PHASE_CHANGE_THRESHOLD:.3f})")
+    title = f"Summary (phase change: first eval with fsl_train loss < 0.4·ln2 = {PHASE_CHANGE_THRESHOLD:.3f})"
+    table = Table(title=title if root is None else f"{root}\n{title}")
     keys = sorted({k for r in results for k in r.summary if k.endswith(".loss")})
     for column in ["run", "status", "phase change (seq)", *keys]:
         table.add_column(column)
     for r in results:
         change = r.summary.get("phase_change_sequences")
-        table.add_row(str(r.run_dir), r.status, "-" if change is None else f"{change:,}",
+        table.add_row(str(r.run_dir if root is None else r.run_dir.relative_to(root)), r.status, "-" if change is None else f"{change:,}",
                       *(f"{r.summary[k]:.4f}" if k in r.summary else "-" for k in keys))
     Console().print(table)
-    for r in results:
-        if r.status == "failed":
-            console.print(f"[red]{r.run_dir}: {r.summary.get('error')}[/]")
 
 
 @app.command(context_settings=EXTRA)
-def sweep(overrides: Optional[List[str]] = OVERRIDES) -> None:
-    """Run many configurations as batched packs (not available yet)."""
-    fail("`ihstudy sweep` is not available yet")
+def sweep(
+    overrides: Optional[List[str]] = OVERRIDES,
+    max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their packs; train nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary table."),
+) -> None:
+    """Train many runs: Hydra multirun overrides (clamp=none,copy seed=5,6) or a preset (experiment=fig5b).
+
+    Runs of equal tensor shapes train together as one batched pack; packs run through a Hydra
+    launcher (hydra/launcher=joblib, submitit_local or submitit_slurm; default: in this process).
+    Running the same command again skips finished runs and resumes the others."""
+    from ihstudy.sweep import PackJobError, collect_results, plan_sweep, run_sweep
+
+    try:
+        plan = plan_sweep(overrides or [], max_pack_runs)
+    except ConfigError as exc:
+        fail(str(exc))
+    n_todo = sum(map(len, plan.packs))
+    console.print(f"sweep {plan.dir}: {len(plan.runs)} runs, {len(plan.runs) - n_todo} already finished, "
+                  f"{n_todo} to train in {len(plan.packs)} pack(s)", highlight=False, soft_wrap=True)
+    if dry_run:
+        print_plan(plan)
+        return
+    try:
+        with sweep_progress(plan, quiet) as on_progress:
+            results = run_sweep(plan, on_progress)
+    except ConfigError as exc:  # another sweep holds the folder
+        fail(str(exc))
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to continue")
+        raise typer.Exit(130)
+    except PackJobError as exc:
+        console.print(f"[bold red]error:[/] a pack job failed: {exc}", highlight=False, soft_wrap=True)
+        results = collect_results(plan)
+    if not quiet:
+        print_summary(results, plan.dir)
+    for r in results:
+        if r.status == "failed":
+            console.print(f"[bold red]failed:[/] {r.name}: {r.summary.get('error')}", highlight=False, soft_wrap=True)
+    if any(r.status != "completed" for r in results):
+        raise typer.Exit(1)
+
+
+@contextmanager
+def sweep_progress(plan, quiet: bool):
+    """on_progress(pack, sequences, losses) driving one bar per pack (or nothing)."""
+    if quiet or not plan.packs:
+        yield None
+        return
+    with progress_display() as bars:
+        updates = [progress_bar(bars, f"pack {i} ({len(runs)} runs)", plan.pack_total(i)) for i, runs in enumerate(plan.packs)]
+        yield lambda pack, sequences, losses: updates[pack](sequences, losses)
+
+
+def print_plan(plan) -> None:
+    pack_of = {run.name: i for i, runs in enumerate(plan.packs) for run in runs}
+    table = Table(title=str(plan.dir))
+    for column in ["run", "pack", "overrides"]:
+        table.add_column(column)
+    for run in plan.runs:
+        table.add_row(run.name, str(pack_of.get(run.name, "finished")), " ".join(run.overrides))
+    Console().print(table)
 
 
 @app.command(context_settings=EXTRA)

@@ -2,35 +2,60 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from ihstudy.data import EVALUATORS
+from ihstudy.data import EVALUATORS, MAX_FEATURE_ELEMENTS
 from ihstudy.errors import ConfigError
+from ihstudy.run_files import check_inside_outputs
 
 CONF_DIR = Path(os.environ.get("IHSTUDY_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 POSITIONALS = ("rotary", "learned", "sinusoidal")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "warmup_decay", "cosine")
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 10**8  # the per-step log alone holds 16 bytes per step and run
 
 
 def compose_config(overrides: list[str]) -> tuple[DictConfig, Path]:
     """The resolved run config (without the `hydra` node) and the run folder it names."""
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="ihstudy"):
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    with config_errors():
+        cfg = compose_with_hydra(overrides)
         run_dir = Path(str(cfg.hydra.run.dir))
         with open_dict(cfg):
             del cfg["hydra"]
         OmegaConf.resolve(cfg)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing config value: {', '.join(missing)} (set it on the command line, e.g. {missing[0]}=...)")
+    check_values(cfg)
+    check_inside_outputs(run_dir)
+    return cfg, run_dir
+
+
+def compose_with_hydra(overrides: list[str]) -> DictConfig:
+    """The unresolved run config with Hydra's own node (run folder, sweeper params of experiments)."""
+    with config_errors(), initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="ihstudy"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+@contextmanager
+def config_errors():
+    """Turn Hydra's and OmegaConf's errors about a config into a one-line ConfigError."""
+    try:
+        yield
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(_one_line(exc)) from None
-    return cfg, run_dir
 
 
 def _one_line(exc: Exception) -> str:
@@ -47,20 +72,14 @@ def validate(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
     `n_classes` and `n_exemplars` are the size of the exemplar array the run will read.
     """
     m, t, o, tr, ev = cfg.model, cfg.task, cfg.optim, cfg.train, cfg.eval
-    _require(m.n_layers >= 1 and m.n_heads >= 1 and m.d_model >= 1, "model.n_layers, n_heads and d_model must be positive")
     _require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     _require(m.positional in POSITIONALS, f"model.positional must be one of {', '.join(POSITIONALS)}")
     _require(m.positional != "rotary" or (m.d_model // m.n_heads) % 2 == 0, "rotary positions need an even head dimension")
-    _require(m.mlp_ratio >= 0, "model.mlp_ratio must be >= 0")
-    _require(t.context_len >= 1, f"task.context_len={t.context_len} must be at least 1")
-    _require(t.burstiness >= 1, f"task.burstiness={t.burstiness} must be at least 1")
     fillers = t.context_len - 2 * t.burstiness
     _require(fillers >= 0, f"task.burstiness={t.burstiness} needs a context of at least {2 * t.burstiness} pairs "
                            f"(query class and distractor each appear burstiness times), got task.context_len={t.context_len}")
-    _require(t.n_labels >= 2, f"task.n_labels={t.n_labels} must be at least 2")
     _require(fillers == 0 or t.n_labels >= 3, "filler context items need task.n_labels >= 3 (labels outside the pair)")
-    _require(0 <= t.val_pair_fraction < 1, "task.val_pair_fraction must be in [0, 1)")
-    _require(t.zipf_alpha >= 0 and t.exemplar_noise >= 0, "task.zipf_alpha and task.exemplar_noise must be >= 0")
+    _require(t.val_pair_fraction < 1, "task.val_pair_fraction must be below 1")
     _check_split("task.class_split", t.class_split, n_classes, "classes")
     _check_split("task.exemplar_split", t.exemplar_split, n_exemplars, "exemplars per class")
     per_sequence = 2 + fillers
@@ -70,12 +89,9 @@ def validate(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
     _require(o.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}")
     _require(o.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}")
     _require(o.lr > 0, f"optim.lr={o.lr} must be positive")
-    _require(tr.batch_size >= 1, f"train.batch_size={tr.batch_size} must be positive")
     _require(tr.sequences >= tr.batch_size, "train.sequences must be at least one batch")
-    _require(tr.eval_every >= 1 and tr.ckpt_every >= 1, "train.eval_every and train.ckpt_every must be positive")
     _require(all(0 <= s <= tr.sequences for s in list(tr.eval_at) + list(tr.ckpt_at)),
              "train.eval_at and train.ckpt_at must lie within [0, train.sequences]")
-    _require(ev.n_sequences >= 1, "eval.n_sequences must be positive")
     for name in ev.evaluators:
         _require(name in EVALUATORS, f"unknown evaluator '{name}' (known: {', '.join(EVALUATORS)})")
     if "fsl_train_valex" in ev.evaluators:
@@ -85,14 +101,92 @@ def validate(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
     if "fsl_val_rl" in ev.evaluators:
         _require(round(t.n_labels * (t.n_labels - 1) / 2 * t.val_pair_fraction) >= 1,
                  "evaluator fsl_val_rl needs held-out label pairs (raise task.val_pair_fraction or task.n_labels)")
-    _require(str(cfg.device) == "auto" or str(cfg.device).split(":")[0] in ("cpu", "cuda", "mps"),
-             f"device must be auto, cpu, cuda or cuda:N, got {cfg.device}")
 
 
 def _check_split(key: str, split, available: int, what: str) -> None:
-    _require(len(split) == 3 and all(isinstance(n, int) and n >= 0 for n in split),
-             f"{key} must be three non-negative counts (train, val, test)")
     _require(sum(split) <= available, f"{key}={list(split)} needs {sum(split)} {what}, the data has {available}")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Types and sane ranges of every value, checked before anything is loaded or allocated: a word
+    where a count belongs, a negative seed or a billion-wide model ends here in one line, not in a traceback."""
+    for key in ("seed", "data_seed", "eval_seed", "task.pair_seed"):
+        _number(cfg, key, int, 0, MAX_SEED)
+    _number(cfg, "model.n_layers", int, 1, 64)
+    _number(cfg, "model.n_heads", int, 1, 1024)
+    _number(cfg, "model.d_model", int, 1, 16384)
+    _number(cfg, "model.rotary_base", float, 1, 1e12)
+    _number(cfg, "model.mlp_ratio", float, 0, 64)
+    _number(cfg, "task.n_labels", int, 2, 1000)  # the label pairs are enumerated
+    _number(cfg, "task.context_len", int, 1, 1024)
+    _number(cfg, "task.burstiness", int, 1, 1024)
+    _number(cfg, "task.zipf_alpha", float, 0, 100)
+    _number(cfg, "task.exemplar_noise", float, 0)
+    _number(cfg, "task.val_pair_fraction", float, 0, 1)
+    _numbers(cfg, "task.class_split", int, 0, MAX_FEATURE_ELEMENTS, length=3)
+    _numbers(cfg, "task.exemplar_split", int, 0, MAX_FEATURE_ELEMENTS, length=3)
+    for key in ("optim.lr", "optim.eps", "optim.warmup_sequences"):
+        _number(cfg, key, float, 0)
+    _number(cfg, "optim.momentum", float, 0, 1)
+    _number(cfg, "optim.min_lr_fraction", float, 0, 1)
+    _numbers(cfg, "optim.betas", float, 0, 1, length=2)
+    _number(cfg, "train.batch_size", int, 1, 2**20)
+    _number(cfg, "train.sequences", int, 1, MAX_STEPS * cfg.train.batch_size)
+    _number(cfg, "train.eval_every", int, 1)
+    _number(cfg, "train.ckpt_every", int, 1)
+    _numbers(cfg, "train.eval_at", int, 0)
+    _numbers(cfg, "train.ckpt_at", int, 0)
+    _number(cfg, "train.threads", int, 0, 1024)
+    _number(cfg, "eval.n_sequences", int, 1, 100_000)
+    evaluators = OmegaConf.select(cfg, "eval.evaluators")
+    _require(isinstance(evaluators, ListConfig) and len(evaluators) > 0 and all(isinstance(e, str) for e in evaluators),
+             f"eval.evaluators must be a non-empty list of names, got {evaluators!r}")
+    _check_device(str(OmegaConf.select(cfg, "device")))
+    _check_data(cfg)
+
+
+def _check_data(cfg: DictConfig) -> None:
+    source = OmegaConf.select(cfg, "data.source")
+    _require(source in ("gaussian", "file"), f"data.source must be gaussian or file, got {source!r}")
+    if source == "file":
+        _require(isinstance(cfg.data.get("path"), str), "data.path must name a feature file")
+        return
+    sizes = [_number(cfg, f"data.{key}", int, 1, MAX_FEATURE_ELEMENTS) for key in ("n_classes", "n_exemplars", "dim")]
+    _require(math.prod(sizes) <= MAX_FEATURE_ELEMENTS, f"data.n_classes x n_exemplars x dim = {math.prod(sizes):,} "
+                                                      f"exemplar values is too many (at most {MAX_FEATURE_ELEMENTS:,})")
+    _number(cfg, "data.latent_dim", int, 1, sizes[2])  # a subspace of the exemplar space
+    _number(cfg, "data.within_class_std", float, 0)
+    _number(cfg, "data.norm", float, 0)
+    _number(cfg, "data.seed", int, 0, MAX_SEED)
+
+
+def _check_device(device: str) -> None:
+    _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is not None,
+             f"device must be auto, cpu, mps, cuda or cuda:N, got {device}")
+    _require(not device.startswith("cuda") or torch.cuda.is_available(), f"device={device} but no CUDA device is available")
+    _require(device != "mps" or torch.backends.mps.is_available(), "device=mps but MPS is not available")
+
+
+def _number(cfg: DictConfig, key: str, kind: type, low: float, high: float = math.inf):
+    """The value at `key`, which must be a `kind` (int, or float which also takes ints) in [low, high]."""
+    return _check_number(key, OmegaConf.select(cfg, key), kind, low, high)
+
+
+def _numbers(cfg: DictConfig, key: str, kind: type, low: float, high: float = math.inf, length: int | None = None) -> None:
+    values = OmegaConf.select(cfg, key)
+    _require(isinstance(values, ListConfig) and (length is None or len(values) == length),
+             f"{key} must be a list of {length or 'any number of'} numbers, got {values!r}")
+    for i, value in enumerate(values):
+        _check_number(f"{key}[{i}]", value, kind, low, high)
+
+
+def _check_number(key: str, value, kind: type, low: float, high: float):
+    number = isinstance(value, int) or (kind is float and isinstance(value, float) and math.isfinite(value))
+    _require(number and not isinstance(value, bool), f"{key} must be {'an integer' if kind is int else 'a finite number'}, "
+                                                     f"got {value!r}")
+    _require(low <= value <= high, f"{key}={value} must be at least {low}" if high == math.inf
+             else f"{key}={value} must lie in [{low}, {high}]")
+    return value
 
 
 def _require(ok: bool, message: str) -> None:

@@ -47,12 +47,12 @@ class Batch:
 
 
 def gaussian_features(n_classes: int, n_exemplars: int, dim: int, latent_dim: int,
-                      within_class_std: float, seed: int) -> torch.Tensor:
+                      within_class_std: float, norm: float, seed: int) -> torch.Tensor:
     """Built-in exemplars [classes, exemplars, dim] with shared low-dimensional structure.
 
     Class centres lie in a random `latent_dim`-dimensional subspace (paper-notes §6: isotropic
     class vectors never let held-out classes generalise); exemplars scatter isotropically around
-    them. Every exemplar is scaled to unit norm, like a normalised feature vector.
+    them. Every exemplar is scaled to the same norm.
     """
     g = torch.Generator().manual_seed(seed)
     basis = torch.randn(latent_dim, dim, generator=g) / math.sqrt(latent_dim)
@@ -60,7 +60,7 @@ def gaussian_features(n_classes: int, n_exemplars: int, dim: int, latent_dim: in
     centres = centres / centres.norm(dim=-1, keepdim=True)
     spread = torch.randn(n_classes, n_exemplars, dim, generator=g) * (within_class_std / math.sqrt(dim))
     features = centres + spread
-    return features / features.norm(dim=-1, keepdim=True)
+    return features * (norm / features.norm(dim=-1, keepdim=True))
 
 
 def load_feature_file(path: str, dataset: str | None = None) -> torch.Tensor:
@@ -72,7 +72,6 @@ def load_feature_file(path: str, dataset: str | None = None) -> torch.Tensor:
         if file.suffix == ".npy":
             array = np.load(file, mmap_mode="r", allow_pickle=False)
             _check_feature_array(file, array.shape, array.dtype)
-            array = np.asarray(array)
         else:
             import h5py
 
@@ -85,9 +84,12 @@ def load_feature_file(path: str, dataset: str | None = None) -> torch.Tensor:
         raise
     except Exception as exc:  # unreadable or not the format its name says
         raise ConfigError(f"cannot read feature file {file}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
-    features = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if not torch.isfinite(features).all():
-        raise ConfigError(f"feature file {file} contains NaN or infinite values")
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused just below
+        features = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: the file may be memory-mapped
+    bad = (~torch.isfinite(features)).nonzero()
+    if len(bad):
+        raise ConfigError(f"feature file {file} holds {len(bad)} NaN, infinite or float32-overflowing values "
+                          f"(first at index {bad[0].tolist()})")
     return features
 
 
@@ -234,5 +236,5 @@ def load_features(data_cfg) -> torch.Tensor:
     """The exemplar array [classes, exemplars, dim] named by the `data` config group."""
     if data_cfg.source == "gaussian":
         return gaussian_features(data_cfg.n_classes, data_cfg.n_exemplars, data_cfg.dim, data_cfg.latent_dim,
-                                 data_cfg.within_class_std, data_cfg.seed)
+                                 data_cfg.within_class_std, data_cfg.norm, data_cfg.seed)
     return load_feature_file(data_cfg.path, data_cfg.get("dataset"))

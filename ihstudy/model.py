@@ -258,49 +258,59 @@ class Transformer:
         return self._site(b + "hook_resid_post", resid)
 
     def _attention(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
-        p, s, b = self.params, self.shape, f"blocks.{layer}."
-        w, bias, W_QKV = p[b + "ln1.w"], p[b + "ln1.b"], p[b + "attn.W_QKV"]
+        s, b = self.shape, f"blocks.{layer}."
         R, B, T, D = resid.shape
         H, dh = s.n_heads, s.d_head
-        if self._hooked(b + "hook_qk_input") or self._hooked(b + "hook_v_input"):
-            qk_in = _layer_norm(self._site(b + "hook_qk_input", resid), w, bias)
-            v_in = _layer_norm(self._site(b + "hook_v_input", resid), w, bias)
-            q, k, _ = _linear(qk_in, W_QKV).view(R, B, T, 3, H, dh).unbind(3)
-            v = _linear(v_in, W_QKV).view(R, B, T, 3, H, dh)[:, :, :, 2]
-        else:
-            h = self._site(b + "ln1.hook_normalized", _layer_norm(resid, w, bias))
-            q, k, v = _linear(h, W_QKV).view(R, B, T, 3, H, dh).unbind(3)
-        q, k, v = (self._site(b + "attn.hook_" + n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+        q, k, v = (self._site(b + "attn.hook_" + n, t) for n, t in zip("qkv", self._qkv(layer, resid)))
         if s.positional == "rotary":
-            q = self._site(b + "attn.hook_rot_q", self._rotate(q))
-            k = self._site(b + "attn.hook_rot_k", self._rotate(k))
-        scores = (q.transpose(2, 3) @ k.permute(0, 1, 3, 4, 2)) / math.sqrt(dh)
-        scores = self._site(b + "attn.hook_attn_scores", scores.masked_fill(self._future, float("-inf")))
-        pattern = self._site(b + "attn.hook_pattern", _softmax(scores))
-        z = self._site(b + "attn.hook_z", (pattern @ v.transpose(2, 3)).transpose(2, 3))  # [R, B, T, H, dh]
-        W_O = p[b + "attn.W_O"]
+            q, k = self._rotate(torch.stack([q, k]))  # q and k in one go
+            q, k = self._site(b + "attn.hook_rot_q", q), self._site(b + "attn.hook_rot_k", k)
+        # CPU matmuls of R*B*H tiny [T, dh] matrices are slow: take all heads of a sequence at once,
+        # [T*H, dh] @ [dh, T*H], and keep the same-head diagonal.
+        products = q.reshape(R * B, T * H, dh) @ k.reshape(R * B, T * H, dh).transpose(1, 2)
+        scores = products.view(R, B, T, H, T, H).diagonal(dim1=3, dim2=5).permute(0, 1, 4, 2, 3)
+        scores = self._site(b + "attn.hook_attn_scores", torch.add(self._causal_mask, scores, alpha=dh ** -0.5))
+        pattern = self._site(b + "attn.hook_pattern", _softmax(scores))  # [R, B, H, T, T]
+        # Likewise z: a block-diagonal [T*H, T*H] pattern per sequence times the values [T*H, dh].
+        blocks = torch.diag_embed(pattern.permute(0, 1, 3, 4, 2), dim1=3, dim2=5).view(R * B, T * H, T * H)
+        z = self._site(b + "attn.hook_z", (blocks @ v.reshape(R * B, T * H, dh)).view(R, B, T, H, dh))
+        W_O = self.params[b + "attn.W_O"]
         if self._hooked(b + "attn.hook_result"):
             per_head = W_O.view(W_O.shape[0], 1, 1, H, dh, D)
             result = self._site(b + "attn.hook_result", (z.unsqueeze(-2) @ per_head).squeeze(-2))
             return result.sum(3)
-        return _linear(z.reshape(R, B, T, H * dh), W_O)
+        return _linear(z.view(R, B, T, D), W_O)
+
+    def _qkv(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
+        """q, k, v [3, R, B, T, H, d_head], each contiguous; Q/K and V read separate inputs if hooked."""
+        p, b = self.params, f"blocks.{layer}."
+        w, bias, W_QKV = p[b + "ln1.w"], p[b + "ln1.b"], p[b + "attn.W_QKV"]
+        if self._hooked(b + "hook_qk_input") or self._hooked(b + "hook_v_input"):
+            qk = self._heads(_linear(_layer_norm(self._site(b + "hook_qk_input", resid), w, bias), W_QKV))
+            v = self._heads(_linear(_layer_norm(self._site(b + "hook_v_input", resid), w, bias), W_QKV))
+            return torch.cat([qk[:2], v[2:]])
+        h = self._site(b + "ln1.hook_normalized", _layer_norm(resid, w, bias))
+        return self._heads(_linear(h, W_QKV))
+
+    def _heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        R, B, T, _ = qkv.shape
+        return qkv.view(R, B, T, 3, self.shape.n_heads, self.shape.d_head).permute(3, 0, 1, 2, 4, 5).contiguous()
 
     # --- positions ----------------------------------------------------------------------------
 
     def _setup_positions(self) -> None:
         s, dev = self.shape, self.device
         T = s.n_tokens
-        self._future = torch.ones(T, T, dtype=torch.bool, device=dev).triu(1)
+        future = torch.ones(T, T, dtype=torch.bool, device=dev).triu(1)
+        self._causal_mask = torch.zeros(T, T, device=dev).masked_fill(future, float("-inf"))  # added to scores
         positions = torch.arange(T, dtype=torch.float32, device=dev)[:, None]
         if s.positional == "rotary":
             half = s.d_head // 2
             freqs = s.rotary_base ** (-torch.arange(half, dtype=torch.float32, device=dev) / half)
-            angles = (positions * freqs).repeat(1, 2)  # [T, d_head], halves share frequencies
-            self._cos, self._sin = angles.cos()[:, None], angles.sin()[:, None]  # broadcast over heads
-            rotate_half = torch.zeros(s.d_head, s.d_head, device=dev)
-            rotate_half[half:, :half] = -torch.eye(half)  # x @ rotate_half = cat(-x2, x1)
-            rotate_half[:half, half:] = torch.eye(half)
-            self._rotate_half = rotate_half
+            angles = positions * freqs  # [T, half], both halves of a head share frequencies
+            # rotated = x * cos + swap_halves(x) * (-sin, +sin) = (x1 cos - x2 sin, x2 cos + x1 sin)
+            self._cos = angles.cos().repeat(1, 2)[:, None]  # [T, 1, d_head]: broadcast over heads
+            self._signed_sin = torch.cat([-angles.sin(), angles.sin()], 1)[:, None]
         elif s.positional == "sinusoidal":
             div = torch.exp(torch.arange(0, s.d_model, 2, dtype=torch.float32, device=dev) * (-math.log(10000.0) / s.d_model))
             table = torch.zeros(T, s.d_model, device=dev)
@@ -308,7 +318,8 @@ class Transformer:
             self._sinusoid = table
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self._cos + (x @ self._rotate_half) * self._sin
+        """Rotary embedding of x [..., T, H, d_head] (GPT-NeoX halves convention)."""
+        return torch.addcmul(x * self._cos, x.roll(self.shape.d_head // 2, -1), self._signed_sin)
 
     def _absolute_positions(self) -> torch.Tensor:
         if self.shape.positional == "learned":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from ihstudy.data import Batch, FewShotTask, TrainStream, load_features
 from ihstudy.evaluate import PHASE_CHANGE_THRESHOLD, induction_strength, previous_token_score, query_metrics
 from ihstudy.model import ModelShape, Transformer, log_softmax, query_loss
 from ihstudy.optim import StackedOptimizer, lr_schedule
-from ihstudy.run_files import RunFiles, now, versions
+from ihstudy.run_files import CHECKPOINT_FORMAT, RunFiles, now, versions
 
 log = logging.getLogger(__name__)
 STEP_COLUMNS = ("loss", "grad_norm", "grad_batch_stddev", "lr")
@@ -63,8 +65,8 @@ def sequences_to_step(sequences: int, batch_size: int) -> int:
 
 def schedule_steps(every: int, extra, n_steps: int, batch_size: int) -> set[int]:
     """Steps (updates done) at which an every-N-sequences schedule plus explicit points fire."""
-    steps = set(range(0, n_steps + 1, max(1, sequences_to_step(every, batch_size))))
-    return steps | {sequences_to_step(s, batch_size) for s in extra} | {n_steps}
+    regular = range(0, n_steps * batch_size + 1, every)
+    return {min(sequences_to_step(s, batch_size), n_steps) for s in [*regular, *extra]} | {n_steps}
 
 
 class Pack:
@@ -74,10 +76,12 @@ class Pack:
         self.specs = specs
         cfg = specs[0].cfg
         self.device = resolve_device(cfg.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         cache = {} if features_cache is None else features_cache
         self.tasks = []
         for spec in specs:
-            features = _features(spec.cfg.data, cache)
+            features = load_cached_features(spec.cfg.data, cache)
             validate(spec.cfg, *features.shape[:2])
             self.tasks.append(FewShotTask(spec.cfg.task, features))
         self.shape = model_shape(cfg, self.tasks[0].features.shape[-1])
@@ -94,21 +98,37 @@ class Pack:
             for t, s in zip(self.tasks, specs)]).to(self.device)
         self.eval_steps = schedule_steps(cfg.train.eval_every, cfg.train.eval_at, self.n_steps, self.batch_size)
         self.ckpt_steps = schedule_steps(cfg.train.ckpt_every, cfg.train.ckpt_at, self.n_steps, self.batch_size) - {0}
-        self.files = [RunFiles(s.run_dir) for s in specs]
         self.active = torch.ones(len(specs), dtype=torch.bool, device=self.device)
         self.step_log = torch.zeros(self.n_steps, len(specs), len(STEP_COLUMNS))
         self.eval_rows: list[list[dict]] = [[] for _ in specs]
         self.errors: list[str | None] = [None] * len(specs)
         self.step = 0
 
+    @property
+    def files(self) -> list[RunFiles]:
+        return [RunFiles(s.run_dir) for s in self.specs]
+
     # --- the loop -----------------------------------------------------------------------------
 
     def train(self, progress=None) -> list[RunResult]:
+        """Train to the end. A first SIGINT/SIGTERM stops at the next step boundary with a checkpoint
+        (status interrupted, resumable); a failed write (e.g. a full disk) fails the runs cleanly."""
+        try:
+            with StopRequest() as stop:
+                self.run_loop(stop, progress)
+            if stop.signal is not None:
+                self.checkpoint()  # between two steps the state is consistent
+            return self.finish("completed" if stop.signal is None else "interrupted")
+        except OSError as exc:  # atomic writes leave every earlier file intact
+            self.fail_runs(self.active.clone(), f"cannot write run files ({exc.strerror or exc})")
+            return self.finish()
+
+    def run_loop(self, stop: "StopRequest", progress) -> None:
         for files, spec in zip(self.files, self.specs):
             files.write_config(spec.cfg)
             files.write_status(status="running", started=files.read_status().get("started", now()), ended=None,
                                versions=versions(), step=self.step)
-        while self.step < self.n_steps and self.active.any():
+        while self.step < self.n_steps and self.active.any() and stop.signal is None:
             if self.step in self.eval_steps:
                 self.evaluate()
             self.train_step()
@@ -116,9 +136,8 @@ class Pack:
                 self.checkpoint()
             if progress is not None and (self.step % 100 == 0 or self.step == self.n_steps):
                 progress(self.step * self.batch_size, self.step_log[self.step - 1, :, 0])
-        if self.step == self.n_steps and self.step in self.eval_steps:
+        if self.step == self.n_steps and self.step in self.eval_steps and stop.signal is None:
             self.evaluate()
-        return self.finish()
 
     def train_step(self) -> None:
         batch = self.batch(self.step)
@@ -163,8 +182,9 @@ class Pack:
     def restore(self) -> int:
         """Continue from the newest checkpoint that every run of the pack holds intact.
 
-        Rows logged after that checkpoint are dropped: the run redoes those steps exactly.
-        Returns the step restored (0: nothing to restore, the runs start afresh).
+        Unreadable or corrupt checkpoints are reported and skipped. Metric rows after the checkpoint
+        and eval rows at or after it are dropped: the loop redoes them exactly, so a resumed run
+        writes the same tables as an uninterrupted one. Returns the step restored (0: start afresh).
         """
         common = set.intersection(*(set(f.checkpoint_steps()) for f in self.files))
         for step in sorted(common, reverse=True):
@@ -173,19 +193,30 @@ class Pack:
             except ConfigError as exc:
                 log.warning("%s; trying an older checkpoint", exc)
                 continue
-            for r, (state, files) in enumerate(zip(states, self.files)):
-                self.model.load_state_dict(state["model"], r)
-                self.optimizer.load_state(state["optimizer"], r)
-                metrics, evals = files.read_table("metrics"), files.read_table("eval")
-                if metrics is None or evals is None or len(metrics) < step:
-                    raise ConfigError(f"run {files.dir} has a checkpoint at step {step} but lost its metrics")
-                kept = metrics[metrics.step <= step]
-                self.step_log[:step, r] = torch.tensor(kept[list(STEP_COLUMNS)].to_numpy())
-                self.eval_rows[r] = evals[evals.step <= step].to_dict("records")
-            torch.set_rng_state(states[0]["rng"]["torch"])
+            for r, state in enumerate(states):
+                self.load_state(r, step, state)
             self.step = step
             return step
         return 0
+
+    def load_state(self, r: int, step: int, state: dict) -> None:
+        """Run r's model, optimizer and logged rows as they were at checkpoint `step`."""
+        files, cfg = self.files[r], OmegaConf.to_container(self.specs[r].cfg)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("config") != cfg:
+            raise ConfigError(f"{files.dir} was started with another config ({config_difference(state.get('config'), cfg)}); "
+                              "resume it with the overrides it was started with")
+        try:
+            self.model.load_state_dict(state["model"], r)
+            self.optimizer.load_state(state["optimizer"], r)
+            torch.set_rng_state(state["rng"]["torch"])  # the same global state in every run's checkpoint
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a checksum-valid file with foreign content
+            raise ConfigError(f"checkpoint {step} of {files.dir} does not fit this model: {exc}") from None
+        metrics, evals = files.read_table("metrics"), files.read_table("eval")
+        kept = None if metrics is None else metrics[metrics.step <= step]
+        if kept is None or evals is None or kept.step.tolist() != list(range(1, step + 1)):
+            raise ConfigError(f"run {files.dir} has a checkpoint at step {step} but lost its metrics")
+        self.step_log[:step, r] = torch.tensor(kept[list(STEP_COLUMNS)].to_numpy())
+        self.eval_rows[r] = evals[evals.step < step].to_dict("records")
 
     # --- outputs ------------------------------------------------------------------------------
 
@@ -197,12 +228,17 @@ class Pack:
         return frame
 
     def flush(self) -> None:
-        for r, files in enumerate(self.files):
+        for r in range(len(self.specs)):
             if self.errors[r] is None:
-                files.write_metrics(self.metrics_frame(r))
-                files.write_eval(pd.DataFrame(self.eval_rows[r]))
+                self.write_tables(r)
+
+    def write_tables(self, r: int) -> None:
+        self.files[r].write_metrics(self.metrics_frame(r))
+        self.files[r].write_eval(pd.DataFrame(self.eval_rows[r]))
 
     def checkpoint(self) -> None:
+        """Tables first: a checkpoint on disk always has its metric rows on disk."""
+        self.flush()
         for r, (files, spec) in enumerate(zip(self.files, self.specs)):
             if self.errors[r] is None:
                 files.save_checkpoint(self.step, {
@@ -212,24 +248,65 @@ class Pack:
                     "rng": {"torch": torch.get_rng_state()},
                     "config": OmegaConf.to_container(spec.cfg),
                 })
-        self.flush()
 
     def fail_runs(self, which: torch.Tensor, message: str) -> None:
+        """Stop runs for good: keep their rows so far and their last checkpoint, mark them failed."""
         for r in which.nonzero().flatten().tolist():
             self.errors[r] = f"{message} at step {self.step + 1}"
-            self.files[r].write_status(status="failed", ended=now(), error=self.errors[r], step=self.step)
+            try:
+                self.write_tables(r)
+                self.files[r].write_status(status="failed", ended=now(), error=self.errors[r], step=self.step)
+            except OSError as exc:  # e.g. the disk is still full: the message still reaches the user
+                log.warning("%s: cannot record the failure (%s)", self.files[r].dir, exc.strerror or exc)
         self.active &= ~which
 
-    def finish(self) -> list[RunResult]:
+    def finish(self, status: str = "completed") -> list[RunResult]:
         results = []
         for r, (files, spec) in enumerate(zip(self.files, self.specs)):
             if self.errors[r] is not None:
                 results.append(RunResult(spec.name, spec.run_dir, "failed", {"error": self.errors[r]}))
                 continue
             summary = summarize(pd.DataFrame(self.eval_rows[r]))
-            files.write_status(status="completed", ended=now(), step=self.step, summary=summary)
-            results.append(RunResult(spec.name, spec.run_dir, "completed", summary))
+            files.write_status(status=status, ended=now(), step=self.step, summary=summary)
+            results.append(RunResult(spec.name, spec.run_dir, status, summary))
         return results
+
+
+class StopRequest:
+    """Within `with`, a first SIGINT (Ctrl-C) or SIGTERM (e.g. Slurm) only records a request to stop,
+    which the loop honours between two steps; a second one acts as usual (KeyboardInterrupt / exit)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+            self.previous = {s: signal.signal(s, self.request) for s in self.SIGNALS}
+        return self
+
+    def request(self, signum, frame) -> None:
+        self.signal = signum
+        self.restore_handlers()
+
+    def restore_handlers(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self.restore_handlers()
+
+
+def config_difference(saved, current: dict) -> str:
+    """The dotted keys whose values differ between two config dicts, for a one-line message."""
+    if not isinstance(saved, dict):
+        return "no config saved"
+    flat = [pd.json_normalize(c, sep=".").iloc[0].to_dict() for c in (saved, current)]
+    keys = sorted(k for k in flat[0].keys() | flat[1].keys() if flat[0].get(k, "?") != flat[1].get(k, "?"))
+    return "differs in " + ", ".join(keys) if keys else "another checkpoint format"
 
 
 def output_gradient_spread(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -259,7 +336,8 @@ def summarize(eval_frame: pd.DataFrame) -> dict:
     return summary
 
 
-def _features(data_cfg, cache: dict) -> torch.Tensor:
+def load_cached_features(data_cfg, cache: dict) -> torch.Tensor:
+    """The exemplar array a data config names, loaded once per distinct config into `cache`."""
     key = OmegaConf.to_yaml(data_cfg)
     if key not in cache:
         cache[key] = load_features(data_cfg)

@@ -1,0 +1,17 @@
+# `make setup`: install into .venv (CPU build of torch, see constraints.txt) and run the default experiment.
+# `make test`: install if needed, then run the test suite.
+VENV ?= .venv
+PYTHON ?= python3
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+.PHONY: setup test
+setup: $(VENV)/.installed
+	$(VENV)/bin/ihstudy train
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest

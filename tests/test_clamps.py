@@ -1,0 +1,327 @@
+"""Clamps act on the activations themselves: patterns, zeros, logits, gradients and run masks."""
+
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ihstudy.clamps import (AblateEmbedding, AblateHeads, ClampSet, GraftIn, GraftOut, HeadTemperature,
+                            InductionPattern, Layer1Input, MatchPattern, NoPrevToken, PerfectCopy,
+                            PrevTokenPattern, SilenceNonLabel, build_clamps)
+from ihstudy.cli import app
+from ihstudy.data import Batch
+from ihstudy.errors import ConfigError
+from ihstudy.model import ModelShape, Transformer, query_loss
+from ihstudy.run_files import RunFiles
+
+SHAPE = ModelShape(n_layers=2, n_heads=4, d_model=16, n_features=8, n_labels=5, context_len=2)
+PATTERN = "blocks.{}.attn.hook_pattern"
+SCORES = "blocks.{}.attn.hook_attn_scores"
+
+
+def make_model(n_runs=1, shape=SHAPE, seed=0):
+    return Transformer(shape, n_runs).init_([seed + r for r in range(n_runs)])
+
+
+def make_batch(n_runs=1, n=16, shape=SHAPE, seed=0):
+    """Random sequences whose query repeats context item 0 (exemplar and label)."""
+    g = torch.Generator().manual_seed(seed)
+    N = shape.context_len
+    exemplars = torch.randn(n_runs, n, N + 1, shape.n_features, generator=g)
+    exemplars[..., -1, :] = exemplars[..., 0, :]
+    labels = torch.randint(shape.n_labels, (n_runs, n, N), generator=g)
+    return Batch(exemplars, labels, labels[..., 0].clone())
+
+
+def cache_of(clamps, names, model=None, batch=None, per_run=None):
+    model, batch = model or make_model(), batch or make_batch()
+    return ClampSet(per_run or [clamps]).run_with_cache(model, batch, names)
+
+
+def grads(clamps, model, batch):
+    model.flat_grad.zero_()
+    query_loss(ClampSet([clamps]).forward(model, batch), batch.target).sum().backward()
+    return {name: p.grad.clone() for name, p in model.params.items()}
+
+
+# --- patterns and scores --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label_rows_only", [False, True])
+def test_prev_token_pattern_is_the_prescribed_matrix(label_rows_only):
+    s = 0.7
+    clamp = PrevTokenPattern(heads=((0, 1), (1, 2)), strength=s, label_rows_only=label_rows_only)
+    _, clean = cache_of([], [PATTERN.format(0)])
+    _, cache = cache_of([clamp], [PATTERN.format(0), PATTERN.format(1)])
+    expected = torch.tensor([[1, 0, 0, 0, 0], [s, 1 - s, 0, 0, 0], [0, s, 1 - s, 0, 0],
+                             [0, 0, s, 1 - s, 0], [0, 0, 0, s, 1 - s]])
+    got = cache[PATTERN.format(0)][0, :, 1]
+    rows = [1, 3] if label_rows_only else range(5)
+    for t in range(5):
+        want = expected[t] if t in rows else clean[PATTERN.format(0)][0, :, 1, t]
+        torch.testing.assert_close(got[:, t], want.expand_as(got[:, t]), rtol=0, atol=0)
+    torch.testing.assert_close(cache[PATTERN.format(1)][0, :, 2, 1:4:2], expected[1:4:2].expand(16, 2, 5))
+    torch.testing.assert_close(cache[PATTERN.format(0)][0, :, 0], clean[PATTERN.format(0)][0, :, 0])
+
+
+def test_no_prev_token_scores_and_pattern():
+    _, cache = cache_of([NoPrevToken(heads=((0, 3),))], [SCORES.format(0), PATTERN.format(0)])
+    scores, pattern = cache[SCORES.format(0)][0, :, 3], cache[PATTERN.format(0)][0, :, 3]
+    for t in range(1, 5):
+        assert (scores[:, t, t - 1] == -1e9).all() and (pattern[:, t, t - 1] == 0).all()
+    assert (pattern[:, 2, 0] > 0).all()  # other keys stay reachable
+
+
+def test_induction_pattern_splits_strength_among_label_tokens():
+    shape = ModelShape(n_layers=2, n_heads=4, d_model=16, n_features=8, n_labels=5, context_len=4)
+    batch = make_batch(shape=shape)
+    batch.labels[0, 0] = torch.tensor([2, 2, 4, 1])  # two tokens carry the true label 2
+    batch.target[0, 0] = 2
+    s = 0.8
+    _, cache = cache_of([InductionPattern(heads=((1, 0),), strength=s)], [PATTERN.format(1)],
+                        model=make_model(shape=shape), batch=batch)
+    query_row = cache[PATTERN.format(1)][0, 0, 0, -1]
+    expected = torch.zeros(9)
+    expected[[1, 3]] = s / 2
+    expected[[5, 7]] = (1 - s) / 2
+    torch.testing.assert_close(query_row, expected)
+
+
+def test_match_pattern_hardmax_splits_ties_and_softmax_uses_cosine():
+    batch = make_batch()
+    batch.exemplars[0, 1, 1] = 3 * batch.exemplars[0, 1, 0]  # same direction as the query: a tie
+    _, cache = cache_of([MatchPattern(heads=((1, 1),), temperature=0.0)], [PATTERN.format(1)], batch=batch)
+    rows = cache[PATTERN.format(1)][0, :, 1, -1]
+    torch.testing.assert_close(rows[1], torch.tensor([0, 0.5, 0, 0.5, 0]))
+    torch.testing.assert_close(rows[0, [1, 3]].sum(), torch.tensor(1.0))
+    assert rows[:, 1].min() >= 0.5  # item 0 is the query's own exemplar
+
+    T = 0.5
+    _, cache = cache_of([MatchPattern(heads=((1, 1),), temperature=T)], [PATTERN.format(1)])
+    x = make_batch().exemplars[0, 2]
+    sims = torch.nn.functional.cosine_similarity(x[-1:], x[:-1], dim=-1)
+    torch.testing.assert_close(cache[PATTERN.format(1)][0, 2, 1, -1, [1, 3]], torch.softmax(sims / T, 0))
+
+
+def test_head_temperature_and_silence():
+    T = 3.0
+    _, clean = cache_of([], [SCORES.format(1)])
+    _, cache = cache_of([HeadTemperature(heads=((1, 0),), temperature=T)], [SCORES.format(1), PATTERN.format(1)])
+    torch.testing.assert_close(cache[PATTERN.format(1)][0, :, 0], torch.softmax(clean[SCORES.format(1)][0, :, 0] / T, -1))
+    _, cache = cache_of([SilenceNonLabel(heads=((1, 2),))], [PATTERN.format(1)])
+    pattern = cache[PATTERN.format(1)][0, :, 2]
+    assert (pattern[:, 1:, 0::2] == 0).all() and (pattern[:, 0, 0] == 1).all()
+    torch.testing.assert_close(pattern[:, 1:, 1::2].sum(-1), torch.ones(16, 4))
+
+
+# --- ablation, preservation, copy, layer 1 --------------------------------------------------------
+
+
+def test_ablated_head_writes_exactly_zero():
+    names = ["blocks.0.attn.hook_result", "blocks.0.attn.hook_z"]
+    _, cache = cache_of([AblateHeads(heads=((0, 1), (0, 3)))], names)
+    for name in names:
+        assert (cache[name][..., [1, 3], :] == 0).all()
+        assert (cache[name][..., [0, 2], :] != 0).any()
+
+
+def test_preserving_everything_while_ablating_nothing_reproduces_the_clean_pass():
+    everything = ("patterns", "values", "queries", "keys")
+    clean_logits, clean = cache_of([], [PATTERN.format(1)])
+    logits, cache = cache_of([AblateHeads(heads=(), preserve=everything)], [PATTERN.format(1)])
+    torch.testing.assert_close(logits, clean_logits, rtol=0, atol=0)
+    torch.testing.assert_close(cache[PATTERN.format(1)], clean[PATTERN.format(1)], rtol=0, atol=0)
+
+
+def test_value_preserving_ablation_keeps_later_values_and_changes_patterns():
+    names = ["blocks.1.attn.hook_v", PATTERN.format(1)]
+    _, clean = cache_of([], names)
+    _, cache = cache_of([AblateHeads(heads=((0, 0), (0, 1)), preserve=("values",))], names)
+    torch.testing.assert_close(cache[names[0]], clean[names[0]], rtol=0, atol=0)
+    assert not torch.allclose(cache[names[1]], clean[names[1]])
+
+
+def test_perfect_copy_logits_are_the_head_scores_at_label_ids():
+    batch = make_batch()
+    batch.labels[0, :, 1] = (batch.labels[0, :, 0] + 1) % 5  # distinct labels ...
+    batch.labels[0, 0] = torch.tensor([3, 3])  # ... except one repeated label: logsumexp of both scores
+    logits, cache = cache_of([PerfectCopy(head=(1, 2))], [SCORES.format(1)], batch=batch)
+    scores = cache[SCORES.format(1)][0, :, 2, -1, [1, 3]]  # [B, 2]
+    query = logits[0, :, -1]
+    for b in range(1, 16):
+        a, c = batch.labels[0, b].tolist()
+        expected = torch.full((5,), -1e9)
+        expected[a], expected[c] = scores[b, 0], scores[b, 1]
+        torch.testing.assert_close(query[b], expected, rtol=0, atol=0)
+    torch.testing.assert_close(query[0, 3], scores[0].logsumexp(0))
+    assert (query[0, [0, 1, 2, 4]] == -1e9).all()
+
+
+def test_layer1_input_replaces_the_residual_by_raw_embeddings():
+    names = ["hook_embed", "blocks.1.hook_resid_pre", "blocks.1.hook_qk_input"]
+    _, cache = cache_of([Layer1Input()], names)
+    embed = cache["hook_embed"]
+    torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], embed, rtol=0, atol=0)
+    torch.testing.assert_close(cache["blocks.1.hook_qk_input"], embed[:, :, [0, 0, 1, 2, 4]], rtol=0, atol=0)
+
+
+def test_ablate_embedding_leaves_only_the_attention_outputs():
+    names = ["blocks.0.hook_attn_out", "blocks.1.hook_attn_out", "blocks.1.hook_resid_post"]
+    _, cache = cache_of([AblateEmbedding()], names)
+    torch.testing.assert_close(cache[names[2]], cache[names[0]] + cache[names[1]])
+
+
+# --- gradients ----------------------------------------------------------------------------------------
+
+
+def qk_and_v(grad):
+    D = SHAPE.d_model
+    return grad[..., : 2 * D], grad[..., 2 * D:]
+
+
+def test_fixed_patterns_carry_no_gradient_into_query_key_weights():
+    model, batch = make_model(), make_batch()
+    g = grads([PrevTokenPattern(heads=tuple((0, h) for h in range(4)))], model, batch)
+    qk, v = qk_and_v(g["blocks.0.attn.W_QKV"])
+    assert (qk == 0).all() and (v != 0).any()
+
+
+def test_a_fully_ablated_block_gets_no_gradient():
+    model, batch = make_model(), make_batch()
+    g = grads([AblateHeads(heads=tuple((0, h) for h in range(4)))], model, batch)
+    assert all((g[n] == 0).all() for n in g if n.startswith("blocks.0."))
+    assert (g["blocks.1.attn.W_QKV"] != 0).any()
+
+
+def test_perfect_copy_gradient_reaches_only_the_head_scores():
+    model, batch = make_model(), make_batch()
+    g = grads([PerfectCopy(head=(1, 2))], model, batch)
+    for name in ("unembed.W_U", "unembed.b_U", "ln_final.w", "blocks.1.attn.W_O"):
+        assert (g[name] == 0).all(), name
+    qk, v = qk_and_v(g["blocks.1.attn.W_QKV"])
+    assert (v == 0).all()
+    head = slice(2 * SHAPE.d_head, 3 * SHAPE.d_head)
+    assert (qk[..., head] != 0).any() and (qk[..., :SHAPE.d_head] == 0).all()
+
+
+def test_layer1_clamp_takes_block_0_out_of_the_gradient():
+    model, batch = make_model(), make_batch()
+    g = grads([Layer1Input()], model, batch)
+    assert all((g[n] == 0).all() for n in g if n.startswith("blocks.0."))
+    assert (g["embed.W_x"] != 0).any() and (g["embed.W_y"] != 0).any()
+
+
+# --- runs of a pack ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clamp", [PerfectCopy(head=(1, 0)), AblateHeads(heads=((0, 0),), preserve=("patterns",)),
+                                   Layer1Input(), MatchPattern(heads=((1, 1),))])
+def test_a_clamp_on_run_0_leaves_run_1_unclamped(clamp):
+    pack, batch = make_model(2), make_batch(2)
+    logits = ClampSet([[clamp], []]).forward(pack, batch)
+    for run, clamps in ((0, [clamp]), (1, [])):
+        alone = make_model(1, seed=run)
+        torch.testing.assert_close(logits[run], ClampSet([clamps]).forward(alone, batch[run:run + 1])[0])
+
+
+def test_no_clamp_is_the_plain_model():
+    model, batch = make_model(), make_batch()
+    assert ClampSet([[]]).forward(model, batch).equal(model(batch))
+
+
+# --- grafts ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    files = RunFiles(tmp_path / "donor")
+    return str(files.save_checkpoint(1, {"model": make_model(seed=7).state_dict(0)}))
+
+
+def test_graft_in_takes_the_donor_residual_and_blocks_gradient(checkpoint):
+    site = "blocks.0.hook_resid_post"
+    (clamp,) = build_clamps({"g": {"kind": "graft_in", "layer": 0, "checkpoint": checkpoint}}, SHAPE)
+    model, batch = make_model(), make_batch()
+    _, cache = ClampSet([[clamp]]).run_with_cache(model, batch, [site])
+    _, donor = make_model(seed=7).run_with_cache(batch, [site])
+    torch.testing.assert_close(cache[site], donor[site])
+    g = grads([clamp], model, batch)
+    assert all((g[n] == 0).all() for n in g if n.startswith(("blocks.0.", "embed.")))
+
+
+def test_grafted_layers_stay_frozen_during_training(checkpoint, tmp_path):
+    from ihstudy.config import compose_config
+    from ihstudy.train import Pack, RunSpec
+
+    cfg, _ = compose_config(["model.d_model=16", "model.n_heads=4", "data.n_classes=80", "data.dim=8",
+                             "task.class_split=[50,20,10]", "train.sequences=96", "eval.n_sequences=8",
+                             "+clamp.out={kind:graft_out,layer:0,checkpoint:'" + checkpoint + "'}"])
+    pack = Pack([RunSpec(cfg, tmp_path / "run")])
+    (clamp,) = pack.clamps.per_run[0]
+    donor = {n: p.clone() for n, p in clamp.frozen(torch.device("cpu")).params.items()}
+    before = pack.model.state_dict(0)
+    for _ in range(3):
+        pack.train_step()
+    after = pack.model.state_dict(0)
+    for name, value in clamp.frozen(torch.device("cpu")).params.items():
+        assert value.equal(donor[name]) and not value.requires_grad
+    assert all(after[n].equal(before[n]) for n in after if n.startswith(("blocks.1.", "ln_final", "unembed")))
+    assert not after["blocks.0.attn.W_QKV"].equal(before["blocks.0.attn.W_QKV"])
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"a": {"kind": "ablate", "heads": ["2:0"]}}, "outside the model"),
+    ({"a": {"kind": "ablate", "heads": [63]}}, "quote it"),
+    ({"a": {"kind": "prev_token_pattern", "heads": ["1:1"]}, "b": {"kind": "induction_pattern", "heads": "1:1"}},
+     "two attention patterns"),
+    ({"a": {"kind": "perfect_copy", "head": "0:1"}}, "layer 1 or above"),
+    ({"a": {"kind": "teleport"}}, "unknown kind"),
+    ({"a": {"kind": "ablate", "heads": ["1:1"], "strength": 2}}, "unknown field"),
+    ({"a": {"kind": "head_temperature", "heads": ["1:1"]}}, "missing temperature"),
+    ({"a": {"kind": "ablate", "heads": ["1:1"], "preserve": ["logits"]}}, "preserve"),
+])
+def test_bad_clamp_specs_raise_one_line(spec, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        build_clamps(spec, SHAPE)
+    assert "\n" not in str(info.value)
+
+
+def test_depth_and_graft_shape_are_checked(tmp_path, checkpoint):
+    one_layer = ModelShape(n_layers=1, n_heads=4, d_model=16, n_features=8, n_labels=5, context_len=2)
+    with pytest.raises(ConfigError, match="at least 2 layers"):
+        build_clamps({"l1": {"kind": "layer1_input"}}, one_layer)
+    wider = ModelShape(n_layers=2, n_heads=4, d_model=32, n_features=8, n_labels=5, context_len=2)
+    with pytest.raises(ConfigError, match="another shape"):
+        build_clamps({"g": {"kind": "graft_out", "layer": 0, "checkpoint": checkpoint}}, wider)
+    with pytest.raises(ConfigError, match="cannot read checkpoint"):
+        build_clamps({"g": {"kind": "graft_in", "layer": 0, "checkpoint": str(tmp_path / "nope.pt")}}, SHAPE)
+
+
+@pytest.mark.parametrize("override", ["clamp.keep.heads=1:9", "+clamp.x={kind:induction_pattern,heads:[1:3]}"])
+def test_cli_rejects_bad_clamps_with_exit_2(tmp_path, override):
+    run_dir = tmp_path / "run"
+    args = ["train", "-q", "clamp=match", override, f"hydra.run.dir={run_dir}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "clamp" in result.output.replace(str(tmp_path), "")
+    assert not run_dir.exists()
+
+
+def test_presets_build_the_fig5b_conditions():
+    from ihstudy.config import compose_config
+
+    shape = ModelShape(n_layers=2, n_heads=8, d_model=64, n_features=64, n_labels=5, context_len=2)
+    kinds = {}
+    for preset in ("none", "only_l2h3", "pt_attention", "layer1", "match", "copy", "layer1_copy"):
+        cfg, _ = compose_config([f"clamp={preset}"])
+        kinds[preset] = sorted(type(c).__name__ for c in build_clamps(cfg.clamp, shape))
+    assert kinds == {"none": [], "only_l2h3": ["AblateHeads"], "pt_attention": ["AblateHeads", "PrevTokenPattern"],
+                     "layer1": ["AblateHeads", "Layer1Input"], "match": ["AblateHeads", "MatchPattern"],
+                     "copy": ["PerfectCopy"], "layer1_copy": ["Layer1Input", "PerfectCopy"]}
+    cfg, _ = compose_config(["clamp=only_l2h3"])
+    assert build_clamps(cfg.clamp, shape)[0].heads == tuple((1, h) for h in range(8) if h != 3)
+    assert math.isclose(build_clamps(compose_config(["clamp=pt_attention"])[0].clamp, shape)[1].strength, 1.0)

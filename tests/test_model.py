@@ -1,0 +1,125 @@
+"""The transformer of paper-notes §2: causality, named sites, stacked runs, gradient blocking."""
+
+import pytest
+import torch
+
+from ihstudy.data import Batch
+from ihstudy.model import OPT_IN_SITES, ModelShape, Transformer, query_loss
+
+SHAPE = ModelShape(n_layers=2, n_heads=8, d_model=64, n_features=16, n_labels=5, context_len=3)
+
+
+def random_batch(runs=1, n=6, shape=SHAPE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.randn(runs, n, shape.context_len + 1, shape.n_features, generator=g),
+                 torch.randint(shape.n_labels, (runs, n, shape.context_len), generator=g),
+                 torch.randint(shape.n_labels, (runs, n), generator=g))
+
+
+def model(shape=SHAPE, seeds=(0,)):
+    return Transformer(shape, len(seeds)).init_(list(seeds))
+
+
+def test_paper_setup_has_about_67k_parameters():
+    paper = ModelShape(n_layers=2, n_heads=8, d_model=64, n_features=512, n_labels=5, context_len=2)
+    assert 66_000 < Transformer(paper).n_params < 68_000
+
+
+@pytest.mark.parametrize("positional,mlp_ratio", [("rotary", 0.0), ("learned", 0.0), ("sinusoidal", 0.0), ("rotary", 2.0)])
+def test_causality_later_tokens_never_change_earlier_outputs(positional, mlp_ratio):
+    shape = ModelShape(2, 4, 32, 16, 5, 3, positional=positional, mlp_ratio=mlp_ratio)
+    net = model(shape)
+    batch = random_batch(shape=shape)
+    _, cache = net.run_with_cache(batch)
+    changed = Batch(batch.exemplars.clone(), batch.labels.clone(), batch.target)
+    changed.exemplars[:, :, 2] += 1.0  # exemplar 2 sits at token 4
+    changed.labels[:, :, 2] = (changed.labels[:, :, 2] + 1) % 5  # its label at token 5
+    logits_changed, cache_changed = net.run_with_cache(changed)
+    for name, value in cache.items():
+        if name.endswith(("hook_attn_scores", "hook_pattern")):
+            assert torch.equal(value[..., :4, :], cache_changed[name][..., :4, :]), name
+        elif name != "hook_pos_embed":
+            assert torch.equal(value[:, :, :4], cache_changed[name][:, :, :4]), name
+    assert not torch.allclose(cache["hook_logits"][:, :, 4:], logits_changed[:, :, 4:])
+
+
+def test_recording_every_site_leaves_the_output_unchanged():
+    net, batch = model(), random_batch()
+    logits, cache = net.run_with_cache(batch)
+    assert torch.equal(logits, net(batch))
+    expected = {n for n in net.site_names() if not n.endswith(OPT_IN_SITES)}
+    assert set(cache) == expected
+    assert cache["blocks.1.attn.hook_pattern"].shape == (1, 6, 8, 7, 7)
+    assert cache["blocks.0.attn.hook_q"].shape == (1, 6, 7, 8, 8)
+    assert torch.equal(cache["hook_logits"], logits)
+
+
+@pytest.mark.parametrize("site", Transformer(SHAPE).site_names())
+def test_overwriting_a_site_with_its_recorded_value_changes_nothing(site):
+    net, batch = model(), random_batch()
+    reference, cache = net.run_with_cache(batch, names_filter=[site])
+    recorded = cache[site].detach().clone()
+    calls = []
+
+    def overwrite(tensor, hook):
+        calls.append(hook.name)
+        return recorded.clone()
+
+    logits = net.run_with_hooks(batch, [(site, overwrite)])
+    assert calls == [site]
+    assert torch.equal(logits, reference)
+    if not site.endswith(OPT_IN_SITES):
+        assert torch.equal(logits, net(batch))  # always-on sites: identical to the plain forward
+    else:
+        assert torch.allclose(logits, net(batch), atol=1e-5)
+
+
+def test_overwriting_a_site_changes_the_output_and_blocks_gradient_upstream():
+    net, batch = model(), random_batch()
+    site = "blocks.1.hook_resid_pre"
+    constant = torch.randn(1, 6, 7, 64, generator=torch.Generator().manual_seed(1))
+    logits = net.run_with_hooks(batch, [(site, lambda x, hook: constant)])
+    assert not torch.allclose(logits, net(batch))
+    query_loss(logits, batch.target).sum().backward()
+    upstream = [n for n in net.params if n.startswith(("embed.", "blocks.0."))]
+    downstream = [n for n in net.params if n.startswith(("blocks.1.", "unembed."))]
+    assert all(net.params[n].grad.abs().sum() == 0 for n in upstream)
+    assert all(net.params[n].grad.abs().sum() > 0 for n in downstream if not n.endswith(".b"))
+
+
+def test_unknown_site_is_refused():
+    with pytest.raises(KeyError):
+        model().run_with_hooks(random_batch(), [("blocks.9.attn.hook_pattern", lambda x, h: None)])
+
+
+def test_patterns_are_causal_distributions():
+    _, cache = model().run_with_cache(random_batch())
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    assert torch.allclose(pattern.sum(-1), torch.ones(()))
+    assert (pattern.triu(1) == 0).all()
+
+
+def test_each_run_of_a_stack_equals_the_same_model_alone():
+    stacked = model(seeds=(3, 4, 5))
+    batch = random_batch(runs=3)
+    logits = stacked(batch)
+    for r, seed in enumerate((3, 4, 5)):
+        alone = model(seeds=(seed,))(batch[r:r + 1])
+        assert torch.allclose(logits[r:r + 1], alone, atol=1e-6)
+    assert not torch.allclose(logits[0], logits[1])
+
+
+def test_runs_have_independent_gradients():
+    stacked = model(seeds=(3, 4))
+    batch = random_batch(runs=2)
+    query_loss(stacked(batch), batch.target)[0].sum().backward()
+    assert stacked.flat_grad[0].abs().sum() > 0 and stacked.flat_grad[1].abs().sum() == 0
+
+
+def test_state_dict_round_trip():
+    source, target = model(seeds=(1,)), model(seeds=(2,))
+    target.load_state_dict(source.state_dict(0), 0)
+    batch = random_batch()
+    assert torch.equal(source(batch), target(batch))
+    with pytest.raises(ValueError):
+        model(ModelShape(2, 4, 32, 16, 5, 3)).load_state_dict(source.state_dict(0), 0)

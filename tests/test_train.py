@@ -1,0 +1,104 @@
+"""End-to-end training: outputs layout, determinism, bad input."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from ihstudy.cli import app
+
+SHORT = ["train.sequences=3200", "train.eval_every=1600", "train.ckpt_every=1600", "eval.n_sequences=100",
+         "train.threads=1"]
+
+
+def train(run_dir, *overrides):
+    return CliRunner().invoke(app, ["train", "-q", f"hydra.run.dir={run_dir}", *SHORT, *overrides])
+
+
+def test_short_run_writes_the_documented_layout(tmp_path):
+    result = train(tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "completed" and status["started"] and status["ended"]
+    assert {"torch", "ihstudy", "python"} <= set(status["versions"])
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    assert list(metrics.columns) == ["step", "sequences", "loss", "grad_norm", "grad_batch_stddev", "lr"]
+    assert metrics.step.tolist() == list(range(1, 101)) and metrics.sequences.iloc[-1] == 3200
+    assert (metrics.lr == 1e-5).all() and (metrics.grad_norm > 0).all() and (metrics.grad_batch_stddev > 0).all()
+    evals = pd.read_parquet(run / "eval.parquet")
+    assert sorted(evals.evaluator.unique()) == ["fsl_test_class", "fsl_train", "fsl_train_valex", "fsl_val_rl"]
+    assert sorted(evals.sequences.unique()) == [0, 1600, 3200]
+    assert {"loss", "acc", "icl_acc", "icl_prob", "ooc_acc", "ooc_prob", "in_context_mass",
+            "induction.L1H7", "prev_token.L0H0"} <= set(evals.columns)
+    start = evals[(evals.sequences == 0) & (evals.evaluator == "fsl_train")].iloc[0]
+    assert abs(start["loss"] - math.log(5)) < 0.5  # an untrained model is near chance over 5 labels
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["step_00000050.pt", "step_00000100.pt"]
+    config = (run / "config.yaml").read_text()
+    assert "sequences: 3200" in config and "n_labels: 5" in config
+
+
+def test_same_config_and_seeds_give_identical_outputs(tmp_path):
+    for name in ("a", "b"):
+        assert train(tmp_path / name).exit_code == 0
+    for table in ("metrics", "eval"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / f"{table}.parquet"),
+                                      pd.read_parquet(tmp_path / "b" / f"{table}.parquet"))
+    assert train(tmp_path / "c", "seed=6").exit_code == 0
+    assert not pd.read_parquet(tmp_path / "a/metrics.parquet").equals(pd.read_parquet(tmp_path / "c/metrics.parquet"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.not_a_key=1", "not_a_key"),
+    ("model.n_heads=5", "not divisible"),
+    ("task.context_len=0", "context_len"),
+    ("task.burstiness=2", "burstiness"),
+    ("task.class_split=[50,1600,100]", "class_split"),
+    ("task.exemplar_split=[1,4,1]", "exemplar_split"),
+    ("task.n_labels=1", "n_labels"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.lr=-1e-3", "optim.lr"),
+    ("train.batch_size=0", "batch_size"),
+    ("data=features_file", "data.path"),
+    ("data=features_file data.path=/nonexistent/features.h5", "not found"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, override, message):
+    result = train(tmp_path / "run", *override.split())
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrongly_shaped_feature_file_is_refused(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "flat.npy", np.zeros((10, 8), dtype=np.float32))
+    result = train(tmp_path / "run", "data=features_file", f"data.path={tmp_path / 'flat.npy'}")
+    assert result.exit_code == 2 and "shape" in result.output
+
+
+def test_feature_file_from_hdf5(tmp_path):
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "feat.h5", "w") as f:
+        f.create_dataset("resnet18/224/feat", data=rng.normal(size=(40, 3, 12)).astype(np.float32))
+    result = train(tmp_path / "run", "data=features_file", f"data.path={tmp_path / 'feat.h5'}",
+                   "task.class_split=[20,10,10]", "task.exemplar_split=[1,2,0]")
+    assert result.exit_code == 0, result.output
+    too_big = train(tmp_path / "run2", "data=features_file", f"data.path={tmp_path / 'feat.h5'}")
+    assert too_big.exit_code == 2 and "40" in too_big.output
+
+
+def test_existing_run_is_never_overwritten_unless_asked(tmp_path):
+    assert train(tmp_path / "run").exit_code == 0
+    before = (tmp_path / "run" / "metrics.parquet").read_bytes()
+    again = train(tmp_path / "run")
+    assert again.exit_code == 2 and "already holds a run" in again.output
+    assert (tmp_path / "run" / "metrics.parquet").read_bytes() == before
+    assert train(tmp_path / "run", "seed=7", "--overwrite").exit_code == 0
+    assert (tmp_path / "run" / "metrics.parquet").read_bytes() != before
