@@ -26,18 +26,18 @@ CONDITIONS = ["only_l2h3", "pt_attention", "layer1", "match", "copy", "layer1_co
 IHSTUDY = str(Path(sys.executable).with_name("ihstudy"))
 
 
-def timed(args: list[str], outputs: Path) -> float:
+def timed(args: list[str], outputs: Path, threads: int) -> float:
     start = time.perf_counter()
-    subprocess.run([IHSTUDY, *args], check=True, env=os.environ | {"IHSTUDY_OUTPUTS": str(outputs)},
+    subprocess.run([IHSTUDY, *args, f"train.threads={threads}"], check=True, env=os.environ | {"IHSTUDY_OUTPUTS": str(outputs)},
                    stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
-def serial_seconds(condition: str, sequences: int, baseline_sequences: int, full: bool, outputs: Path) -> float:
+def serial_seconds(condition: str, sequences: int, baseline_sequences: int, full: bool, outputs: Path, threads: int) -> float:
     """Wall time of `ihstudy train clamp=<condition>` over `sequences` (measured or extrapolated)."""
     def train(n: int, name: str) -> float:
         return timed(["train", "-q", f"clamp={condition}", "train.eval_every=1000", f"train.sequences={n}",
-                      f"hydra.run.dir={outputs}/serial/{condition}-{name}"], outputs)
+                      f"hydra.run.dir={outputs}/serial/{condition}-{name}"], outputs, threads)
 
     if full:
         return train(sequences, "full")
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--launcher", default="basic", help="basic | joblib | submitit_local")
     parser.add_argument("--max-pack-runs", type=int, default=0)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="train.threads of every run (0: by cores and launcher); "
+                        "1 on a machine busy with other work, where 2 threads per process thrash")
     parser.add_argument("--out", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     args = parser.parse_args()
     outputs = (args.out or Path(tempfile.mkdtemp(prefix="bench_sweep_"))).resolve()
@@ -62,7 +64,7 @@ def main() -> None:
 
     sweep_dir = outputs / "sweep"
     seconds = timed(["sweep", "-q", "experiment=fig5b", f"train.sequences={args.sequences}", f"--max-pack-runs={args.max_pack_runs}",
-                     f"hydra/launcher={args.launcher}", f"hydra.sweep.dir={sweep_dir}"], outputs)
+                     f"hydra/launcher={args.launcher}", f"hydra.sweep.dir={sweep_dir}"], outputs, args.threads)
     print(f"sweep ({args.launcher}, max {args.max_pack_runs or 'all'} runs per pack): {seconds:.0f} s, "
           f"{total / seconds:,.0f} sequences/s", flush=True)
     index = pd.read_parquet(sweep_dir / "sweep.parquet")
@@ -70,7 +72,8 @@ def main() -> None:
 
     if args.skip_baseline:
         return
-    serial = sum(serial_seconds(c, args.sequences, args.baseline_sequences, args.full_baseline, outputs) for c in CONDITIONS)
+    serial = sum(serial_seconds(c, args.sequences, args.baseline_sequences, args.full_baseline, outputs, args.threads)
+                 for c in CONDITIONS)
     how = "measured" if args.full_baseline else f"extrapolated from {args.baseline_sequences:,} sequences per run"
     print(f"one after another ({how}): {serial:.0f} s, {total / serial:,.0f} sequences/s")
     print(f"sweep speed-up: {serial / seconds:.2f}x")

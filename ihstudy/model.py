@@ -265,15 +265,14 @@ class Transformer:
         if s.positional == "rotary":
             q, k = self._rotate(torch.stack([q, k]))  # q and k in one go
             q, k = self._site(b + "attn.hook_rot_q", q), self._site(b + "attn.hook_rot_k", k)
-        # CPU matmuls of R*B*H tiny [T, dh] matrices are slow: take all heads of a sequence at once,
-        # [T*H, dh] @ [dh, T*H], and keep the same-head diagonal.
-        products = q.reshape(R * B, T * H, dh) @ k.reshape(R * B, T * H, dh).transpose(1, 2)
-        scores = products.view(R, B, T, H, T, H).diagonal(dim1=3, dim2=5).permute(0, 1, 4, 2, 3)
-        scores = self._site(b + "attn.hook_attn_scores", torch.add(self._causal_mask, scores, alpha=dh ** -0.5))
-        pattern = self._site(b + "attn.hook_pattern", _softmax(scores))  # [R, B, H, T, T]
-        # Likewise z: a block-diagonal [T*H, T*H] pattern per sequence times the values [T*H, dh].
-        blocks = torch.diag_embed(pattern.permute(0, 1, 3, 4, 2), dim1=3, dim2=5).view(R * B, T * H, T * H)
-        z = self._site(b + "attn.hook_z", (blocks @ v.reshape(R * B, T * H, dh)).view(R, B, T, H, dh))
+        # CPU matmuls of R*B*H tiny [T, d_head] matrices are slow, so each sequence takes all heads
+        # at once: [T*H, T*H] scores between every (token, head) pair, masked to -inf across heads
+        # (and causally). The softmax then yields a block-diagonal pattern that multiplies the
+        # values [T*H, d_head] directly. Sites see the same-head blocks as [R, B, H, T, T] views.
+        scores = q.reshape(R * B, T * H, dh) @ k.reshape(R * B, T * H, dh).transpose(1, 2)
+        scores = self._head_site(b + "attn.hook_attn_scores", torch.add(self._mask, scores, alpha=dh ** -0.5), -math.inf)
+        pattern = self._head_site(b + "attn.hook_pattern", _softmax(scores), 0.0)
+        z = self._site(b + "attn.hook_z", (pattern @ v.reshape(R * B, T * H, dh)).view(R, B, T, H, dh))
         W_O = self.params[b + "attn.W_O"]
         if self._hooked(b + "attn.hook_result"):
             per_head = W_O.view(W_O.shape[0], 1, 1, H, dh, D)
@@ -296,21 +295,36 @@ class Transformer:
         R, B, T, _ = qkv.shape
         return qkv.view(R, B, T, 3, self.shape.n_heads, self.shape.d_head).permute(3, 0, 1, 2, 4, 5).contiguous()
 
+    def _head_site(self, name: str, full: torch.Tensor, off_head: float) -> torch.Tensor:
+        """Run the [R, B, H, T, T] site `name` on the same-head blocks of `full` [R*B, T*H, T*H];
+        a replaced value is written back into a matrix holding `off_head` across heads."""
+        H, T = self.shape.n_heads, self.shape.n_tokens
+        blocks = full.view(-1, T, H, T, H).diagonal(dim1=2, dim2=4)  # [R*B, Tq, Tk, H]
+        view = blocks.unflatten(0, (self.n_runs, -1)).permute(0, 1, 4, 2, 3)
+        value = self._site(name, view)
+        if value is view:
+            return full
+        written = torch.full_like(full, off_head).view(-1, T, H, T, H)
+        return written.diagonal_scatter(value.flatten(0, 1).permute(0, 2, 3, 1), dim1=2, dim2=4).view(full.shape)
+
     # --- positions ----------------------------------------------------------------------------
 
     def _setup_positions(self) -> None:
         s, dev = self.shape, self.device
         T = s.n_tokens
-        future = torch.ones(T, T, dtype=torch.bool, device=dev).triu(1)
-        self._causal_mask = torch.zeros(T, T, device=dev).masked_fill(future, float("-inf"))  # added to scores
+        # Added to the [T*H, T*H] scores of a sequence: -inf across heads and on future tokens.
+        token, head = torch.arange(T, device=dev).repeat_interleave(s.n_heads), torch.arange(s.n_heads, device=dev).repeat(T)
+        allowed = (head[:, None] == head[None, :]) & (token[:, None] >= token[None, :])
+        self._mask = torch.zeros(allowed.shape, device=dev).masked_fill(~allowed, -math.inf)
         positions = torch.arange(T, dtype=torch.float32, device=dev)[:, None]
         if s.positional == "rotary":
             half = s.d_head // 2
             freqs = s.rotary_base ** (-torch.arange(half, dtype=torch.float32, device=dev) / half)
             angles = positions * freqs  # [T, half], both halves of a head share frequencies
             # rotated = x * cos + swap_halves(x) * (-sin, +sin) = (x1 cos - x2 sin, x2 cos + x1 sin)
-            self._cos = angles.cos().repeat(1, 2)[:, None]  # [T, 1, d_head]: broadcast over heads
-            self._signed_sin = torch.cat([-angles.sin(), angles.sin()], 1)[:, None]
+            # [T, H, d_head], materialised: broadcasting over a short inner axis is slow on CPU
+            self._cos = angles.cos().repeat(1, 2)[:, None].repeat(1, s.n_heads, 1)
+            self._signed_sin = torch.cat([-angles.sin(), angles.sin()], 1)[:, None].repeat(1, s.n_heads, 1)
         elif s.positional == "sinusoidal":
             div = torch.exp(torch.arange(0, s.d_model, 2, dtype=torch.float32, device=dev) * (-math.log(10000.0) / s.d_model))
             table = torch.zeros(T, s.d_model, device=dev)

@@ -92,10 +92,10 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0) -> Sweep:
     if not expanded:
         raise ConfigError(f"the sweep {' '.join(run_args)} has no runs")
     job_cfg = compose_pack_job(hydra_args)
-    chosen = [o for o in parsed if o.key_or_group == SWEEP_DIR]
+    chosen = any(o.key_or_group == SWEEP_DIR for o in parsed)
     sweep_dir = Path(job_cfg.hydra.sweep.dir) if chosen else outputs_root() / "sweeps" / folder_name("_".join(run_args))
     check_inside_outputs(sweep_dir)
-    runs = compose_runs(expanded, sweep_dir)
+    runs = compose_runs(expanded, sweep_dir.resolve())  # absolute: pack jobs may start in another folder
     todo = [run for run in runs if run.files.read_status().get("status") not in FINISHED]
     packs = group_into_packs(todo, max_pack_runs)
     launcher_args = [o.input_line for o in parsed if o.is_hydra_override() and o.key_or_group != SWEEP_DIR]
@@ -189,10 +189,10 @@ def group_into_packs(runs: list[Run], max_pack_runs: int) -> list[list[Run]]:
     return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
-def compose_pack_job(hydra_args: list[str], pack: int = 0) -> DictConfig:
-    """The pack job's config with Hydra's node: checks the launcher and its settings."""
+def compose_pack_job(hydra_args: list[str]) -> DictConfig:
+    """A pack job's config with Hydra's node: checks the launcher and its settings."""
     with config_errors(), initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="pack"):
-        return compose("pack_job", overrides=[*hydra_args, f"pack={pack}"], return_hydra_config=True)
+        return compose("pack_job", overrides=[*hydra_args, "pack=0"], return_hydra_config=True)
 
 
 def jobs_per_machine(job_cfg: DictConfig, n_packs: int) -> int:

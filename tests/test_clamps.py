@@ -254,7 +254,7 @@ def test_grafted_layers_stay_frozen_during_training(checkpoint, tmp_path):
     from ihstudy.config import compose_config
     from ihstudy.train import Pack, RunSpec
 
-    cfg, _ = compose_config(["model.d_model=16", "model.n_heads=4", "data.n_classes=80", "data.dim=8",
+    cfg, _ = compose_config(["model.d_model=16", "model.n_heads=4", "data.n_classes=80", "data.dim=8", "data.latent_dim=4",
                              "task.class_split=[50,20,10]", "train.sequences=96", "eval.n_sequences=8",
                              "+clamp.out={kind:graft_out,layer:0,checkpoint:'" + checkpoint + "'}"])
     pack = Pack([RunSpec(cfg, tmp_path / "run")])
