@@ -1,0 +1,79 @@
+"""Training speed of the default setup (issue 2 target: the default 1e6-sequence run, eval every
+5000 sequences, in <= 90 s on a 2-core CPU including start-up).
+
+    .venv/bin/python benchmarks/bench_train.py [--steps 2000] [--repeats 5] [--threads 1] [--skip-full]
+
+Reports training throughput (sequences/s, from `Pack.train_step`), the cost of one full eval
+(4 evaluators x 1000 sequences, with head scores and the file flush), and the wall time of
+`ihstudy train -q` with the default config as a fresh process. Timings repeat and report min and
+median, which damps but does not remove the noise of a shared machine. Nothing is written except
+to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def summary(values: list[float], unit: str, scale: float = 1.0) -> str:
+    return f"min {min(values) * scale:.3g} {unit}, median {statistics.median(values) * scale:.3g} {unit}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000, help="training steps per throughput repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the config default)")
+    parser.add_argument("--skip-full", action="store_true", help="skip the full default run (~1.5 min)")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. train.compile=true")
+    args = parser.parse_args()
+    threads = [f"train.threads={args.threads}"] if args.threads else []
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        os.environ["IHSTUDY_OUTPUTS"] = tmp
+        from ihstudy.config import compose_config
+        from ihstudy.train import Pack, RunSpec
+
+        cfg, run_dir = compose_config([f"hydra.run.dir={tmp}/steps", *threads, *args.overrides])
+        pack = Pack([RunSpec(cfg, run_dir)])
+        for _ in range(50):  # warm-up
+            pack.train_step()
+        step_times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                pack.train_step()
+            step_times.append((time.perf_counter() - start) / args.steps)
+        rates = [pack.batch_size / t for t in step_times]
+        print(f"train step:  {summary(step_times, 'ms', 1e3)}  ({summary(rates, 'sequences/s')}, "
+              f"max {max(rates):.0f})")
+
+        eval_times = []
+        for _ in range(args.repeats + 1):
+            start = time.perf_counter()
+            pack.evaluate()
+            eval_times.append(time.perf_counter() - start)
+        print(f"full eval ({len(pack.evaluators)} x {cfg.eval.n_sequences} sequences): "
+              f"{summary(eval_times[1:], 'ms', 1e3)}")
+        n_evals = len(pack.eval_steps)
+        estimate = pack.n_steps * min(step_times) + n_evals * min(eval_times[1:])
+        print(f"default run estimate without start-up: {pack.n_steps} steps + {n_evals} evals = {estimate:.1f} s")
+
+        if not args.skip_full:
+            command = [str(Path(sys.executable).with_name("ihstudy")), "train", "-q", f"hydra.run.dir={tmp}/full",
+                       *threads, *args.overrides]
+            start = time.perf_counter()
+            subprocess.run(command, check=True)
+            print(f"default `ihstudy train` (1e6 sequences, eval every 5000), wall incl. start-up: "
+                  f"{time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
