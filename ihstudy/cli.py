@@ -124,10 +124,12 @@ def print_summary(results, root: Path | None = None) -> None:
     """One row per run; with `root`, runs are named by their folder inside it."""
     from ihstudy.evaluate import PHASE_CHANGE_THRESHOLD
 
-    title = f"Summary (phase change: first eval with fsl_train loss < 0.4·ln2 = {PHASE_CHANGE_THRESHOLD:.3f})"
+    title = (f"Final loss per evaluator; phase change = first eval with fsl_train loss < 0.4·ln2 "
+             f"= {PHASE_CHANGE_THRESHOLD:.3f}")
     table = Table(title=title if root is None else f"{root}\n{title}")
     keys = sorted({k for r in results for k in r.summary if k.endswith(".loss")})
-    for column in ["run", "status", "phase change (seq)", *keys]:
+    table.add_column("run", overflow="fold")
+    for column in ["status", "phase change (seq)", *(k.removeprefix("fsl_").removesuffix(".loss") for k in keys)]:
         table.add_column(column)
     for r in results:
         change = r.summary.get("phase_change_sequences")
@@ -202,9 +204,29 @@ def print_plan(plan) -> None:
 
 
 @app.command(context_settings=EXTRA)
-def analyze(overrides: Optional[List[str]] = OVERRIDES) -> None:
-    """Analyse saved runs (not available yet)."""
-    fail("`ihstudy analyze` is not available yet")
+def analyze(
+    run_dir: Path = typer.Argument(..., help="A run folder with checkpoints."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Clamp overrides, e.g. clamp=keep_only clamp.keep.heads=1:5"),
+    step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the newest)."),
+) -> None:
+    """Evaluate a saved checkpoint, optionally under clamps (post-hoc ablation), with the training code path."""
+    from ihstudy.config import compose_config
+    from ihstudy.train import evaluate_checkpoint
+
+    try:
+        if any(not o.lstrip("+~").startswith("clamp") for o in overrides or []):
+            raise ConfigError("analyze takes only clamp overrides (clamp=..., clamp.NAME.FIELD=...)")
+        clamp = compose_config(overrides)[0].clamp if overrides else None
+        rows = evaluate_checkpoint(run_dir, step, clamp)
+    except ConfigError as exc:
+        fail(str(exc))
+    table = Table(title=f"{run_dir} at {int(rows.sequences.iloc[0]):,} sequences" + (f" with {' '.join(overrides)}" if overrides else ""))
+    columns = ["loss", "acc", "icl_acc", "in_context_mass"]
+    for column in ["evaluator", *columns]:
+        table.add_column(column)
+    for _, row in rows.iterrows():
+        table.add_row(row.evaluator, *(f"{row[c]:.4f}" for c in columns))
+    Console().print(table)
 
 
 if __name__ == "__main__":

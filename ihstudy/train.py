@@ -159,12 +159,20 @@ class Pack:
     def batch(self, step: int) -> Batch:
         return Batch.stack([stream.batch(step) for stream in self.streams]).to(self.device)
 
-    @torch.no_grad()
     def evaluate(self) -> None:
-        """Metrics of every evaluator for every run, and the head scores, at the current step."""
+        """Record the eval rows of the current step and write the tables."""
+        for r, rows in enumerate(self.measure()):
+            if self.errors[r] is None:
+                self.eval_rows[r] += rows
+        self.flush()
+
+    @torch.no_grad()
+    def measure(self) -> list[list[dict]]:
+        """Per run, one row per evaluator: the metrics and every head's scores at the current step."""
         patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.shape.n_layers)]
         logits, cache = self.eval_forward(patterns)
         n = self.eval_batch.target.shape[1] // len(self.evaluators)
+        rows: list[list[dict]] = [[] for _ in self.specs]
         for e, name in enumerate(self.evaluators):
             part = slice(e * n, (e + 1) * n)
             sub = self.eval_batch[:, part]
@@ -174,11 +182,10 @@ class Pack:
                 for h, (ind, prev) in enumerate(zip(induction_strength(pattern, sub).T, previous_token_score(pattern).T)):
                     columns[f"induction.L{layer}H{h}"] = ind.cpu()
                     columns[f"prev_token.L{layer}H{h}"] = prev.cpu()
-            for r in range(len(self.specs)):
-                if self.errors[r] is None:
-                    self.eval_rows[r].append({"step": self.step, "sequences": self.step * self.batch_size,
-                                              "evaluator": name} | {k: float(v[r]) for k, v in columns.items()})
-        self.flush()
+            for r, run_rows in enumerate(rows):
+                run_rows.append({"step": self.step, "sequences": self.step * self.batch_size,
+                                 "evaluator": name} | {k: float(v[r]) for k, v in columns.items()})
+        return rows
 
     def eval_forward(self, sites: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits and recorded `sites` on the eval sequences, in chunks that keep the activations
@@ -316,6 +323,22 @@ def config_difference(saved, current: dict) -> str:
     flat = [pd.json_normalize(c, sep=".").iloc[0].to_dict() for c in (saved, current)]
     keys = sorted(k for k in flat[0].keys() | flat[1].keys() if flat[0].get(k, "?") != flat[1].get(k, "?"))
     return "differs in " + ", ".join(keys) if keys else "another checkpoint format"
+
+
+def evaluate_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> pd.DataFrame:
+    """Eval rows of a saved checkpoint (default: the newest), optionally under another clamp config
+    (post-hoc ablations) — through the same evaluation and clamp code as training."""
+    files = RunFiles(run_dir)
+    cfg = OmegaConf.load(files.dir / "config.yaml")
+    if clamp is not None:
+        cfg.clamp = clamp
+    steps = files.checkpoint_steps()
+    if not steps or (step is not None and step not in steps):
+        raise ConfigError(f"{files.dir} has no checkpoint at step {step}" if steps else f"{files.dir} has no checkpoint")
+    pack = Pack([RunSpec(cfg, files.dir)])
+    pack.step = steps[-1] if step is None else step
+    pack.model.load_state_dict(files.load_checkpoint(pack.step)["model"], 0)
+    return pd.DataFrame(pack.measure()[0])
 
 
 def output_gradient_spread(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

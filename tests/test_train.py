@@ -102,3 +102,20 @@ def test_existing_run_is_never_overwritten_unless_asked(tmp_path):
     assert (tmp_path / "run" / "metrics.parquet").read_bytes() == before
     assert train(tmp_path / "run", "seed=7", "--overwrite").exit_code == 0
     assert (tmp_path / "run" / "metrics.parquet").read_bytes() != before
+
+
+def test_analyze_reevaluates_a_checkpoint_through_the_training_code_path(tmp_path):
+    from ihstudy.train import evaluate_checkpoint
+
+    assert train(tmp_path / "run").exit_code == 0
+    saved = pd.read_parquet(tmp_path / "run" / "eval.parquet")
+    final = saved[saved.step == saved.step.max()].reset_index(drop=True)
+    again = evaluate_checkpoint(tmp_path / "run")
+    pd.testing.assert_frame_equal(again[final.columns], final)  # identical: same model, data and code
+    ablated = evaluate_checkpoint(tmp_path / "run", clamp={"all": {"kind": "ablate", "heads": [f"1:{h}" for h in range(8)]}})
+    assert (ablated["induction.L1H0"] == final["induction.L1H0"]).all()  # value ablation leaves patterns alone
+    assert not (ablated["loss"] == final["loss"]).any()
+    result = CliRunner().invoke(app, ["analyze", str(tmp_path / "run"), "clamp=only_l2h3"])
+    assert result.exit_code == 0 and "fsl_test_class" in result.output, result.output
+    bad = CliRunner().invoke(app, ["analyze", str(tmp_path / "run"), "model.n_heads=4"])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
