@@ -325,9 +325,9 @@ def config_difference(saved, current: dict) -> str:
     return "differs in " + ", ".join(keys) if keys else "another checkpoint format"
 
 
-def evaluate_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> pd.DataFrame:
-    """Eval rows of a saved checkpoint (default: the newest), optionally under another clamp config
-    (post-hoc ablations) — through the same evaluation and clamp code as training."""
+def pack_from_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> Pack:
+    """A pack of one holding a saved run at a checkpoint (default: the newest): its model, task,
+    eval sequences and clamps, or another clamp config (for post-hoc ablations). Nothing is written."""
     files = RunFiles(run_dir)
     cfg = OmegaConf.load(files.dir / "config.yaml")
     if clamp is not None:
@@ -338,7 +338,12 @@ def evaluate_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> p
     pack = Pack([RunSpec(cfg, files.dir)])
     pack.step = steps[-1] if step is None else step
     pack.model.load_state_dict(files.load_checkpoint(pack.step)["model"], 0)
-    return pd.DataFrame(pack.measure()[0])
+    return pack
+
+
+def evaluate_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> pd.DataFrame:
+    """Eval rows of a saved checkpoint, through the same evaluation and clamp code as training."""
+    return pd.DataFrame(pack_from_checkpoint(run_dir, step, clamp).measure()[0])
 
 
 def output_gradient_spread(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
