@@ -433,6 +433,12 @@ class ClampSet:
             return model(batch)
         return model.run_with_hooks(batch, self.hooks(model, batch))
 
+    def query_logits(self, model: Transformer, batch: Batch) -> torch.Tensor:
+        """Logits at the query token [R, B, n_labels], as the training loss reads them."""
+        if not self.groups:
+            return model.query_logits(batch)
+        return self.forward(model, batch)[..., -1, :]
+
     def run_with_cache(self, model: Transformer, batch: Batch, names):
         return model.run_with_cache(batch, names, fwd_hooks=self.hooks(model, batch) if self.groups else ())
 

@@ -236,6 +236,36 @@ class Transformer:
         final = self._site("ln_final.hook_normalized", _layer_norm(resid, p["ln_final.w"], p["ln_final.b"]))
         return self._site("hook_logits", _linear(final, p["unembed.W_U"], p["unembed.b_U"]))
 
+    def query_logits(self, batch: Batch) -> torch.Tensor:
+        """Logits at the query token only, [R, B, n_labels]: all the training loss reads. Without
+        hooks (sites are for recording and clamping), the last block then needs attention from the
+        query row alone, which skips most of its work. Equals `self(batch)[..., -1, :]` up to
+        float rounding."""
+        if self._hooks:
+            raise RuntimeError("query_logits runs without hooks; use run_with_hooks")
+        p, s = self.params, self.shape
+        resid = self._embed(batch)
+        if s.positional != "rotary":
+            resid = resid + self._absolute_positions()
+        for layer in range(s.n_layers - 1):
+            resid = self._block(layer, resid)
+        last = s.n_layers - 1
+        query = resid[:, :, -1:] + self._query_attention(last, resid)
+        if s.d_mlp:
+            query = query + self._mlp(last, query)
+        final = _layer_norm(query, p["ln_final.w"], p["ln_final.b"])
+        return _linear(final, p["unembed.W_U"], p["unembed.b_U"])[:, :, 0]
+
+    def _query_attention(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
+        """Block `layer`'s attention output at the query token [R, B, 1, D]; the query sees every token."""
+        R, B, T, D = resid.shape
+        q, k, v = self._qkv(layer, resid)  # each [R, B, T, H, d_head]
+        if self.shape.positional == "rotary":
+            q, k = self._rotate(torch.stack([q, k]))
+        scores = (q[:, :, -1:] * k).sum(-1) * self.shape.d_head ** -0.5  # [R, B, T, H]
+        z = (scores.softmax(2).unsqueeze(-1) * v).sum(2)  # [R, B, H, d_head]
+        return _linear(z.reshape(R, B, 1, D), self.params[f"blocks.{layer}.attn.W_O"])
+
     def _embed(self, batch: Batch) -> torch.Tensor:
         """One matmul for all tokens: a token's input row is [exemplar, 1, 0...] or [0..., 0, one-hot label],
         its weights [W_x; b_x; W_y] (fewer, larger ops are what makes a small model fast on CPU)."""
@@ -253,12 +283,14 @@ class Transformer:
         resid = resid + self._site(b + "hook_attn_out", self._attention(layer, resid))
         if self.shape.d_mlp:
             resid = self._site(b + "hook_resid_mid", resid)
-            h = _layer_norm(resid, p[b + "ln2.w"], p[b + "ln2.b"])
-            pre = self._site(b + "mlp.hook_pre", _linear(h, p[b + "mlp.W_in"], p[b + "mlp.b_in"]))
-            post = self._site(b + "mlp.hook_post", F.gelu(pre))
-            out = _linear(post, p[b + "mlp.W_out"], p[b + "mlp.b_out"])
-            resid = resid + self._site(b + "hook_mlp_out", out)
+            resid = resid + self._site(b + "hook_mlp_out", self._mlp(layer, resid))
         return self._site(b + "hook_resid_post", resid)
+
+    def _mlp(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
+        p, b = self.params, f"blocks.{layer}."
+        h = _layer_norm(resid, p[b + "ln2.w"], p[b + "ln2.b"])
+        pre = self._site(b + "mlp.hook_pre", _linear(h, p[b + "mlp.W_in"], p[b + "mlp.b_in"]))
+        return _linear(self._site(b + "mlp.hook_post", F.gelu(pre)), p[b + "mlp.W_out"], p[b + "mlp.b_out"])
 
     def _attention(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         s, b = self.shape, f"blocks.{layer}."
@@ -363,4 +395,9 @@ def log_softmax(x: torch.Tensor) -> torch.Tensor:
 
 def query_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy at the query token, per run and sequence: [R, B]."""
-    return -log_softmax(logits[..., -1, :]).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return cross_entropy(logits[..., -1, :], target)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits [..., n_labels] against target [...] (no reduction)."""
+    return -log_softmax(logits).gather(-1, target.unsqueeze(-1)).squeeze(-1)

@@ -23,7 +23,7 @@ from ihstudy.errors import ConfigError
 from ihstudy.config import validate
 from ihstudy.data import Batch, FewShotTask, TrainStream, load_features
 from ihstudy.evaluate import PHASE_CHANGE_THRESHOLD, induction_strength, previous_token_score, query_metrics
-from ihstudy.model import ModelShape, Transformer, log_softmax, query_loss
+from ihstudy.model import ModelShape, Transformer, cross_entropy, log_softmax
 from ihstudy.optim import StackedOptimizer, lr_schedule
 from ihstudy.run_files import CHECKPOINT_FORMAT, RunFiles, now, versions
 
@@ -143,8 +143,8 @@ class Pack:
     def train_step(self) -> None:
         batch = self.batch(self.step)
         self.model.flat_grad.zero_()
-        logits = self.clamps.forward(self.model, batch)
-        loss = query_loss(logits, batch.target).mean(1)  # [R]
+        logits = self.clamps.query_logits(self.model, batch)
+        loss = cross_entropy(logits, batch.target).mean(1)  # [R]
         broken = ~torch.isfinite(loss) & self.active
         if broken.any():
             self.fail_runs(broken, "loss became NaN or infinite")
@@ -346,11 +346,10 @@ def evaluate_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> p
     return pd.DataFrame(pack_from_checkpoint(run_dir, step, clamp).measure()[0])
 
 
-def output_gradient_spread(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def output_gradient_spread(query_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per run [R]: root-mean-square deviation, across the batch, of each sequence's loss gradient
     with respect to the query logits (softmax - one-hot) from the batch mean: gradient noise."""
-    query = logits.detach()[..., -1, :]
-    probs = log_softmax(query).exp()
+    probs = log_softmax(query_logits.detach()).exp()
     per_sequence = probs.scatter_add(-1, target.unsqueeze(-1), torch.full_like(probs[..., :1], -1.0))  # - one-hot
     deviation = per_sequence - per_sequence.mean(1, keepdim=True)
     return deviation.pow(2).sum(-1).mean(1).sqrt()
