@@ -259,9 +259,10 @@ class Transformer:
     def _query_attention(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """Block `layer`'s attention output at the query token [R, B, 1, D]; the query sees every token."""
         R, B, T, D = resid.shape
-        q, k, v = self._qkv(layer, resid)  # each [R, B, T, H, d_head]
+        qkv = self._qkv(layer, resid)
+        q, k, v = qkv  # each [R, B, T, H, d_head]
         if self.shape.positional == "rotary":
-            q, k = self._rotate(torch.stack([q, k]))
+            q, k = self._rotate(qkv[:2])
         scores = (q[:, :, -1:] * k).sum(-1) * self.shape.d_head ** -0.5  # [R, B, T, H]
         z = (scores.softmax(2).unsqueeze(-1) * v).sum(2)  # [R, B, H, d_head]
         return _linear(z.reshape(R, B, 1, D), self.params[f"blocks.{layer}.attn.W_O"])
@@ -296,9 +297,11 @@ class Transformer:
         s, b = self.shape, f"blocks.{layer}."
         R, B, T, D = resid.shape
         H, dh = s.n_heads, s.d_head
-        q, k, v = (self._site(b + "attn.hook_" + n, t) for n, t in zip("qkv", self._qkv(layer, resid)))
-        if s.positional == "rotary":
-            q, k = self._rotate(torch.stack([q, k]))  # q and k in one go
+        qkv = self._qkv(layer, resid)
+        q_in, k_in, v_in = qkv.unbind(0)
+        q, k, v = (self._site(b + "attn.hook_" + n, t) for n, t in zip("qkv", (q_in, k_in, v_in)))
+        if s.positional == "rotary":  # q and k in one go; qkv[:2] saves a copy unless a hook replaced them
+            q, k = self._rotate(qkv[:2] if q is q_in and k is k_in else torch.stack([q, k]))
             q, k = self._site(b + "attn.hook_rot_q", q), self._site(b + "attn.hook_rot_k", k)
         # CPU matmuls of R*B*H tiny [T, d_head] matrices are slow, so each sequence takes all heads
         # at once: [T*H, T*H] scores between every (token, head) pair, masked to -inf across heads
