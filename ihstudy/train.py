@@ -101,7 +101,7 @@ class Pack:
         self.ckpt_steps = schedule_steps(cfg.train.ckpt_every, cfg.train.ckpt_at, self.n_steps, self.batch_size) - {0}
         self.active = torch.ones(len(specs), dtype=torch.bool, device=self.device)
         self.step_log = torch.zeros(self.n_steps, len(specs), len(STEP_COLUMNS), device=self.device)  # no per-step copy
-        self.eval_rows: list[list[dict]] = [[] for _ in specs]
+        self.eval_columns: list[dict[str, list]] = [{} for _ in specs]  # columnar: cheap to write at every eval
         self.errors: list[str | None] = [None] * len(specs)
         self.step = 0
 
@@ -163,7 +163,9 @@ class Pack:
         """Record the eval rows of the current step and write the tables."""
         for r, rows in enumerate(self.measure()):
             if self.errors[r] is None:
-                self.eval_rows[r] += rows
+                for row in rows:
+                    for column, value in row.items():
+                        self.eval_columns[r].setdefault(column, []).append(value)
         self.flush()
 
     @torch.no_grad()
@@ -232,7 +234,7 @@ class Pack:
         if kept is None or evals is None or kept.step.tolist() != list(range(1, step + 1)):
             raise ConfigError(f"run {files.dir} has a checkpoint at step {step} but lost its metrics")
         self.step_log[:step, r] = torch.tensor(kept[list(STEP_COLUMNS)].to_numpy())
-        self.eval_rows[r] = evals[evals.step < step].to_dict("records")
+        self.eval_columns[r] = evals[evals.step < step].to_dict("list")
 
     # --- outputs ------------------------------------------------------------------------------
 
@@ -250,7 +252,7 @@ class Pack:
 
     def write_tables(self, r: int) -> None:
         self.files[r].write_metrics(self.metrics_frame(r))
-        self.files[r].write_eval(pd.DataFrame(self.eval_rows[r]))
+        self.files[r].write_eval(pd.DataFrame(self.eval_columns[r]))
 
     def checkpoint(self) -> None:
         """Tables first: a checkpoint on disk always has its metric rows on disk."""
@@ -282,7 +284,7 @@ class Pack:
             if self.errors[r] is not None:
                 results.append(RunResult(spec.name, spec.run_dir, "failed", {"error": self.errors[r]}))
                 continue
-            summary = summarize(pd.DataFrame(self.eval_rows[r]))
+            summary = summarize(pd.DataFrame(self.eval_columns[r]))
             files.write_status(status=status, ended=now(), step=self.step, summary=summary)
             results.append(RunResult(spec.name, spec.run_dir, status, summary))
         return results
