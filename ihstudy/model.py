@@ -124,6 +124,7 @@ class Transformer:
             param.grad = self.flat_grad[:, offset:offset + size].view(n_runs, *s)
             self.params[name], offset = param, offset + size
         self._hooks: dict[str, list] = {}
+        self._known_sites = frozenset(self.site_names())  # checked on every hooked (clamped) pass
         self._setup_positions()
 
     # --- parameters ---------------------------------------------------------------------------
@@ -173,11 +174,10 @@ class Transformer:
     @contextmanager
     def hooks(self, fwd_hooks):
         """Install (site name, fn) hooks for the duration of the block (nesting adds to outer hooks)."""
-        known = set(self.site_names())
         previous = self._hooks
         merged = {name: list(fns) for name, fns in previous.items()}
         for name, fn in fwd_hooks:
-            if name not in known:
+            if name not in self._known_sites:
                 raise KeyError(f"unknown activation site '{name}'")
             merged.setdefault(name, []).append(fn)
         self._hooks = merged
