@@ -435,8 +435,6 @@ class ClampSet:
 
     def query_logits(self, model: Transformer, batch: Batch) -> torch.Tensor:
         """Logits at the query token [R, B, n_labels], as the training loss reads them."""
-        if not self.groups:
-            return model.query_logits(batch)
         return self.forward(model, batch)[..., -1, :]
 
     def run_with_cache(self, model: Transformer, batch: Batch, names):

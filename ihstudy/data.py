@@ -185,12 +185,16 @@ class TrainStream:
 
     def batch(self, step: int) -> Batch:
         chunk, offset = divmod(step, self.chunk_batches)
-        if chunk != self._chunk_index:
-            drawn = self.sampler.sample(self.chunk_batches * self.batch_size, chunk_generator(self.seed, chunk))
+        return self.chunk(chunk)[offset]
+
+    def chunk(self, index: int) -> Batch:
+        """Batches index*chunk_batches ... as one Batch [chunk_batches, batch_size, ...] (the latest is kept)."""
+        if index != self._chunk_index:
+            drawn = self.sampler.sample(self.chunk_batches * self.batch_size, chunk_generator(self.seed, index))
             self._chunk = Batch(*(t.view(self.chunk_batches, self.batch_size, *t.shape[1:])
                                   for t in (drawn.exemplars, drawn.labels, drawn.target)))
-            self._chunk_index = chunk
-        return self._chunk[offset]
+            self._chunk_index = index
+        return self._chunk
 
 
 # --- the task: splits, training sampler and evaluators ---------------------------------------------

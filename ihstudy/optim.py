@@ -41,23 +41,34 @@ class StackedOptimizer:
         self.momentum = torch.tensor([float(c.momentum) for c in optim_cfgs], device=params.device)[:, None]
         self.exp_avg = torch.zeros_like(params)
         self.exp_avg_sq = torch.zeros_like(params) if self.name == "adam" else None
+        self.step_count = torch.zeros((), device=params.device)  # Adam's bias correction reads it as a tensor
         self.steps_done = 0
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor, active: torch.Tensor) -> None:
         """One update with per-run learning rates lr [R]; inactive (failed) runs stay unchanged."""
         self.steps_done += 1
-        scale = (lr * active)[:, None]
-        g = self.grads
         if self.name == "sgd":
-            self.exp_avg.mul_(self.momentum).add_(g)
-            self.params.sub_(scale * self.exp_avg)
+            self.exp_avg.mul_(self.momentum).add_(self.grads)
+            self.params.sub_((lr * active)[:, None] * self.exp_avg)
             return
-        t = self.steps_done
-        self.exp_avg.lerp_(g, 1 - self.beta1)
-        self.exp_avg_sq.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-        denom = (self.exp_avg_sq / (1 - self.beta2 ** t)).sqrt_().add_(self.eps)
-        self.params.sub_((scale / (1 - self.beta1 ** t)) * self.exp_avg / denom)
+        # The kernel behind torch.optim.Adam(fused=True): one pass over the buffer instead of ~10 ops.
+        # It takes one learning rate per call, so runs with different rates are updated separately.
+        runs = active.nonzero().flatten().tolist()
+        self.step_count.fill_(self.steps_done)
+        for rate, group in self.lr_groups(lr, runs):
+            torch._fused_adam_([self.params[r] for r in group], [self.grads[r] for r in group],
+                               [self.exp_avg[r] for r in group], [self.exp_avg_sq[r] for r in group], [],
+                               [self.step_count] * len(group), lr=rate, beta1=self.beta1, beta2=self.beta2,
+                               weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+
+    @staticmethod
+    def lr_groups(lr: torch.Tensor, runs: list[int]) -> list[tuple[float, list[int]]]:
+        rates = lr.tolist()
+        groups: dict[float, list[int]] = {}
+        for r in runs:
+            groups.setdefault(rates[r], []).append(r)
+        return list(groups.items())
 
     def state(self, run: int) -> dict:
         state = {"steps_done": self.steps_done, "exp_avg": self.exp_avg[run].clone().cpu()}

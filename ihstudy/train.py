@@ -22,8 +22,9 @@ from ihstudy.clamps import ClampSet, build_clamps
 from ihstudy.errors import ConfigError
 from ihstudy.config import validate
 from ihstudy.data import Batch, FewShotTask, TrainStream, load_features
+from ihstudy.fast_path import Tape
 from ihstudy.evaluate import PHASE_CHANGE_THRESHOLD, induction_strength, previous_token_score, query_metrics
-from ihstudy.model import ModelShape, Transformer, cross_entropy, log_softmax
+from ihstudy.model import ModelShape, Transformer, log_softmax
 from ihstudy.optim import StackedOptimizer, lr_schedule
 from ihstudy.run_files import CHECKPOINT_FORMAT, RunFiles, now, versions
 
@@ -92,6 +93,7 @@ class Pack:
         self.optimizer = StackedOptimizer([s.cfg.optim for s in specs], self.model.flat, self.model.flat_grad)
         self.lrs = torch.stack([lr_schedule(s.cfg.optim, self.n_steps, self.batch_size) for s in specs], 1).to(self.device)
         self.streams = [TrainStream(t.sampler(), s.cfg.data_seed, self.batch_size) for t, s in zip(self.tasks, specs)]
+        self.chunk_index = -1
         self.clamps = ClampSet([build_clamps(s.cfg.clamp, self.shape) for s in specs])
         self.evaluators = list(cfg.eval.evaluators)
         self.eval_batch = Batch.stack([
@@ -100,6 +102,7 @@ class Pack:
         self.eval_steps = schedule_steps(cfg.train.eval_every, cfg.train.eval_at, self.n_steps, self.batch_size)
         self.ckpt_steps = schedule_steps(cfg.train.ckpt_every, cfg.train.ckpt_at, self.n_steps, self.batch_size) - {0}
         self.active = torch.ones(len(specs), dtype=torch.bool, device=self.device)
+        self.loss_weight = self.loss_weights()
         self.step_log = torch.zeros(self.n_steps, len(specs), len(STEP_COLUMNS), device=self.device)  # no per-step copy
         self.eval_columns: list[dict[str, list]] = [{} for _ in specs]  # columnar: cheap to write at every eval
         self.errors: list[str | None] = [None] * len(specs)
@@ -141,23 +144,34 @@ class Pack:
             self.evaluate()
 
     def train_step(self) -> None:
-        batch = self.batch(self.step)
-        self.model.flat_grad.zero_()
-        logits = self.clamps.query_logits(self.model, batch)
-        loss = cross_entropy(logits, batch.target).mean(1)  # [R]
-        broken = ~torch.isfinite(loss) & self.active
-        if broken.any():
-            self.fail_runs(broken, "loss became NaN or infinite")
-        torch.where(self.active, loss, 0.0).sum().backward()
+        batch, inputs = self.batch_and_inputs(self.step)
+        if self.clamps.groups:  # autograd through the clamps' hooks
+            self.model.flat_grad.zero_()
+            logits = self.clamps.query_logits(self.model, batch)
+            backward = logits.backward
+        else:  # the same gradients without autograd's overhead (fast_path.py)
+            tape = Tape(self.model, batch, inputs)
+            logits, backward = tape.logits, tape.backward
+        loss, logit_grads = query_loss_and_gradients(logits.detach(), batch.target)
+        if not torch.isfinite(loss).all():
+            self.fail_runs(~torch.isfinite(loss) & self.active, "loss became NaN or infinite")
+        backward(logit_grads * self.loss_weight)  # d(mean loss of every active run)/d(logits)
         lr = self.lrs[self.step]
         self.optimizer.step(lr, self.active)
-        with torch.no_grad():
-            self.step_log[self.step] = torch.stack(
-                [loss, self.model.flat_grad.norm(dim=1), output_gradient_spread(logits, batch.target), lr], 1)
+        torch.stack([loss, self.model.flat_grad.norm(dim=1), batch_spread(logit_grads), lr], 1, out=self.step_log[self.step])
         self.step += 1
 
     def batch(self, step: int) -> Batch:
-        return Batch.stack([stream.batch(step) for stream in self.streams]).to(self.device)
+        return self.batch_and_inputs(step)[0]
+
+    def batch_and_inputs(self, step: int) -> tuple[Batch, torch.Tensor]:
+        """Every run's batch of `step` [R, B, ...] and its embedding inputs, prepared for a whole chunk
+        of steps at once (per-step stacking and copying would cost more than the step's arithmetic)."""
+        chunk, offset = divmod(step, self.streams[0].chunk_batches)
+        if chunk != self.chunk_index:
+            self.chunk = Batch.stack([stream.chunk(chunk) for stream in self.streams]).to(self.device)
+            self.chunk_inputs, self.chunk_index = self.model.embedding_inputs(self.chunk), chunk
+        return self.chunk[:, offset], self.chunk_inputs[:, offset]
 
     def evaluate(self) -> None:
         """Record the eval rows of the current step and write the tables."""
@@ -170,32 +184,45 @@ class Pack:
 
     @torch.no_grad()
     def measure(self) -> list[list[dict]]:
-        """Per run, one row per evaluator: the metrics and every head's scores at the current step."""
-        patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.shape.n_layers)]
-        logits, cache = self.eval_forward(patterns)
+        """Per run, one row per evaluator: the metrics and every head's scores at the current step
+        (induction strength in every layer, previous-token score in every layer but the last, whose
+        pattern is kept at the query row only)."""
+        logits, patterns = self.eval_forward()
         n = self.eval_batch.target.shape[1] // len(self.evaluators)
         rows: list[list[dict]] = [[] for _ in self.specs]
         for e, name in enumerate(self.evaluators):
             part = slice(e * n, (e + 1) * n)
             sub = self.eval_batch[:, part]
             columns = {k: v.cpu() for k, v in query_metrics(logits[:, part], sub).items()}
-            for layer, site in enumerate(patterns):
-                pattern = cache[site][:, part]
-                for h, (ind, prev) in enumerate(zip(induction_strength(pattern, sub).T, previous_token_score(pattern).T)):
-                    columns[f"induction.L{layer}H{h}"] = ind.cpu()
-                    columns[f"prev_token.L{layer}H{h}"] = prev.cpu()
+            for layer, pattern in enumerate(patterns):
+                for h, score in enumerate(induction_strength(pattern[:, part], sub).T):
+                    columns[f"induction.L{layer}H{h}"] = score.cpu()
+                if layer < len(patterns) - 1:
+                    for h, score in enumerate(previous_token_score(pattern[:, part]).T):
+                        columns[f"prev_token.L{layer}H{h}"] = score.cpu()
             for r, run_rows in enumerate(rows):
                 run_rows.append({"step": self.step, "sequences": self.step * self.batch_size,
                                  "evaluator": name} | {k: float(v[r]) for k, v in columns.items()})
         return rows
 
-    def eval_forward(self, sites: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits and recorded `sites` on the eval sequences, in chunks that keep the activations
-        in the CPU cache (measured 1.3x faster than one pass over all 4000)."""
+    def eval_forward(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Query logits [R, N, L] on the eval sequences, and every layer's attention pattern [R, N, H, T, T]
+        (the last layer's at the query row only, [R, N, H, 1, T]). In chunks that keep the activations
+        in the CPU cache; without clamps through the fast path (fast_path.py)."""
         size = max(1, EVAL_CHUNK_SEQUENCES // len(self.specs))
-        chunks = [self.clamps.run_with_cache(self.model, self.eval_batch[:, i:i + size], sites)
-                  for i in range(0, self.eval_batch.target.shape[1], size)]
-        return torch.cat([c[0] for c in chunks], 1), {s: torch.cat([c[1][s] for c in chunks], 1) for s in sites}
+        sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.shape.n_layers)]
+        logits, patterns = [], []
+        for i in range(0, self.eval_batch.target.shape[1], size):
+            batch = self.eval_batch[:, i:i + size]
+            if self.clamps.groups:
+                full_logits, cache = self.clamps.run_with_cache(self.model, batch, sites)
+                logits.append(full_logits[:, :, -1])
+                patterns.append([cache[s] for s in sites[:-1]] + [cache[sites[-1]][..., -1:, :]])
+            else:
+                tape = Tape(self.model, batch)
+                logits.append(tape.logits)
+                patterns.append(tape.patterns())
+        return torch.cat(logits, 1), [torch.cat(layer, 1) for layer in zip(*patterns)]
 
     def restore(self) -> int:
         """Continue from the newest checkpoint that every run of the pack holds intact.
@@ -277,6 +304,11 @@ class Pack:
             except OSError as exc:  # e.g. the disk is still full: the message still reaches the user
                 log.warning("%s: cannot record the failure (%s)", self.files[r].dir, exc.strerror or exc)
         self.active &= ~which
+        self.loss_weight = self.loss_weights()
+
+    def loss_weights(self) -> torch.Tensor:
+        """[R, 1, 1]: the loss of a training step is every active run's mean loss over its batch."""
+        return (self.active / self.batch_size).view(-1, 1, 1)
 
     def finish(self, status: str = "completed") -> list[RunResult]:
         results = []
@@ -348,13 +380,19 @@ def evaluate_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> p
     return pd.DataFrame(pack_from_checkpoint(run_dir, step, clamp).measure()[0])
 
 
-def output_gradient_spread(query_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per run [R]: root-mean-square deviation, across the batch, of each sequence's loss gradient
-    with respect to the query logits (softmax - one-hot) from the batch mean: gradient noise."""
-    probs = log_softmax(query_logits.detach()).exp()
-    per_sequence = probs.scatter_add(-1, target.unsqueeze(-1), torch.full_like(probs[..., :1], -1.0))  # - one-hot
-    deviation = per_sequence - per_sequence.mean(1, keepdim=True)
-    return deviation.pow(2).sum(-1).mean(1).sqrt()
+def query_loss_and_gradients(query_logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each run's mean cross-entropy [R], and each sequence's gradient of its own cross-entropy
+    with respect to the query logits [R, B, L] (softmax - one-hot)."""
+    log_probs = log_softmax(query_logits)
+    target = target.unsqueeze(-1)
+    loss = log_probs.gather(-1, target).mean((1, 2)).neg_()
+    return loss, log_probs.exp_().scatter_add_(-1, target, torch.full_like(target, -1, dtype=log_probs.dtype))
+
+
+def batch_spread(per_sequence: torch.Tensor) -> torch.Tensor:
+    """Per run [R]: root-mean-square deviation, across the batch, of each sequence's gradient
+    [R, B, L] from the batch mean: the gradient noise of the step (grad_batch_stddev)."""
+    return per_sequence.var(1, correction=0).sum(-1).sqrt()
 
 
 def phase_change_sequences(eval_frame: pd.DataFrame, threshold: float = PHASE_CHANGE_THRESHOLD) -> float | None:

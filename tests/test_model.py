@@ -123,16 +123,3 @@ def test_state_dict_round_trip():
     assert torch.equal(source(batch), target(batch))
     with pytest.raises(ValueError):
         model(ModelShape(2, 4, 32, 16, 5, 3)).load_state_dict(source.state_dict(0), 0)
-
-
-@pytest.mark.parametrize("positional,mlp_ratio", [("rotary", 0.0), ("learned", 2.0)])
-def test_query_logits_equal_the_full_forward_at_the_query(positional, mlp_ratio):
-    shape = ModelShape(2, 4, 32, 16, 5, 3, positional=positional, mlp_ratio=mlp_ratio)
-    full, fast = model(shape, seeds=(1, 2)), model(shape, seeds=(1, 2))
-    batch = random_batch(runs=2, shape=shape)
-    assert torch.allclose(fast.query_logits(batch), full(batch)[..., -1, :], atol=1e-5)
-    query_loss(full(batch), batch.target).sum().backward()
-    cross_entropy(fast.query_logits(batch), batch.target).sum().backward()
-    assert torch.allclose(fast.flat_grad, full.flat_grad, atol=1e-5)
-    with pytest.raises(RuntimeError), fast.hooks([("hook_embed", lambda x, hook: None)]):
-        fast.query_logits(batch)
