@@ -254,13 +254,17 @@ class Transformer:
         return inputs
 
     def embedding_weight(self, buffer: torch.Tensor) -> torch.Tensor:
-        """[R, F+1+L, D]: W_x, b_x and W_y, which lie one after another in `buffer` (flat or flat_grad)."""
+        """[R, F+1+L, D]: W_x, b_x and W_y, which lie one after another in `buffer` (like flat)."""
         start, end = self._offsets["embed.W_x"][0], self._offsets["embed.W_y"][1]
         return buffer[:, start:end].view(self.n_runs, -1, self.shape.d_model)
 
-    def param_grads(self) -> dict[str, torch.Tensor]:
-        """Every parameter's gradient, a view into flat_grad."""
-        return {name: p.grad for name, p in self.params.items()}
+    def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every parameter as a view into `buffer` [R, P], laid out like flat."""
+        return {name: buffer[:, start:end].view(p.shape) for (name, p), (start, end) in zip(self.params.items(), self._offsets.values())}
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The inverse of `views`: one tensor per parameter -> [R, P]."""
+        return torch.cat([tensors[name].reshape(self.n_runs, -1) for name in self.params], 1)
 
     def _block(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         p, b = self.params, f"blocks.{layer}."
@@ -345,9 +349,9 @@ class Transformer:
         which is also the transpose that carries gradients backward through it."""
         return torch.addcmul(x * self._cos, x.roll(self.shape.d_head // 2, -1), self._signed_sin, value=-1 if inverse else 1)
 
-    def absolute_positions(self) -> torch.Tensor:
+    def absolute_positions(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         if self.shape.positional == "learned":
-            return self.params["pos_embed.W_pos"][:, None]
+            return (params or self.params)["pos_embed.W_pos"][:, None]
         return self._sinusoid[None, None]
 
 

@@ -22,9 +22,9 @@ from ihstudy.clamps import ClampSet, build_clamps
 from ihstudy.errors import ConfigError
 from ihstudy.config import validate
 from ihstudy.data import Batch, FewShotTask, TrainStream, load_features
-from ihstudy.fast_path import Tape
+from ihstudy.fast_path import Tape, batch_spread, query_loss_and_gradients, step_function
 from ihstudy.evaluate import PHASE_CHANGE_THRESHOLD, induction_strength, previous_token_score, query_metrics
-from ihstudy.model import ModelShape, Transformer, log_softmax
+from ihstudy.model import ModelShape, Transformer
 from ihstudy.optim import StackedOptimizer, lr_schedule
 from ihstudy.run_files import CHECKPOINT_FORMAT, RunFiles, now, versions
 
@@ -53,6 +53,14 @@ def model_shape(cfg: DictConfig, n_features: int) -> ModelShape:
     return ModelShape(n_layers=m.n_layers, n_heads=m.n_heads, d_model=m.d_model, n_features=n_features,
                       n_labels=cfg.task.n_labels, context_len=cfg.task.context_len, positional=m.positional,
                       rotary_base=float(m.rotary_base), mlp_ratio=float(m.mlp_ratio))
+
+
+def use_compile(setting, n_steps: int, device: torch.device) -> bool:
+    """train.compile: true, false, or auto (compile CPU runs of at least 10,000 steps, where the
+    faster steps repay the compilation many times over; tests and quick experiments skip it)."""
+    if setting == "auto":
+        return device.type == "cpu" and n_steps >= 10_000
+    return bool(setting)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,6 +107,8 @@ class Pack:
         self.eval_batch = Batch.stack([
             _concat([t.eval_set(name, cfg.eval.n_sequences, s.cfg.eval_seed) for name in self.evaluators])
             for t, s in zip(self.tasks, specs)]).to(self.device)
+        self.eval_inputs = self.model.embedding_inputs(self.eval_batch)
+        self.fast_step = step_function(compile_step=use_compile(cfg.train.compile, self.n_steps, self.device))
         self.eval_steps = schedule_steps(cfg.train.eval_every, cfg.train.eval_at, self.n_steps, self.batch_size)
         self.ckpt_steps = schedule_steps(cfg.train.ckpt_every, cfg.train.ckpt_at, self.n_steps, self.batch_size) - {0}
         self.active = torch.ones(len(specs), dtype=torch.bool, device=self.device)
@@ -145,21 +155,25 @@ class Pack:
 
     def train_step(self) -> None:
         batch, inputs = self.batch_and_inputs(self.step)
-        if self.clamps.groups:  # autograd through the clamps' hooks
-            self.model.flat_grad.zero_()
-            logits = self.clamps.query_logits(self.model, batch)
-            backward = logits.backward
+        if self.clamps.groups:
+            loss, grad_norm, spread = self.autograd_step(batch)
         else:  # the same gradients without autograd's overhead (fast_path.py)
-            tape = Tape(self.model, batch, inputs)
-            logits, backward = tape.logits, tape.backward
-        loss, logit_grads = query_loss_and_gradients(logits.detach(), batch.target)
+            loss, grad_norm, spread, grad = self.fast_step(self.model, self.model.flat, inputs, batch.target, self.loss_weight)
+            self.model.flat_grad.copy_(grad)
         if not torch.isfinite(loss).all():
             self.fail_runs(~torch.isfinite(loss) & self.active, "loss became NaN or infinite")
-        backward(logit_grads * self.loss_weight)  # d(mean loss of every active run)/d(logits)
         lr = self.lrs[self.step]
         self.optimizer.step(lr, self.active)
-        torch.stack([loss, self.model.flat_grad.norm(dim=1), batch_spread(logit_grads), lr], 1, out=self.step_log[self.step])
+        torch.stack([loss, grad_norm, spread, lr], 1, out=self.step_log[self.step])
         self.step += 1
+
+    def autograd_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients into model.flat_grad through the clamps' hooks; (loss, grad norm, spread) [R]."""
+        self.model.flat_grad.zero_()
+        logits = self.clamps.query_logits(self.model, batch)
+        loss, logit_grads = query_loss_and_gradients(logits.detach(), batch.target)
+        logits.backward(torch.where(torch.isfinite(loss)[:, None, None], logit_grads * self.loss_weight, 0.0))
+        return loss, self.model.flat_grad.norm(dim=1), batch_spread(logit_grads)
 
     def batch(self, step: int) -> Batch:
         return self.batch_and_inputs(step)[0]
@@ -219,7 +233,7 @@ class Pack:
                 logits.append(full_logits[:, :, -1])
                 patterns.append([cache[s] for s in sites[:-1]] + [cache[sites[-1]][..., -1:, :]])
             else:
-                tape = Tape(self.model, batch)
+                tape = Tape(self.model, self.model.views(self.model.flat), self.eval_inputs[:, i:i + size])
                 logits.append(tape.logits)
                 patterns.append(tape.patterns())
         return torch.cat(logits, 1), [torch.cat(layer, 1) for layer in zip(*patterns)]
@@ -378,21 +392,6 @@ def pack_from_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> 
 def evaluate_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> pd.DataFrame:
     """Eval rows of a saved checkpoint, through the same evaluation and clamp code as training."""
     return pd.DataFrame(pack_from_checkpoint(run_dir, step, clamp).measure()[0])
-
-
-def query_loss_and_gradients(query_logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each run's mean cross-entropy [R], and each sequence's gradient of its own cross-entropy
-    with respect to the query logits [R, B, L] (softmax - one-hot)."""
-    log_probs = log_softmax(query_logits)
-    target = target.unsqueeze(-1)
-    loss = log_probs.gather(-1, target).mean((1, 2)).neg_()
-    return loss, log_probs.exp_().scatter_add_(-1, target, torch.full_like(target, -1, dtype=log_probs.dtype))
-
-
-def batch_spread(per_sequence: torch.Tensor) -> torch.Tensor:
-    """Per run [R]: root-mean-square deviation, across the batch, of each sequence's gradient
-    [R, B, L] from the batch mean: the gradient noise of the step (grad_batch_stddev)."""
-    return per_sequence.var(1, correction=0).sum(-1).sqrt()
 
 
 def phase_change_sequences(eval_frame: pd.DataFrame, threshold: float = PHASE_CHANGE_THRESHOLD) -> float | None:

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from ihstudy.fast_path import Tape
+from ihstudy.fast_path import Tape, step_function, train_step
 from ihstudy.model import ModelShape, query_loss
-from ihstudy.train import query_loss_and_gradients
 from tests.test_model import model, random_batch
 
 SHAPES = {
@@ -16,27 +15,56 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("name", SHAPES)
-def test_logits_and_gradients_equal_autograd(name):
+def test_loss_and_gradients_equal_autograd(name):
     shape = SHAPES[name]
     by_hand, by_autograd = model(shape, seeds=(1, 2, 3)), model(shape, seeds=(1, 2, 3))
     batch = random_batch(runs=3, n=7, shape=shape)
-    weight = torch.tensor([1.0, 0.0, 1.0])  # a failed run (weight 0) gets no gradient
+    weight = torch.tensor([1.0, 0.0, 0.5]).view(3, 1, 1) / 7  # per sequence; a failed run (0) gets no gradient
 
-    (query_loss(by_autograd(batch), batch.target).mean(1) * weight).sum().backward()
-    tape = Tape(by_hand, batch)
-    assert torch.allclose(tape.logits, by_autograd(batch)[..., -1, :], atol=1e-5)
-    by_hand.flat_grad.fill_(float("nan"))  # every gradient must be written, none accumulated
-    tape.backward(query_loss_and_gradients(tape.logits, batch.target)[1] * weight[:, None, None] / 7)
+    per_sequence = query_loss(by_autograd(batch), batch.target)
+    (per_sequence.sum(1) * weight.flatten()).sum().backward()
+    losses = per_sequence.mean(1)
+    loss, grad_norm, _, grad = train_step(by_hand, by_hand.flat, by_hand.embedding_inputs(batch), batch.target, weight)
 
-    assert torch.allclose(by_hand.flat_grad, by_autograd.flat_grad, rtol=1e-4, atol=1e-6)
-    assert torch.all(by_hand.flat_grad[1] == 0)
+    assert torch.allclose(loss, losses.detach(), atol=1e-6)
+    assert by_autograd.flat_grad[0].abs().sum() > 0
+    assert torch.allclose(grad, by_autograd.flat_grad, rtol=1e-4, atol=1e-6)
+    assert torch.all(grad[1] == 0)
+    assert torch.allclose(grad_norm, by_autograd.flat_grad.norm(dim=1), rtol=1e-4)
 
 
-def test_one_run_alone_gets_the_gradient_it_gets_in_a_pack():
+@pytest.mark.parametrize("name", SHAPES)
+def test_forward_patterns_equal_the_models_sites(name):
+    shape = SHAPES[name]
+    m, batch = model(shape, seeds=(1, 2)), random_batch(runs=2, n=5, shape=shape)
+    sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(shape.n_layers)]
+    logits, cache = m.run_with_cache(batch, sites)
+    for query_only in (False, True):
+        tape = Tape(m, m.views(m.flat), m.embedding_inputs(batch), query_only=query_only)
+        assert torch.allclose(tape.logits, logits[:, :, -1], atol=1e-5)
+        for site, pattern in zip(sites, tape.patterns()):
+            expected = cache[site][..., -1:, :] if query_only and site == sites[-1] else cache[site]
+            assert torch.allclose(pattern, expected, atol=1e-6)
+
+
+def test_a_run_whose_loss_is_not_finite_leaves_its_pack_mates_alone():
     shape = SHAPES["paper"]
     pack, alone = model(shape, seeds=(4, 5)), model(shape, seeds=(5,))
+    with torch.no_grad():
+        pack.flat[0, 0] = float("nan")
     batch = random_batch(runs=2, n=5, shape=shape)
-    for m, b in ((pack, batch), (alone, batch[1:])):
-        tape = Tape(m, b)
-        tape.backward(query_loss_and_gradients(tape.logits, b.target)[1])
-    assert torch.allclose(pack.flat_grad[1], alone.flat_grad[0], atol=1e-6)
+    ones = torch.ones(2, 1, 1)
+    loss, *_, grad = train_step(pack, pack.flat, pack.embedding_inputs(batch), batch.target, ones)
+    solo_loss, *_, solo_grad = train_step(alone, alone.flat, alone.embedding_inputs(batch[1:]), batch.target[1:], ones[:1])
+    assert loss[0].isnan() and torch.allclose(loss[1:], solo_loss)
+    assert torch.allclose(grad[1], solo_grad[0], atol=1e-6)
+
+
+def test_the_compiled_step_equals_the_plain_one():
+    shape = ModelShape(2, 4, 16, 8, 5, 2)
+    m, batch = model(shape, seeds=(1, 2)), random_batch(runs=2, n=4, shape=shape)
+    args = (m, m.flat, m.embedding_inputs(batch), batch.target, torch.ones(2, 1, 1) / 4)
+    step = step_function(compile_step=True)
+    for compiled, plain in zip(step(*args), train_step(*args)):
+        assert torch.allclose(compiled, plain, rtol=1e-5, atol=1e-6)
+    assert step.compiled  # not the fallback
