@@ -422,7 +422,6 @@ class ClampSet:
             for clamp in clamps:
                 groups.setdefault(clamp, []).append(run)
         self.groups = list(groups.items())
-        self._masks: dict[tuple, torch.Tensor] = {}
         self.preserved: dict[str, set[int]] = {}  # site suffix -> runs
         for clamp, runs in self.groups:
             for what in getattr(clamp, "preserve", ()):
@@ -458,12 +457,8 @@ class ClampSet:
         return [(site, restore(site, self._mask(runs, model))) for site, runs in sites.items()]
 
     def _mask(self, runs, model: Transformer) -> torch.Tensor:
-        """[R] bool: true for `runs` (cached: built once per run set and device)."""
-        key = (tuple(sorted(runs)), model.device)
-        if key not in self._masks:
-            self._masks[key] = torch.zeros(len(self.per_run), dtype=torch.bool, device=model.device)
-            self._masks[key][list(runs)] = True
-        return self._masks[key]
+        """[R] bool: true for `runs`."""
+        return torch.tensor([run in runs for run in range(len(self.per_run))], device=model.device)
 
 
 # --- building clamps from config ------------------------------------------------------------------------

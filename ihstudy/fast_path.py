@@ -4,7 +4,7 @@ Without hooks a training step needs only the query logits and every parameter's 
 this tiny model each tensor op costs far more in overhead than in arithmetic, so the step is
 written here as a pure function of tensors with as few ops as possible, on all stacked runs at
 once: the same maths as `Transformer.__call__` (model.py) up to float rounding. Being pure, it
-can also be compiled (`train.compile`, see `step_function`). `tests/test_fast_path.py` checks
+can also be compiled (`train.compile`, ihstudy/compiled.py). `tests/test_fast_path.py` checks
 logits, patterns and gradients against autograd through the model. Clamped runs train and
 evaluate through the model's sites with autograd instead (ClampSet).
 
@@ -13,15 +13,11 @@ Shapes: R runs, B sequences, T tokens, D width, H heads of width dh, L labels.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
 from ihstudy.model import Transformer, linear, log_softmax, rows
-from ihstudy.run_files import first_line
 
-log = logging.getLogger(__name__)
 EPS = 1e-5  # F.layer_norm's default, as the model uses
 LAYER_NORM_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
 
@@ -40,30 +36,6 @@ def train_step(model: Transformer, flat: torch.Tensor, inputs: torch.Tensor, tar
     d_logits = torch.where(torch.isfinite(loss)[:, None, None], logit_grads * weight, 0.0)
     grad = model.flatten(tape.backward(d_logits))
     return loss, grad.norm(dim=1), batch_spread(logit_grads), grad
-
-
-def step_function(compile_step: bool):
-    """`train_step`, or a `CompiledStep` of it if asked."""
-    return CompiledStep() if compile_step else train_step
-
-
-class CompiledStep:
-    """`train_step` compiled by torch.compile: ~3x fewer kernel launches, ~1.6x faster steps on a
-    2-core CPU, for ~15 s of compilation once per process and pack shape (~3 s when PyTorch's
-    on-disk cache holds it). If compilation fails (e.g. no C++ compiler), the plain function."""
-
-    def __init__(self):
-        self.compiled = True
-        self.function = torch.compile(train_step, dynamic=False, fullgraph=True)
-
-    def __call__(self, *args):
-        if self.compiled:
-            try:
-                return self.function(*args)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure: the same maths, uncompiled
-                log.warning("torch.compile failed (%s); training without it", first_line(exc))
-                self.compiled, self.function = False, train_step
-        return self.function(*args)
 
 
 def query_loss_and_gradients(query_logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +75,7 @@ class Tape:
 
     def patterns(self) -> list[torch.Tensor]:
         """Every layer's attention pattern [R, B, H, T, T] (the last layer's [R, B, H, 1, T] if query_only)."""
-        return [block.pattern_by_head for block in self.blocks]
+        return [block.pattern.permute(0, 1, 4, 2, 3) for block in self.blocks]
 
     def backward(self, d_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """d(loss)/d(parameter) for every parameter, given d(loss)/d(logits) [R, B, L]."""
@@ -150,25 +122,25 @@ class Block:
         self.p = {k[len(self.name):]: v for k, v in tape.p.items() if k.startswith(self.name)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [R, B, T, D] -> the block's output: [R, B, T, D], or [R, B, 1, D] if query_only."""
+        """x [R, B, T, D] -> the block's output: [R, B, T, D], or [R, B, 1, D] if query_only.
+
+        Attention between 5-odd tokens is a few multiply-adds per pair, so it is written as
+        broadcast products in the token-major layout the projections produce ([R, B, T, H, dh]):
+        no per-head matrices, no layout copies, and few kernels once compiled."""
         model, s = self.tape.model, self.tape.s
         R, B, T, D = x.shape
         self.x, self.norm = x, LayerNorm(self.tape, self.name + "ln1", x)
-        qkv = model.split_heads(linear(self.norm.out, self.p["attn.W_QKV"]))  # [3, R, B, H, T, dh]
-        q, k = model.rotate(qkv[:2]) if s.positional == "rotary" else qkv[:2]
-        q, mask = (q[..., -1:, :], model.causal_mask[-1:]) if self.query_only else (q, model.causal_mask)
-        self.q, self.k, self.v = _batched(q), _batched(k), _batched(qkv[2])  # [R*B*H, T or 1, dh]
-        self.pattern = _softmax(torch.baddbmm(mask, self.q, self.k.transpose(1, 2), alpha=s.d_head ** -0.5))
-        z = torch.bmm(self.pattern, self.v).view(R, B, s.n_heads, -1, s.d_head)
-        self.z = z.transpose(2, 3).reshape(R, -1, D)  # [R, B*Tq, D]
+        qkv = linear(self.norm.out, self.p["attn.W_QKV"]).view(R, B, T, 3, s.n_heads, s.d_head)
+        qk = model.rotate(qkv[:, :, :, :2], token_dim=-4) if s.positional == "rotary" else qkv[:, :, :, :2]
+        q, self.k = qk.unbind(3)
+        self.q, self.v = (q[:, :, -1:] if self.query_only else q), qkv[:, :, :, 2]  # [R, B, Tq or T, H, dh]
+        mask = model.causal_mask[-self.q.shape[2]:, :, None]  # [Tq, T, 1]
+        scores = (self.q.unsqueeze(3) * self.k.unsqueeze(2)).sum(-1) * s.d_head ** -0.5 + mask
+        self.pattern = _softmax(scores, dim=3)  # [R, B, Tq, T, H]
+        self.z = (self.pattern.unsqueeze(-1) * self.v.unsqueeze(2)).sum(3).view(R, -1, D)  # [R, B*Tq, D]
         residual = rows(x[:, :, -1:] if self.query_only else x)
         x = torch.baddbmm(residual, self.z, self.p["attn.W_O"]).view(R, B, -1, D)
         return x + self.mlp_forward(x) if s.d_mlp else x
-
-    @property
-    def pattern_by_head(self) -> torch.Tensor:
-        R, B, _, _ = self.x.shape
-        return self.pattern.view(R, B, self.tape.s.n_heads, *self.pattern.shape[-2:])
 
     def backward(self, d_out: torch.Tensor) -> torch.Tensor:
         """Gradient into the block's input x [R, B, T, D], given the gradient of its output [R, B, T, D]
@@ -179,17 +151,18 @@ class Block:
             d_out = d_out + self.mlp_backward(d_out)
         d_attn = rows(d_out[:, :, -1:] if self.query_only else d_out)  # [R, B*Tq, D]
         grads[self.name + "attn.W_O"] = torch.bmm(self.z.transpose(1, 2), d_attn)
-        d_z = _batched(torch.bmm(d_attn, self.p["attn.W_O"].transpose(1, 2)).view(R, B, -1, s.n_heads, s.d_head).transpose(2, 3))
-        d_pattern = torch.bmm(d_z, self.v.transpose(1, 2))
-        d_v = torch.bmm(self.pattern.transpose(1, 2), d_z)
-        d_scores = self.pattern * (d_pattern - (d_pattern * self.pattern).sum(-1, keepdim=True)) * s.d_head ** -0.5
-        d_q, d_k = torch.bmm(d_scores, self.k), torch.bmm(d_scores.transpose(1, 2), self.q)
+        d_z = torch.bmm(d_attn, self.p["attn.W_O"].transpose(1, 2)).view(self.q.shape)  # [R, B, Tq, H, dh]
+        d_pattern = (d_z.unsqueeze(3) * self.v.unsqueeze(2)).sum(-1)  # [R, B, Tq, T, H]
+        d_v = (self.pattern.unsqueeze(-1) * d_z.unsqueeze(3)).sum(2)  # [R, B, T, H, dh]
+        d_scores = self.pattern * (d_pattern - (d_pattern * self.pattern).sum(3, keepdim=True)) * s.d_head ** -0.5
+        d_q = (d_scores.unsqueeze(-1) * self.k.unsqueeze(2)).sum(3)
+        d_k = (d_scores.unsqueeze(-1) * self.q.unsqueeze(3)).sum(2)
         if self.query_only:
-            d_q = F.pad(d_q, (0, 0, T - 1, 0))
-        d_q, d_k, d_v = (d.view(R, B, s.n_heads, T, s.d_head) for d in (d_q, d_k, d_v))
+            d_q = F.pad(d_q, (0, 0, 0, 0, T - 1, 0))
+        d_qk = torch.stack([d_q, d_k], 3)  # [R, B, T, 2, H, dh]
         if s.positional == "rotary":
-            d_q, d_k = model.rotate(torch.stack([d_q, d_k]), inverse=True)
-        d_qkv = torch.stack([d.transpose(2, 3) for d in (d_q, d_k, d_v)], 3).view(R, B * T, 3 * D)  # from [R, B, T, 3, H, dh]
+            d_qk = model.rotate(d_qk, inverse=True, token_dim=-4)
+        d_qkv = torch.cat([d_qk, d_v.unsqueeze(3)], 3).view(R, B * T, 3 * D)
         grads[self.name + "attn.W_QKV"] = torch.bmm(rows(self.norm.out).transpose(1, 2), d_qkv)
         d_h = torch.bmm(d_qkv, self.p["attn.W_QKV"].transpose(1, 2)).view(R, B, T, D)
         return self.norm.backward(d_h) + d_out
@@ -218,12 +191,7 @@ def _stack_runs(per_run: list[torch.Tensor]) -> torch.Tensor:
     return per_run[0].unsqueeze(0) if len(per_run) == 1 else torch.stack(per_run)
 
 
-def _batched(x: torch.Tensor) -> torch.Tensor:
-    """[R, B, H, T, dh] -> [R*B*H, T, dh]: one small matrix per run, sequence and head."""
-    return x.reshape(-1, *x.shape[-2:])
-
-
-def _softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis (PyTorch's kernel is slow for rows of a few tokens)."""
-    e = (scores - scores.amax(-1, keepdim=True)).exp()
-    return e / e.sum(-1, keepdim=True)
+def _softmax(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax over `dim` (PyTorch's kernel is slow for rows of a few tokens)."""
+    e = (scores - scores.amax(dim, keepdim=True)).exp()
+    return e / e.sum(dim, keepdim=True)

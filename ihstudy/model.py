@@ -305,9 +305,10 @@ class Transformer:
         p, b = self.params, f"blocks.{layer}."
         w, bias, W_QKV = p[b + "ln1.w"], p[b + "ln1.b"], p[b + "attn.W_QKV"]
         if self._hooked(b + "hook_qk_input") or self._hooked(b + "hook_v_input"):
-            qk = self.split_heads(linear(layer_norm(self._site(b + "hook_qk_input", resid), w, bias), W_QKV))
-            v = self.split_heads(linear(layer_norm(self._site(b + "hook_v_input", resid), w, bias), W_QKV))
-            return torch.cat([qk[:2], v[2:]])
+            D = self.shape.d_model
+            qk = linear(layer_norm(self._site(b + "hook_qk_input", resid), w, bias), W_QKV[..., :2 * D])
+            v = linear(layer_norm(self._site(b + "hook_v_input", resid), w, bias), W_QKV[..., 2 * D:])
+            return self.split_heads(torch.cat([qk, v], -1))
         h = self._site(b + "ln1.hook_normalized", layer_norm(resid, w, bias))
         return self.split_heads(linear(h, W_QKV))
 
@@ -344,10 +345,13 @@ class Transformer:
             table[:, 0::2], table[:, 1::2] = torch.sin(positions * div), torch.cos(positions * div)
             self._sinusoid = table
 
-    def rotate(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """Rotary embedding of x [..., T, d_head] (GPT-NeoX halves convention); `inverse` rotates back,
-        which is also the transpose that carries gradients backward through it."""
-        return torch.addcmul(x * self._cos, x.roll(self.shape.d_head // 2, -1), self._signed_sin, value=-1 if inverse else 1)
+    def rotate(self, x: torch.Tensor, inverse: bool = False, token_dim: int = -2) -> torch.Tensor:
+        """Rotary embedding of x [..., T, d_head] (GPT-NeoX halves convention), or of x whose token axis
+        is `token_dim` (e.g. -3 for [..., T, H, d_head]); `inverse` rotates back, which is also the
+        transpose that carries gradients backward through it."""
+        shape = (self.shape.n_tokens,) + (1,) * (-token_dim - 2) + (self.shape.d_head,)
+        return torch.addcmul(x * self._cos.view(shape), x.roll(self.shape.d_head // 2, -1), self._signed_sin.view(shape),
+                             value=-1 if inverse else 1)
 
     def absolute_positions(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         if self.shape.positional == "learned":

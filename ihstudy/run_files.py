@@ -38,7 +38,9 @@ OUTPUTS_ENV = "IHSTUDY_OUTPUTS"  # the default run folder in conf/config.yaml re
 FILE_MODE = 0o666 & ~os.umask(os.umask(0))  # what open() would give; mkstemp alone gives 0600
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write to a temporary file, then rename it over `path`: readers and crashes see the old or the
+    new file, never a mix. `durable` also flushes it to the disk first (power loss)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -46,7 +48,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -57,10 +60,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
+def atomic_write_parquet(path: Path, frame: pd.DataFrame, durable: bool = True) -> None:
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), durable)
 
 
 def now() -> str:
@@ -100,11 +103,11 @@ class RunFiles:
 
     # --- tables -------------------------------------------------------------------------------
 
-    def write_metrics(self, frame: pd.DataFrame) -> None:
-        atomic_write_parquet(self.dir / "metrics.parquet", frame)
+    def write_metrics(self, frame: pd.DataFrame, durable: bool = True) -> None:
+        atomic_write_parquet(self.dir / "metrics.parquet", frame, durable)
 
-    def write_eval(self, frame: pd.DataFrame) -> None:
-        atomic_write_parquet(self.dir / "eval.parquet", frame)
+    def write_eval(self, frame: pd.DataFrame, durable: bool = True) -> None:
+        atomic_write_parquet(self.dir / "eval.parquet", frame, durable)
 
     def read_table(self, name: str) -> pd.DataFrame | None:
         path = self.dir / f"{name}.parquet"

@@ -22,7 +22,8 @@ from ihstudy.clamps import ClampSet, build_clamps
 from ihstudy.errors import ConfigError
 from ihstudy.config import validate
 from ihstudy.data import Batch, FewShotTask, TrainStream, load_features
-from ihstudy.fast_path import Tape, batch_spread, query_loss_and_gradients, step_function
+from ihstudy.compiled import Compiled, use_compile
+from ihstudy.fast_path import Tape, batch_spread, query_loss_and_gradients, train_step
 from ihstudy.evaluate import PHASE_CHANGE_THRESHOLD, induction_strength, previous_token_score, query_metrics
 from ihstudy.model import ModelShape, Transformer
 from ihstudy.optim import StackedOptimizer, lr_schedule
@@ -53,14 +54,6 @@ def model_shape(cfg: DictConfig, n_features: int) -> ModelShape:
     return ModelShape(n_layers=m.n_layers, n_heads=m.n_heads, d_model=m.d_model, n_features=n_features,
                       n_labels=cfg.task.n_labels, context_len=cfg.task.context_len, positional=m.positional,
                       rotary_base=float(m.rotary_base), mlp_ratio=float(m.mlp_ratio))
-
-
-def use_compile(setting, n_steps: int, device: torch.device) -> bool:
-    """train.compile: true, false, or auto (compile CPU runs of at least 10,000 steps, where the
-    faster steps repay the compilation many times over; tests and quick experiments skip it)."""
-    if setting == "auto":
-        return device.type == "cpu" and n_steps >= 10_000
-    return bool(setting)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,7 +101,7 @@ class Pack:
             _concat([t.eval_set(name, cfg.eval.n_sequences, s.cfg.eval_seed) for name in self.evaluators])
             for t, s in zip(self.tasks, specs)]).to(self.device)
         self.eval_inputs = self.model.embedding_inputs(self.eval_batch)
-        self.fast_step = step_function(compile_step=use_compile(cfg.train.compile, self.n_steps, self.device))
+        self.fast_step, self.clamped_logits, self.eval_chunk = train_step, self.clamps.query_logits, self.eval_chunk_plain
         self.eval_steps = schedule_steps(cfg.train.eval_every, cfg.train.eval_at, self.n_steps, self.batch_size)
         self.ckpt_steps = schedule_steps(cfg.train.ckpt_every, cfg.train.ckpt_at, self.n_steps, self.batch_size) - {0}
         self.active = torch.ones(len(specs), dtype=torch.bool, device=self.device)
@@ -127,6 +120,8 @@ class Pack:
     def train(self, progress=None) -> list[RunResult]:
         """Train to the end. A first SIGINT/SIGTERM stops at the next step boundary with a checkpoint
         (status interrupted, resumable); a failed write (e.g. a full disk) fails the runs cleanly."""
+        if use_compile(self.specs[0].cfg.train.compile, self.n_steps, self.device):
+            self.compile()
         try:
             with StopRequest() as stop:
                 self.run_loop(stop, progress)
@@ -136,6 +131,13 @@ class Pack:
         except OSError as exc:  # atomic writes leave every earlier file intact
             self.fail_runs(self.active.clone(), f"cannot write run files ({exc.strerror or exc})")
             return self.finish()
+
+    def compile(self) -> None:
+        """Compile the step and evaluation functions this pack uses (compiled.py)."""
+        if self.clamps.groups:
+            self.clamped_logits, self.eval_chunk = Compiled(self.clamps.query_logits), Compiled(self.eval_chunk_plain)
+        else:
+            self.fast_step = Compiled(train_step, fullgraph=True)
 
     def run_loop(self, stop: "StopRequest", progress) -> None:
         for files, spec in zip(self.files, self.specs):
@@ -170,7 +172,7 @@ class Pack:
     def autograd_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients into model.flat_grad through the clamps' hooks; (loss, grad norm, spread) [R]."""
         self.model.flat_grad.zero_()
-        logits = self.clamps.query_logits(self.model, batch)
+        logits = self.clamped_logits(self.model, batch)
         loss, logit_grads = query_loss_and_gradients(logits.detach(), batch.target)
         logits.backward(torch.where(torch.isfinite(loss)[:, None, None], logit_grads * self.loss_weight, 0.0))
         return loss, self.model.flat_grad.norm(dim=1), batch_spread(logit_grads)
@@ -221,22 +223,21 @@ class Pack:
 
     def eval_forward(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Query logits [R, N, L] on the eval sequences, and every layer's attention pattern [R, N, H, T, T]
-        (the last layer's at the query row only, [R, N, H, 1, T]). In chunks that keep the activations
-        in the CPU cache; without clamps through the fast path (fast_path.py)."""
-        size = max(1, EVAL_CHUNK_SEQUENCES // len(self.specs))
+        (the last layer's at the query row only, [R, N, H, 1, T]). In equal chunks that keep the
+        activations in the CPU cache."""
+        n = self.eval_batch.target.shape[1]
+        size = max(d for d in range(1, n + 1) if n % d == 0 and d * len(self.specs) <= max(EVAL_CHUNK_SEQUENCES, len(self.specs)))
+        chunks = [self.eval_chunk(self.eval_batch[:, i:i + size], self.eval_inputs[:, i:i + size]) for i in range(0, n, size)]
+        return torch.cat([c[0] for c in chunks], 1), [torch.cat(layer, 1) for layer in zip(*(c[1] for c in chunks))]
+
+    def eval_chunk_plain(self, batch: Batch, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """eval_forward on one chunk: through the clamps' hooks, or without clamps the fast path."""
+        if not self.clamps.groups:
+            tape = Tape(self.model, self.model.views(self.model.flat), inputs)
+            return tape.logits, tape.patterns()
         sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.shape.n_layers)]
-        logits, patterns = [], []
-        for i in range(0, self.eval_batch.target.shape[1], size):
-            batch = self.eval_batch[:, i:i + size]
-            if self.clamps.groups:
-                full_logits, cache = self.clamps.run_with_cache(self.model, batch, sites)
-                logits.append(full_logits[:, :, -1])
-                patterns.append([cache[s] for s in sites[:-1]] + [cache[sites[-1]][..., -1:, :]])
-            else:
-                tape = Tape(self.model, self.model.views(self.model.flat), self.eval_inputs[:, i:i + size])
-                logits.append(tape.logits)
-                patterns.append(tape.patterns())
-        return torch.cat(logits, 1), [torch.cat(layer, 1) for layer in zip(*patterns)]
+        logits, cache = self.clamps.run_with_cache(self.model, batch, sites)
+        return logits[:, :, -1], [cache[s] for s in sites[:-1]] + [cache[sites[-1]][..., -1:, :]]
 
     def restore(self) -> int:
         """Continue from the newest checkpoint that every run of the pack holds intact.
@@ -286,18 +287,19 @@ class Pack:
             frame[column] = self.step_log[: self.step, r, c].cpu().numpy()
         return frame
 
-    def flush(self) -> None:
+    def flush(self, durable: bool = False) -> None:
+        """Write every live run's tables: at each eval for anyone watching, durably at checkpoints."""
         for r in range(len(self.specs)):
             if self.errors[r] is None:
-                self.write_tables(r)
+                self.write_tables(r, durable)
 
-    def write_tables(self, r: int) -> None:
-        self.files[r].write_metrics(self.metrics_frame(r))
-        self.files[r].write_eval(pd.DataFrame(self.eval_columns[r]))
+    def write_tables(self, r: int, durable: bool = True) -> None:
+        self.files[r].write_metrics(self.metrics_frame(r), durable)
+        self.files[r].write_eval(pd.DataFrame(self.eval_columns[r]), durable)
 
     def checkpoint(self) -> None:
         """Tables first: a checkpoint on disk always has its metric rows on disk."""
-        self.flush()
+        self.flush(durable=True)
         for r, (files, spec) in enumerate(zip(self.files, self.specs)):
             if self.errors[r] is None:
                 files.save_checkpoint(self.step, {

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ihstudy.fast_path import Tape, step_function, train_step
+from ihstudy.compiled import Compiled
+from ihstudy.fast_path import Tape, train_step
 from ihstudy.model import ModelShape, query_loss
 from tests.test_model import model, random_batch
 
@@ -64,7 +65,7 @@ def test_the_compiled_step_equals_the_plain_one():
     shape = ModelShape(2, 4, 16, 8, 5, 2)
     m, batch = model(shape, seeds=(1, 2)), random_batch(runs=2, n=4, shape=shape)
     args = (m, m.flat, m.embedding_inputs(batch), batch.target, torch.ones(2, 1, 1) / 4)
-    step = step_function(compile_step=True)
+    step = Compiled(train_step, fullgraph=True)
     for compiled, plain in zip(step(*args), train_step(*args)):
         assert torch.allclose(compiled, plain, rtol=1e-5, atol=1e-6)
     assert step.compiled  # not the fallback
