@@ -317,8 +317,8 @@ class AblateEmbedding(Clamp):
         def record(resid, _):
             seen["embed"] = resid
 
-        def remove(resid, _):
-            return torch.where(_expand(runs, 4), resid - seen["embed"], resid)
+        def remove(resid, _):  # resid holds the query row alone in a query-only pass
+            return torch.where(_expand(runs, 4), resid - seen["embed"][:, :, -resid.shape[2]:], resid)
 
         return [("blocks.0.hook_resid_pre", record), (f"blocks.{model.shape.n_layers - 1}.hook_resid_post", remove)]
 
@@ -366,7 +366,7 @@ class GraftIn(Graft):
         def graft(resid, _):
             with torch.no_grad():
                 value = self.frozen(resid.device).run_with_cache(batch, [site])[1][site]
-            return torch.where(_expand(runs, 4), value, resid)
+            return torch.where(_expand(runs, 4), value[:, :, -resid.shape[2]:], resid)
 
         return [(site, graft)]
 
@@ -385,9 +385,9 @@ class GraftOut(Graft):
         def record(resid, _):
             seen["resid"] = resid
 
-        def graft(logits, _):
+        def graft(logits, _):  # logits hold the query row alone in a query-only pass
             value = self.frozen(logits.device).run_with_hooks(batch, [(site, lambda *_: seen["resid"])])
-            return torch.where(_expand(runs, 4), value, logits)
+            return torch.where(_expand(runs, 4), value[:, :, -logits.shape[2]:], logits)
 
         return [(site, record), ("hook_logits", graft)]
 
@@ -427,29 +427,31 @@ class ClampSet:
             for what in getattr(clamp, "preserve", ()):
                 self.preserved.setdefault(PRESERVE_SITES[what], set()).update(runs)
 
-    def forward(self, model: Transformer, batch: Batch) -> torch.Tensor:
+    def forward(self, model: Transformer, batch: Batch, query_only: bool = False) -> torch.Tensor:
+        """Logits of the clamped pass (query_only: see Transformer.__call__)."""
         if not self.groups:
-            return model(batch)
-        return model.run_with_hooks(batch, self.hooks(model, batch))
+            return model(batch, query_only)
+        return model.run_with_hooks(batch, self.hooks(model, batch, query_only), query_only)
 
     def query_logits(self, model: Transformer, batch: Batch) -> torch.Tensor:
         """Logits at the query token [R, B, n_labels], as the training loss reads them."""
-        return self.forward(model, batch)[..., -1, :]
+        return self.forward(model, batch, query_only=True)[..., -1, :]
 
-    def run_with_cache(self, model: Transformer, batch: Batch, names):
-        return model.run_with_cache(batch, names, fwd_hooks=self.hooks(model, batch) if self.groups else ())
+    def run_with_cache(self, model: Transformer, batch: Batch, names, query_only: bool = False):
+        hooks = self.hooks(model, batch, query_only) if self.groups else ()
+        return model.run_with_cache(batch, names, fwd_hooks=hooks, query_only=query_only)
 
-    def hooks(self, model: Transformer, batch: Batch) -> list:
+    def hooks(self, model: Transformer, batch: Batch, query_only: bool = False) -> list:
         """Every hook of one clamped pass (running the clean pass first if anything is preserved)."""
-        hooks = self._preserve_hooks(model, batch) if self.preserved else []
+        hooks = self._preserve_hooks(model, batch, query_only) if self.preserved else []
         return hooks + [h for clamp, runs in self.groups for h in clamp.hooks(model, batch, self._mask(runs, model))]
 
-    def _preserve_hooks(self, model: Transformer, batch: Batch) -> list:
+    def _preserve_hooks(self, model: Transformer, batch: Batch, query_only: bool) -> list:
         sites = {f"blocks.{layer}.{suffix}": runs for suffix, runs in self.preserved.items()
                  for layer in range(model.shape.n_layers)}
         clean_hooks = [h for clamp, runs in self.groups if not isinstance(clamp, AblateHeads)
                        for h in clamp.hooks(model, batch, self._mask(runs, model))]
-        _, clean = model.run_with_cache(batch, list(sites), fwd_hooks=clean_hooks)
+        _, clean = model.run_with_cache(batch, list(sites), fwd_hooks=clean_hooks, query_only=query_only)
 
         def restore(site, runs):
             return lambda x, _: torch.where(_expand(runs, x.dim()), clean[site], x)
@@ -591,15 +593,16 @@ def _head_mask(heads: tuple[int, ...], n_heads: int, device: torch.device, dim: 
 
 
 def _positions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row (query) and column (key) indices [T, 1] and [1, T] of an attention tensor [..., T, T]."""
+    """Row (query) and column (key) positions [Tq, 1] and [1, T] of an attention tensor [..., Tq, T]
+    (Tq = 1 in a query-only pass: the last position)."""
     index = torch.arange(x.shape[-1], device=x.device)
-    return index[:, None], index[None, :]
+    return index[-x.shape[-2]:, None], index[None, :]
 
 
 def _on_label_tokens(weights: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """A query row [R, B, 1, T, T] (other rows 0) holding weights [R, B, N] on label tokens 2i+1."""
-    R, B, _, T, _ = pattern.shape
-    rows = pattern.new_zeros(R, B, 1, T, T)
+    """A query row [R, B, 1, Tq, T] (other rows 0) holding weights [R, B, N] on label tokens 2i+1."""
+    R, B, _, Tq, T = pattern.shape
+    rows = pattern.new_zeros(R, B, 1, Tq, T)
     rows[:, :, 0, -1, 1:-1:2] = weights
     return rows
 

@@ -187,11 +187,11 @@ class Transformer:
         finally:
             self._hooks = previous
 
-    def run_with_hooks(self, batch: Batch, fwd_hooks) -> torch.Tensor:
+    def run_with_hooks(self, batch: Batch, fwd_hooks, query_only: bool = False) -> torch.Tensor:
         with self.hooks(fwd_hooks):
-            return self(batch)
+            return self(batch, query_only)
 
-    def run_with_cache(self, batch: Batch, names_filter=None, fwd_hooks=()):
+    def run_with_cache(self, batch: Batch, names_filter=None, fwd_hooks=(), query_only: bool = False):
         """Logits and a dict of recorded activations (all always-on sites, or those in names_filter).
 
         Recorded tensors keep their autograd history, so a later pass may train through them.
@@ -208,7 +208,7 @@ class Transformer:
             cache[hook.name] = tensor
 
         with self.hooks(list(fwd_hooks) + [(name, record) for name in names]):
-            logits = self(batch)
+            logits = self(batch, query_only)
         return logits, cache
 
     def _site(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -226,14 +226,19 @@ class Transformer:
 
     # --- the forward pass -----------------------------------------------------------------------
 
-    def __call__(self, batch: Batch) -> torch.Tensor:
-        """Logits [R, B, T, n_labels] for sequences with run axis: exemplars [R, B, N+1, F]."""
+    def __call__(self, batch: Batch, query_only: bool = False) -> torch.Tensor:
+        """Logits [R, B, T, n_labels] for sequences with run axis: exemplars [R, B, N+1, F].
+
+        query_only: the last block computes its query row alone, which is all the loss and the
+        evaluation read (a cheaper pass); its query-side sites (hook_q, hook_rot_q, hook_attn_scores,
+        hook_pattern, hook_z, hook_result, hook_attn_out, hook_resid_post, ...) then hold that row
+        only ([..., 1, ...] where the full pass has T), as do the final LayerNorm and the logits."""
         p, s = self.params, self.shape
         resid = self._site("hook_embed", self._embed(batch))
         if s.positional != "rotary":
             resid = resid + self._site("hook_pos_embed", self.absolute_positions())
         for layer in range(s.n_layers):
-            resid = self._block(layer, resid)
+            resid = self._block(layer, resid, query_only and layer == s.n_layers - 1)
         final = self._site("ln_final.hook_normalized", layer_norm(resid, p["ln_final.w"], p["ln_final.b"]))
         return self._site("hook_logits", linear(final, p["unembed.W_U"], p["unembed.b_U"]))
 
@@ -266,10 +271,11 @@ class Transformer:
         """The inverse of `views`: one tensor per parameter -> [R, P]."""
         return torch.cat([tensors[name].reshape(self.n_runs, -1) for name in self.params], 1)
 
-    def _block(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
-        p, b = self.params, f"blocks.{layer}."
+    def _block(self, layer: int, resid: torch.Tensor, query_only: bool = False) -> torch.Tensor:
+        b = f"blocks.{layer}."
         resid = self._site(b + "hook_resid_pre", resid)
-        resid = resid + self._site(b + "hook_attn_out", self._attention(layer, resid))
+        attn_out = self._site(b + "hook_attn_out", self._attention(layer, resid, query_only))
+        resid = (resid[:, :, -1:] if query_only else resid) + attn_out
         if self.shape.d_mlp:
             resid = self._site(b + "hook_resid_mid", resid)
             resid = resid + self._site(b + "hook_mlp_out", self._mlp(layer, resid))
@@ -281,24 +287,28 @@ class Transformer:
         pre = self._site(b + "mlp.hook_pre", linear(h, p[b + "mlp.W_in"], p[b + "mlp.b_in"]))
         return linear(self._site(b + "mlp.hook_post", F.gelu(pre)), p[b + "mlp.W_out"], p[b + "mlp.b_out"])
 
-    def _attention(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
+    def _attention(self, layer: int, resid: torch.Tensor, query_only: bool = False) -> torch.Tensor:
         s, b = self.shape, f"blocks.{layer}."
         R, B, T, D = resid.shape
         H, dh = s.n_heads, s.d_head
         qkv = self._qkv(layer, resid)  # [3, R, B, H, T, d_head]: head-major, as the matmuls want it
-        q, k, v = (self._head_major_site(b + "attn.hook_" + n, t) for n, t in zip("qkv", qkv.unbind(0)))
+        queries = slice(-1, None) if query_only else slice(None)  # the rows this pass computes
+        q, k, v = (self._head_major_site(b + "attn.hook_" + n, t) for n, t in zip("qkv", (qkv[0][..., queries, :], qkv[1], qkv[2])))
         if s.positional == "rotary":  # q and k in one go; qkv[:2] saves a copy unless a hook replaced them
-            q, k = self.rotate(qkv[:2] if q is qkv[0] and k is qkv[1] else torch.stack([q, k]))
+            if query_only:
+                q, k = self.rotate(q, rows=queries), self.rotate(k)
+            else:
+                q, k = self.rotate(qkv[:2] if q is qkv[0] and k is qkv[1] else torch.stack([q, k]))
             q, k = self._head_major_site(b + "attn.hook_rot_q", q), self._head_major_site(b + "attn.hook_rot_k", k)
-        scores = self._site(b + "attn.hook_attn_scores", torch.add(self.causal_mask, q @ k.transpose(-1, -2), alpha=dh ** -0.5))
-        pattern = self._site(b + "attn.hook_pattern", softmax(scores))
-        z = self._site(b + "attn.hook_z", (pattern @ v).transpose(2, 3))  # [R, B, T, H, d_head]
+        scores = torch.add(self.causal_mask[queries], q @ k.transpose(-1, -2), alpha=dh ** -0.5)
+        pattern = self._site(b + "attn.hook_pattern", softmax(self._site(b + "attn.hook_attn_scores", scores)))
+        z = self._site(b + "attn.hook_z", (pattern @ v).transpose(2, 3))  # [R, B, Tq, H, d_head]
         W_O = self.params[b + "attn.W_O"]
         if self._hooked(b + "attn.hook_result"):
             per_head = W_O.view(W_O.shape[0], 1, 1, H, dh, D)
             result = self._site(b + "attn.hook_result", (z.unsqueeze(-2) @ per_head).squeeze(-2))
             return result.sum(3)
-        return linear(z.reshape(R, B, T, D), W_O)
+        return linear(z.reshape(R, B, -1, D), W_O)
 
     def _qkv(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """q, k, v [3, R, B, H, T, d_head], each contiguous; Q/K and V read separate inputs if hooked."""
@@ -345,12 +355,13 @@ class Transformer:
             table[:, 0::2], table[:, 1::2] = torch.sin(positions * div), torch.cos(positions * div)
             self._sinusoid = table
 
-    def rotate(self, x: torch.Tensor, inverse: bool = False, token_dim: int = -2) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, inverse: bool = False, token_dim: int = -2, rows: slice = slice(None)) -> torch.Tensor:
         """Rotary embedding of x [..., T, d_head] (GPT-NeoX halves convention), or of x whose token axis
-        is `token_dim` (e.g. -3 for [..., T, H, d_head]); `inverse` rotates back, which is also the
-        transpose that carries gradients backward through it."""
-        shape = (self.shape.n_tokens,) + (1,) * (-token_dim - 2) + (self.shape.d_head,)
-        return torch.addcmul(x * self._cos.view(shape), x.roll(self.shape.d_head // 2, -1), self._signed_sin.view(shape),
+        is `token_dim` (e.g. -3 for [..., T, H, d_head]) and holds the positions `rows`; `inverse` rotates
+        back, which is also the transpose that carries gradients backward through it."""
+        cos, sin = self._cos[rows], self._signed_sin[rows]
+        shape = (cos.shape[0],) + (1,) * (-token_dim - 2) + (self.shape.d_head,)
+        return torch.addcmul(x * cos.view(shape), x.roll(self.shape.d_head // 2, -1), sin.view(shape),
                              value=-1 if inverse else 1)
 
     def absolute_positions(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

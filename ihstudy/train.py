@@ -177,9 +177,6 @@ class Pack:
         logits.backward(torch.where(torch.isfinite(loss)[:, None, None], logit_grads * self.loss_weight, 0.0))
         return loss, self.model.flat_grad.norm(dim=1), batch_spread(logit_grads)
 
-    def batch(self, step: int) -> Batch:
-        return self.batch_and_inputs(step)[0]
-
     def batch_and_inputs(self, step: int) -> tuple[Batch, torch.Tensor]:
         """Every run's batch of `step` [R, B, ...] and its embedding inputs, prepared for a whole chunk
         of steps at once (per-step stacking and copying would cost more than the step's arithmetic)."""
@@ -236,8 +233,8 @@ class Pack:
             tape = Tape(self.model, self.model.views(self.model.flat), inputs)
             return tape.logits, tape.patterns()
         sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.shape.n_layers)]
-        logits, cache = self.clamps.run_with_cache(self.model, batch, sites)
-        return logits[:, :, -1], [cache[s] for s in sites[:-1]] + [cache[sites[-1]][..., -1:, :]]
+        logits, cache = self.clamps.run_with_cache(self.model, batch, sites, query_only=True)
+        return logits[:, :, -1], [cache[s] for s in sites]
 
     def restore(self) -> int:
         """Continue from the newest checkpoint that every run of the pack holds intact.

@@ -325,3 +325,35 @@ def test_presets_build_the_fig5b_conditions():
     cfg, _ = compose_config(["clamp=only_l2h3"])
     assert build_clamps(cfg.clamp, shape)[0].heads == tuple((1, h) for h in range(8) if h != 3)
     assert math.isclose(build_clamps(compose_config(["clamp=pt_attention"])[0].clamp, shape)[1].strength, 1.0)
+
+
+# --- query-only passes (training and evaluation) --------------------------------------------------------
+
+
+def every_kind(checkpoint):
+    """One clamp set per kind, aimed at the last layer where a kind can act there."""
+    graft = {"kind": "graft_in", "checkpoint": checkpoint}
+    specs = [{"kind": "ablate", "heads": ["1:0", "0:2"]}, {"kind": "ablate", "heads": ["0:1"], "preserve": ["values", "patterns"]},
+             {"kind": "keep_only", "heads": "1:3"}, {"kind": "prev_token_pattern", "heads": ["0:2", "1:1"], "strength": 0.7},
+             {"kind": "no_prev_token", "heads": ["1:2"]}, {"kind": "induction_pattern", "heads": ["1:1"], "strength": 0.8},
+             {"kind": "match_pattern", "heads": ["1:3"]}, {"kind": "perfect_copy", "head": "1:3"}, {"kind": "layer1_input"},
+             {"kind": "head_temperature", "heads": ["1:0"], "temperature": 0.5}, {"kind": "silence_non_label", "heads": ["1:2"]},
+             {"kind": "ablate_embedding"}, graft | {"layer": 0}, graft | {"layer": 1},
+             {"kind": "graft_out", "checkpoint": checkpoint, "layer": 0}]
+    return [build_clamps({"c": spec}, SHAPE) for spec in specs]
+
+
+def test_query_only_passes_equal_the_full_pass_at_the_query(checkpoint):
+    """Training and evaluation compute the last block's query row alone; every clamp must give the
+    same logits, last-layer pattern row and gradients as in the full pass."""
+    batch, site = make_batch(2), PATTERN.format(1)
+    for clamps in every_kind(checkpoint):
+        full_model, query_model = make_model(2), make_model(2)
+        clamp_set = ClampSet([clamps, []])  # run 1 unclamped: run masks must hold in query-only passes too
+        full, full_cache = clamp_set.run_with_cache(full_model, batch, [site])
+        query, query_cache = clamp_set.run_with_cache(query_model, batch, [site], query_only=True)
+        torch.testing.assert_close(query[:, :, -1], full[:, :, -1], msg=str(clamps))
+        torch.testing.assert_close(query_cache[site], full_cache[site][..., -1:, :], msg=str(clamps))
+        query_loss(clamp_set.forward(full_model, batch), batch.target).sum().backward()
+        query_loss(clamp_set.query_logits(query_model, batch).unsqueeze(2), batch.target).sum().backward()
+        torch.testing.assert_close(query_model.flat_grad, full_model.flat_grad, msg=str(clamps))
