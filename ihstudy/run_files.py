@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
@@ -60,9 +62,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_write_parquet(path: Path, frame: pd.DataFrame, durable: bool = True) -> None:
+def atomic_write_parquet(path: Path, table: pd.DataFrame | pa.Table, durable: bool = True) -> None:
+    """Without dictionary encoding, which for float columns costs most of the writing time (tables
+    are rewritten at every eval) and saves little space."""
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
     buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
+    pq.write_table(table, buffer, use_dictionary=False)
     atomic_write_bytes(path, buffer.getvalue(), durable)
 
 
@@ -103,11 +109,11 @@ class RunFiles:
 
     # --- tables -------------------------------------------------------------------------------
 
-    def write_metrics(self, frame: pd.DataFrame, durable: bool = True) -> None:
-        atomic_write_parquet(self.dir / "metrics.parquet", frame, durable)
+    def write_metrics(self, table: pa.Table, durable: bool = True) -> None:
+        atomic_write_parquet(self.dir / "metrics.parquet", table, durable)
 
-    def write_eval(self, frame: pd.DataFrame, durable: bool = True) -> None:
-        atomic_write_parquet(self.dir / "eval.parquet", frame, durable)
+    def write_eval(self, table: pa.Table, durable: bool = True) -> None:
+        atomic_write_parquet(self.dir / "eval.parquet", table, durable)
 
     def read_table(self, name: str) -> pd.DataFrame | None:
         path = self.dir / f"{name}.parquet"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -277,12 +278,10 @@ class Pack:
 
     # --- outputs ------------------------------------------------------------------------------
 
-    def metrics_frame(self, r: int) -> pd.DataFrame:
+    def metrics_table(self, r: int) -> pa.Table:
         steps = np.arange(1, self.step + 1)
-        frame = pd.DataFrame({"step": steps, "sequences": steps * self.batch_size})
-        for c, column in enumerate(STEP_COLUMNS):
-            frame[column] = self.step_log[: self.step, r, c].cpu().numpy()
-        return frame
+        log = self.step_log[: self.step, r].cpu().numpy()
+        return pa.table({"step": steps, "sequences": steps * self.batch_size} | {c: log[:, i] for i, c in enumerate(STEP_COLUMNS)})
 
     def flush(self, durable: bool = False) -> None:
         """Write every live run's tables: at each eval for anyone watching, durably at checkpoints."""
@@ -291,8 +290,8 @@ class Pack:
                 self.write_tables(r, durable)
 
     def write_tables(self, r: int, durable: bool = True) -> None:
-        self.files[r].write_metrics(self.metrics_frame(r), durable)
-        self.files[r].write_eval(pd.DataFrame(self.eval_columns[r]), durable)
+        self.files[r].write_metrics(self.metrics_table(r), durable)
+        self.files[r].write_eval(pa.Table.from_pydict(self.eval_columns[r]), durable)
 
     def checkpoint(self) -> None:
         """Tables first: a checkpoint on disk always has its metric rows on disk."""
