@@ -2,12 +2,15 @@
 5000 sequences, in <= 90 s on a 2-core CPU including start-up).
 
     .venv/bin/python benchmarks/bench_train.py [--steps 2000] [--repeats 5] [--threads 1] [--skip-full]
+    .venv/bin/python benchmarks/bench_train.py train.compile=false     # the uncompiled step
 
-Reports training throughput (sequences/s, from `Pack.train_step`), the cost of one full eval
-(4 evaluators x 1000 sequences, with head scores and the file flush), and the wall time of
-`ihstudy train -q` with the default config as a fresh process. Timings repeat and report min and
-median, which damps but does not remove the noise of a shared machine. Nothing is written except
-to a temporary folder.
+Reports the compilation time of the step (train.compile, as `ihstudy train` decides it),
+training throughput (sequences/s, from `Pack.train_step`), the cost of one full eval (4 evaluators
+x 1000 sequences, with head scores and the file flush), and the wall time of `ihstudy train -q`
+with the default config as a fresh process: once with an empty torch.compile cache (a fresh
+machine: compilation included) and once with the cache it left (every later run). Timings repeat
+and report min and median, which damps but does not remove the noise of a shared machine.
+Nothing is written except to a temporary folder.
 """
 
 from __future__ import annotations
@@ -31,18 +34,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="training steps per throughput repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the config default)")
-    parser.add_argument("--skip-full", action="store_true", help="skip the full default run (~1.5 min)")
+    parser.add_argument("--skip-full", action="store_true", help="skip the two full default runs (~2.5 min)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. train.compile=true")
     args = parser.parse_args()
     threads = [f"train.threads={args.threads}"] if args.threads else []
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         os.environ["IHSTUDY_OUTPUTS"] = tmp
+        from ihstudy.compiled import use_compile
         from ihstudy.config import compose_config
         from ihstudy.train import Pack, RunSpec
 
         cfg, run_dir = compose_config([f"hydra.run.dir={tmp}/steps", *threads, *args.overrides])
         pack = Pack([RunSpec(cfg, run_dir)])
+        if use_compile(cfg.train.compile, pack.n_steps, pack.device):
+            pack.compile()
+        start = time.perf_counter()
+        pack.train_step()
+        print(f"first step (compiles if train.compile applies): {time.perf_counter() - start:.1f} s")
         for _ in range(50):  # warm-up
             pack.train_step()
         step_times = []
@@ -67,12 +76,14 @@ def main() -> None:
         print(f"default run estimate without start-up: {pack.n_steps} steps + {n_evals} evals = {estimate:.1f} s")
 
         if not args.skip_full:
-            command = [str(Path(sys.executable).with_name("ihstudy")), "train", "-q", f"hydra.run.dir={tmp}/full",
-                       *threads, *args.overrides]
-            start = time.perf_counter()
-            subprocess.run(command, check=True)
-            print(f"default `ihstudy train` (1e6 sequences, eval every 5000), wall incl. start-up: "
-                  f"{time.perf_counter() - start:.1f} s")
+            cache = {"TORCHINDUCTOR_CACHE_DIR": f"{tmp}/compile-cache"}  # empty at first, like a fresh machine's
+            for which in ("empty compile cache", "warm compile cache"):
+                command = [str(Path(sys.executable).with_name("ihstudy")), "train", "-q", f"hydra.run.dir={tmp}/{which}",
+                           *threads, *args.overrides]
+                start = time.perf_counter()
+                subprocess.run(command, check=True, env=os.environ | cache)
+                print(f"default `ihstudy train` (1e6 sequences, eval every 5000), {which}, wall incl. start-up: "
+                      f"{time.perf_counter() - start:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,19 +23,21 @@ LAYER_NORM_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
 
 
 def train_step(model: Transformer, flat: torch.Tensor, inputs: torch.Tensor, target: torch.Tensor,
-               weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+               weight: torch.Tensor, lr: torch.Tensor, grad_out: torch.Tensor, log_out: torch.Tensor) -> torch.Tensor:
     """Loss and gradient of every run with parameters `flat` [R, P] on embedding inputs [R, B, T, F+1+L]
     and query labels [R, B]; the loss being each run's mean cross-entropy times weight [R, 1, 1].
 
-    Returns (loss [R], gradient norm [R], batch spread of the logit gradients [R], gradient [R, P]).
-    A run whose loss is not finite gets a zero gradient at the logits (its parameters' gradients
-    may still be NaN); no run's numbers affect another's.
+    Writes the gradient into grad_out [R, P] and the step's log row (loss, gradient norm, batch
+    spread of the logit gradients, lr [R]) into log_out [R, 4]; returns whether every loss is
+    finite. A run whose loss is not finite gets a zero gradient at the logits (its parameters'
+    gradients may still be NaN); no run's numbers affect another's.
     """
     tape = Tape(model, model.views(flat), inputs)
     loss, logit_grads = query_loss_and_gradients(tape.logits, target)
-    d_logits = torch.where(torch.isfinite(loss)[:, None, None], logit_grads * weight, 0.0)
-    grad = model.flatten(tape.backward(d_logits))
-    return loss, grad.norm(dim=1), batch_spread(logit_grads), grad
+    finite = torch.isfinite(loss)
+    grad_out.copy_(model.flatten(tape.backward(torch.where(finite[:, None, None], logit_grads * weight, 0.0))))
+    log_out.copy_(torch.stack([loss, grad_out.norm(dim=1), batch_spread(logit_grads), lr], 1))
+    return finite.all()
 
 
 def query_loss_and_gradients(query_logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,25 +158,26 @@ class Pack:
 
     def train_step(self) -> None:
         batch, inputs = self.batch_and_inputs(self.step)
+        lr, log = self.lrs[self.step], self.step_log[self.step]  # log: [R, len(STEP_COLUMNS)]
         if self.clamps.groups:
-            loss, grad_norm, spread = self.autograd_step(batch)
+            all_finite = self.autograd_step(batch, lr, log)
         else:  # the same gradients without autograd's overhead (fast_path.py)
-            loss, grad_norm, spread, grad = self.fast_step(self.model, self.model.flat, inputs, batch.target, self.loss_weight)
-            self.model.flat_grad.copy_(grad)
-        if not torch.isfinite(loss).all():
-            self.fail_runs(~torch.isfinite(loss) & self.active, "loss became NaN or infinite")
-        lr = self.lrs[self.step]
+            all_finite = self.fast_step(self.model, self.model.flat, inputs, batch.target, self.loss_weight, lr,
+                                        self.model.flat_grad, log)
+        if not all_finite:
+            self.fail_runs(~torch.isfinite(log[:, 0]) & self.active, "loss became NaN or infinite")
         self.optimizer.step(lr, self.active)
-        torch.stack([loss, grad_norm, spread, lr], 1, out=self.step_log[self.step])
         self.step += 1
 
-    def autograd_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients into model.flat_grad through the clamps' hooks; (loss, grad norm, spread) [R]."""
+    def autograd_step(self, batch: Batch, lr: torch.Tensor, log: torch.Tensor) -> torch.Tensor:
+        """fast_path.train_step's work through the clamps' hooks, with autograd."""
         self.model.flat_grad.zero_()
         logits = self.clamped_logits(self.model, batch)
         loss, logit_grads = query_loss_and_gradients(logits.detach(), batch.target)
-        logits.backward(torch.where(torch.isfinite(loss)[:, None, None], logit_grads * self.loss_weight, 0.0))
-        return loss, self.model.flat_grad.norm(dim=1), batch_spread(logit_grads)
+        finite = torch.isfinite(loss)
+        logits.backward(torch.where(finite[:, None, None], logit_grads * self.loss_weight, 0.0))
+        torch.stack([loss, self.model.flat_grad.norm(dim=1), batch_spread(logit_grads), lr], 1, out=log)
+        return finite.all()
 
     def batch_and_inputs(self, step: int) -> tuple[Batch, torch.Tensor]:
         """Every run's batch of `step` [R, B, ...] and its embedding inputs, prepared for a whole chunk

@@ -15,6 +15,13 @@ SHAPES = {
 }
 
 
+def step(m, batch, weight, function=train_step):
+    """(loss, grad norm, spread, lr, gradient, all finite) of one fast-path step."""
+    grad, log = torch.full_like(m.flat, float("nan")), torch.empty(m.n_runs, 4)
+    all_finite = function(m, m.flat, m.embedding_inputs(batch), batch.target, weight, torch.full((m.n_runs,), 0.1), grad, log)
+    return (*log.T, grad, all_finite)
+
+
 @pytest.mark.parametrize("name", SHAPES)
 def test_loss_and_gradients_equal_autograd(name):
     shape = SHAPES[name]
@@ -25,7 +32,7 @@ def test_loss_and_gradients_equal_autograd(name):
     per_sequence = query_loss(by_autograd(batch), batch.target)
     (per_sequence.sum(1) * weight.flatten()).sum().backward()
     losses = per_sequence.mean(1)
-    loss, grad_norm, _, grad = train_step(by_hand, by_hand.flat, by_hand.embedding_inputs(batch), batch.target, weight)
+    loss, grad_norm, _, _, grad, _ = step(by_hand, batch, weight)
 
     assert torch.allclose(loss, losses.detach(), atol=1e-6)
     assert by_autograd.flat_grad[0].abs().sum() > 0
@@ -55,17 +62,16 @@ def test_a_run_whose_loss_is_not_finite_leaves_its_pack_mates_alone():
         pack.flat[0, 0] = float("nan")
     batch = random_batch(runs=2, n=5, shape=shape)
     ones = torch.ones(2, 1, 1)
-    loss, *_, grad = train_step(pack, pack.flat, pack.embedding_inputs(batch), batch.target, ones)
-    solo_loss, *_, solo_grad = train_step(alone, alone.flat, alone.embedding_inputs(batch[1:]), batch.target[1:], ones[:1])
-    assert loss[0].isnan() and torch.allclose(loss[1:], solo_loss)
+    loss, *_, grad, all_finite = step(pack, batch, ones)
+    solo_loss, *_, solo_grad, _ = step(alone, batch[1:], ones[:1])
+    assert loss[0].isnan() and not all_finite and torch.allclose(loss[1:], solo_loss)
     assert torch.allclose(grad[1], solo_grad[0], atol=1e-6)
 
 
 def test_the_compiled_step_equals_the_plain_one():
     shape = ModelShape(2, 4, 16, 8, 5, 2)
     m, batch = model(shape, seeds=(1, 2)), random_batch(runs=2, n=4, shape=shape)
-    args = (m, m.flat, m.embedding_inputs(batch), batch.target, torch.ones(2, 1, 1) / 4)
-    step = Compiled(train_step, fullgraph=True)
-    for compiled, plain in zip(step(*args), train_step(*args)):
-        assert torch.allclose(compiled, plain, rtol=1e-5, atol=1e-6)
-    assert step.compiled  # not the fallback
+    compiled = Compiled(train_step, fullgraph=True)
+    for by_compiled, by_plain in zip(step(m, batch, torch.ones(2, 1, 1) / 4, compiled), step(m, batch, torch.ones(2, 1, 1) / 4)):
+        assert torch.allclose(by_compiled, by_plain, rtol=1e-5, atol=1e-6)
+    assert compiled.compiled  # not the fallback
