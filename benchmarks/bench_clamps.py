@@ -1,7 +1,10 @@
 """Training-step time with each clamp preset, relative to no clamp (issue 3 targets: single-pass
 clamps <= 1.3x, two-pass clamps <= 2.2x).
 
-    .venv/bin/python benchmarks/bench_clamps.py [--steps 300] [--repeats 5] [--threads 1]
+    .venv/bin/python benchmarks/bench_clamps.py [--steps 300] [--repeats 5] [--threads 1] [--compile]
+
+--compile times the compiled steps that long runs take (train.compile=auto), after compiling each
+preset once (~20 s each on a 2-core CPU).
 
 Presets are timed round-robin, `repeats` times each, and the median is reported, which damps but
 does not remove the noise of a shared machine. Nothing is written except to a temporary folder.
@@ -30,13 +33,16 @@ CASES = {
 }
 
 
-def make_pack(case: str, folder: str):
+def make_pack(case: str, folder: str, compile_steps: bool):
     from ihstudy.config import compose_config
     from ihstudy.train import Pack, RunSpec
 
     preset, extra = case.split("+")[0], CASES[case][0]
     cfg, _ = compose_config([f"clamp={preset}", *extra, f"hydra.run.dir={folder}/{case}"])
-    return Pack([RunSpec(cfg, os.path.join(folder, case))])
+    pack = Pack([RunSpec(cfg, os.path.join(folder, case))])
+    if compile_steps:
+        pack.compile()
+    return pack
 
 
 def time_steps(pack, steps: int) -> float:
@@ -51,11 +57,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="time compiled steps (as long runs train)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         os.environ["IHSTUDY_OUTPUTS"] = folder
-        packs = {case: make_pack(case, folder) for case in CASES}
+        packs = {case: make_pack(case, folder, args.compile) for case in CASES}
         for pack in packs.values():
             time_steps(pack, 20)  # warm up
         times = {case: [] for case in CASES}
@@ -69,7 +76,8 @@ def main() -> None:
         target = 2.2 if passes == 2 else 1.3
         flag = "" if ms / base <= target else "  OVER"
         print(f"{case:24} {ms * 1e3:8.2f} {ms / base:7.2f}x {target:6.1f}x{flag}")
-    print(f"(median of {args.repeats} x {args.steps} steps, batch 32, {args.threads} thread(s); shared machine: noisy)")
+    how = "compiled" if args.compile else "uncompiled"
+    print(f"(median of {args.repeats} x {args.steps} {how} steps, batch 32, {args.threads} thread(s); shared machine: noisy)")
 
 
 if __name__ == "__main__":
