@@ -6,8 +6,8 @@ the four evaluators, as one `ihstudy sweep` versus the same runs one after anoth
     .venv/bin/python benchmarks/bench_sweep.py --full-baseline          # time the serial runs in full
 
 The serial baseline is by default extrapolated from short runs of every condition: the wall time of
-a one-step run (process start-up, eval set construction) plus the per-sequence cost measured over
---baseline-sequences. Target: the sweep in at most 6 minutes on a 2-core CPU.
+a one-step run (process start-up, eval set construction, compilation) plus the per-sequence cost
+measured over --baseline-sequences, both compiled as the full-length run would be. Target: the sweep in at most 6 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ihstudy.compiled import MIN_STEPS
+
 CONDITIONS = ["only_l2h3", "pt_attention", "layer1", "match", "copy", "layer1_copy"]
 IHSTUDY = str(Path(sys.executable).with_name("ihstudy"))
 
@@ -35,9 +37,12 @@ def timed(args: list[str], outputs: Path, threads: int) -> float:
 
 def serial_seconds(condition: str, sequences: int, baseline_sequences: int, full: bool, outputs: Path, threads: int) -> float:
     """Wall time of `ihstudy train clamp=<condition>` over `sequences` (measured or extrapolated)."""
+    # The short runs compile as the full-length run would (train.compile=auto decides by length).
+    compile_setting = f"train.compile={sequences // 32 >= MIN_STEPS}"
+
     def train(n: int, name: str) -> float:
         return timed(["train", "-q", f"clamp={condition}", "train.eval_every=1000", f"train.sequences={n}",
-                      f"hydra.run.dir={outputs}/serial/{condition}-{name}"], outputs, threads)
+                      compile_setting, f"hydra.run.dir={outputs}/serial/{condition}-{name}"], outputs, threads)
 
     if full:
         return train(sequences, "full")

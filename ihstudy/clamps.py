@@ -296,10 +296,10 @@ class Layer1Input(Clamp):
         def residual(resid, _):
             return torch.where(_expand(runs, 4), seen["embed"], resid)
 
-        def shifted(resid, _):
-            T = resid.shape[2]
-            source = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(T - 2), torch.tensor([T - 1])])
-            return torch.where(_expand(runs, 4), seen["embed"][:, :, source.to(resid.device)], resid)
+        def shifted(resid, _):  # token 0 and the query keep their own embedding, token t the one of t-1
+            embed = seen["embed"]
+            previous = torch.cat([embed[:, :, :1], embed[:, :, :-2], embed[:, :, -1:]], 2)
+            return torch.where(_expand(runs, 4), previous, resid)
 
         return [("hook_embed", record), ("blocks.1.hook_resid_pre", residual), ("blocks.1.hook_qk_input", shifted)]
 
