@@ -38,6 +38,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
 ) -> None:
     """Train one model (paper-notes §1-2 by default) and write its run folder under outputs/."""
+    from ihstudy.compiled import use_compile
     from ihstudy.config import compose_config
     from ihstudy.run_files import RunFiles, claim_run_dir
     from ihstudy.train import Pack, RunSpec
@@ -62,6 +63,9 @@ def train(
                               soft_wrap=True)
         except ConfigError as exc:
             fail(str(exc))
+        if not quiet and use_compile(cfg.train.compile, pack.n_steps, pack.device):
+            console.print("compiling the training step first (train.compile: ~30 s the first time on a machine, "
+                          "a few seconds once cached)", highlight=False, soft_wrap=True)
         with training_progress(pack.n_steps * pack.batch_size, quiet) as progress:
             results = pack.train(progress)
     finally:

@@ -25,6 +25,11 @@ Named activation sites (TransformerLens names; every tensor has the run axis R f
   ln_final.hook_normalized        [R, B, T, D]
   hook_logits                     [R, B, T, n_labels]
 
+In a query-only pass (`model(batch, query_only=True)`, what training and evaluation run) the last
+block computes its query row alone: its query-side sites (q, rot_q, attn_scores, pattern, z, result,
+attn_out, resid_mid, MLP sites, resid_post), ln_final and the logits then have Tq = 1 row where the
+table says T.
+
 A hook is `fn(tensor, hook) -> tensor | None` (hook.name is the site name); returning a tensor
 replaces the activation. Opt-in sites change how the layer is computed (per-head results summed,
 Q/K and V read from separate inputs), so they run only when hooked or named in a cache filter.
