@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ihstudy.model import Transformer, linear, log_softmax, rows
+from ihstudy.model import Transformer, linear, log_softmax, rows, softmax
 
 EPS = 1e-5  # F.layer_norm's default, as the model uses
 LAYER_NORM_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
@@ -58,15 +58,15 @@ def batch_spread(per_sequence: torch.Tensor) -> torch.Tensor:
 class Tape:
     """One forward pass of every run, keeping what the backward pass needs.
 
-    params: every parameter [R, ...] by name: model.views(model.flat), which autograd does not track,
-    or model.params under torch.no_grad().
+    params: every parameter [R, ...] by name, as views of a buffer that autograd does not track
+    (model.views(model.flat)): the backward pass is the one below.
     query_only (training): the last block computes the query row alone, the only row the loss
     reads; otherwise every row. `patterns()` gives each layer's attention pattern.
     """
 
     def __init__(self, model: Transformer, params: dict[str, torch.Tensor], inputs: torch.Tensor, query_only: bool = True):
         self.model, self.p, self.s, self.inputs = model, params, model.shape, inputs
-        x = linear(inputs, torch.cat([params["embed.W_x"], params["embed.b_x"].unsqueeze(1), params["embed.W_y"]], 1))
+        x = linear(inputs, model.embedding_matrix(params))
         if self.s.positional != "rotary":
             x = x + model.absolute_positions(params)
         self.blocks = [Block(self, layer, query_only and layer == self.s.n_layers - 1) for layer in range(self.s.n_layers)]
@@ -138,7 +138,7 @@ class Block:
         self.q, self.v = (q[:, :, -1:] if self.query_only else q), qkv[:, :, :, 2]  # [R, B, Tq or T, H, dh]
         mask = model.causal_mask[-self.q.shape[2]:, :, None]  # [Tq, T, 1]
         scores = (self.q.unsqueeze(3) * self.k.unsqueeze(2)).sum(-1) * s.d_head ** -0.5 + mask
-        self.pattern = _softmax(scores, dim=3)  # [R, B, Tq, T, H]
+        self.pattern = softmax(scores, dim=3)  # [R, B, Tq, T, H]
         self.z = (self.pattern.unsqueeze(-1) * self.v.unsqueeze(2)).sum(3).view(R, -1, D)  # [R, B*Tq, D]
         residual = rows(x[:, :, -1:] if self.query_only else x)
         x = torch.baddbmm(residual, self.z, self.p["attn.W_O"]).view(R, B, -1, D)
@@ -191,9 +191,3 @@ class Block:
 
 def _stack_runs(per_run: list[torch.Tensor]) -> torch.Tensor:
     return per_run[0].unsqueeze(0) if len(per_run) == 1 else torch.stack(per_run)
-
-
-def _softmax(scores: torch.Tensor, dim: int) -> torch.Tensor:
-    """Softmax over `dim` (PyTorch's kernel is slow for rows of a few tokens)."""
-    e = (scores - scores.amax(dim, keepdim=True)).exp()
-    return e / e.sum(dim, keepdim=True)

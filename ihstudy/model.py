@@ -248,8 +248,7 @@ class Transformer:
         return self._site("hook_logits", linear(final, p["unembed.W_U"], p["unembed.b_U"]))
 
     def _embed(self, batch: Batch) -> torch.Tensor:
-        p = self.params
-        return linear(self.embedding_inputs(batch), torch.cat([p["embed.W_x"], p["embed.b_x"].unsqueeze(1), p["embed.W_y"]], 1))
+        return linear(self.embedding_inputs(batch), self.embedding_matrix(self.params))
 
     def embedding_inputs(self, batch: Batch) -> torch.Tensor:
         """One matmul embeds all tokens: a token's input row [..., T, F+1+L] is [exemplar, 1, 0...] or
@@ -263,10 +262,10 @@ class Transformer:
         inputs[..., 1::2, F_ + 1:].scatter_(-1, batch.labels.unsqueeze(-1), 1.0)
         return inputs
 
-    def embedding_weight(self, buffer: torch.Tensor) -> torch.Tensor:
-        """[R, F+1+L, D]: W_x, b_x and W_y, which lie one after another in `buffer` (like flat)."""
-        start, end = self._offsets["embed.W_x"][0], self._offsets["embed.W_y"][1]
-        return buffer[:, start:end].view(self.n_runs, -1, self.shape.d_model)
+    @staticmethod
+    def embedding_matrix(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[R, F+1+L, D]: the weights [W_x; b_x; W_y] that embedding_inputs multiply."""
+        return torch.cat([params["embed.W_x"], params["embed.b_x"].unsqueeze(1), params["embed.W_y"]], 1)
 
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every parameter as a view into `buffer` [R, P], laid out like flat."""
@@ -402,9 +401,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
 
 # PyTorch's CPU (log-)softmax kernels are slow for rows as short as 5 tokens or labels; these few
 # elementwise ops are faster forward and backward. The max is a constant for autograd.
-def softmax(x: torch.Tensor) -> torch.Tensor:
-    e = (x - x.detach().amax(-1, keepdim=True)).exp()
-    return e / e.sum(-1, keepdim=True)
+def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    e = (x - x.detach().amax(dim, keepdim=True)).exp()
+    return e / e.sum(dim, keepdim=True)
 
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ learning-rate schedule and optimizer state, so a run trains identically alone or
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import signal
@@ -95,13 +96,12 @@ class Pack:
         self.optimizer = StackedOptimizer([s.cfg.optim for s in specs], self.model.flat, self.model.flat_grad)
         self.lrs = torch.stack([lr_schedule(s.cfg.optim, self.n_steps, self.batch_size) for s in specs], 1).to(self.device)
         self.streams = [TrainStream(t.sampler(), s.cfg.data_seed, self.batch_size) for t, s in zip(self.tasks, specs)]
-        self.chunk_index = -1
+        self.chunk_index, self.chunk_inputs = -1, None
         self.clamps = ClampSet([build_clamps(s.cfg.clamp, self.shape) for s in specs])
         self.evaluators = list(cfg.eval.evaluators)
         self.eval_batch = Batch.stack([
             _concat([t.eval_set(name, cfg.eval.n_sequences, s.cfg.eval_seed) for name in self.evaluators])
             for t, s in zip(self.tasks, specs)]).to(self.device)
-        self.eval_inputs = self.model.embedding_inputs(self.eval_batch)
         self.fast_step, self.clamped_logits, self.eval_chunk = train_step, self.clamps.query_logits, self.eval_chunk_plain
         self.eval_steps = schedule_steps(cfg.train.eval_every, cfg.train.eval_at, self.n_steps, self.batch_size)
         self.ckpt_steps = schedule_steps(cfg.train.ckpt_every, cfg.train.ckpt_at, self.n_steps, self.batch_size) - {0}
@@ -157,13 +157,13 @@ class Pack:
             self.evaluate()
 
     def train_step(self) -> None:
-        batch, inputs = self.batch_and_inputs(self.step)
+        batch = self.batch(self.step)
         lr, log = self.lrs[self.step], self.step_log[self.step]  # log: [R, len(STEP_COLUMNS)]
         if self.clamps.groups:
             all_finite = self.autograd_step(batch, lr, log)
         else:  # the same gradients without autograd's overhead (fast_path.py)
-            all_finite = self.fast_step(self.model, self.model.flat, inputs, batch.target, self.loss_weight, lr,
-                                        self.model.flat_grad, log)
+            all_finite = self.fast_step(self.model, self.model.flat, self.embedding_inputs(self.step), batch.target,
+                                        self.loss_weight, lr, self.model.flat_grad, log)
         if not all_finite:
             self.fail_runs(~torch.isfinite(log[:, 0]) & self.active, "loss became NaN or infinite")
         self.optimizer.step(lr, self.active)
@@ -179,14 +179,20 @@ class Pack:
         torch.stack([loss, self.model.flat_grad.norm(dim=1), batch_spread(logit_grads), lr], 1, out=log)
         return finite.all()
 
-    def batch_and_inputs(self, step: int) -> tuple[Batch, torch.Tensor]:
-        """Every run's batch of `step` [R, B, ...] and its embedding inputs, prepared for a whole chunk
-        of steps at once (per-step stacking and copying would cost more than the step's arithmetic)."""
+    def batch(self, step: int) -> Batch:
+        """Every run's batch of `step` [R, B, ...], stacked for a whole chunk of steps at once
+        (per-step stacking and copying would cost more than the step's arithmetic)."""
         chunk, offset = divmod(step, self.streams[0].chunk_batches)
         if chunk != self.chunk_index:
             self.chunk = Batch.stack([stream.chunk(chunk) for stream in self.streams]).to(self.device)
-            self.chunk_inputs, self.chunk_index = self.model.embedding_inputs(self.chunk), chunk
-        return self.chunk[:, offset], self.chunk_inputs[:, offset]
+            self.chunk_index, self.chunk_inputs = chunk, None
+        return self.chunk[:, offset]
+
+    def embedding_inputs(self, step: int) -> torch.Tensor:
+        """model.embedding_inputs of batch(step), which the fast path reads, made for its whole chunk."""
+        if self.chunk_inputs is None:
+            self.chunk_inputs = self.model.embedding_inputs(self.chunk)
+        return self.chunk_inputs[:, step % self.streams[0].chunk_batches]
 
     def evaluate(self) -> None:
         """Record the eval rows of the current step and write the tables."""
@@ -226,13 +232,19 @@ class Pack:
         activations in the CPU cache."""
         n = self.eval_batch.target.shape[1]
         size = max(d for d in range(1, n + 1) if n % d == 0 and d * len(self.specs) <= max(EVAL_CHUNK_SEQUENCES, len(self.specs)))
-        chunks = [self.eval_chunk(self.eval_batch[:, i:i + size], self.eval_inputs[:, i:i + size]) for i in range(0, n, size)]
+        chunks = [self.eval_chunk(self.eval_batch[:, i:i + size], slice(i, i + size)) for i in range(0, n, size)]
         return torch.cat([c[0] for c in chunks], 1), [torch.cat(layer, 1) for layer in zip(*(c[1] for c in chunks))]
 
-    def eval_chunk_plain(self, batch: Batch, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """eval_forward on one chunk: through the clamps' hooks, or without clamps the fast path."""
+    @functools.cached_property
+    def eval_inputs(self) -> torch.Tensor:
+        """model.embedding_inputs of the eval sequences, for the fast path."""
+        return self.model.embedding_inputs(self.eval_batch)
+
+    def eval_chunk_plain(self, batch: Batch, part: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """eval_forward on the eval sequences `part` (`batch`): through the clamps' hooks, or without
+        clamps the fast path."""
         if not self.clamps.groups:
-            tape = Tape(self.model, self.model.views(self.model.flat), inputs)
+            tape = Tape(self.model, self.model.views(self.model.flat), self.eval_inputs[:, part])
             return tape.logits, tape.patterns()
         sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.shape.n_layers)]
         logits, cache = self.clamps.run_with_cache(self.model, batch, sites, query_only=True)
