@@ -229,10 +229,14 @@ class Pack:
     def eval_forward(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Query logits [R, N, L] on the eval sequences, and every layer's attention pattern [R, N, H, T, T]
         (the last layer's at the query row only, [R, N, H, 1, T]). In equal chunks that keep the
-        activations in the CPU cache."""
+        activations in the CPU cache (and need one compiled graph)."""
         n = self.eval_batch.target.shape[1]
         size = max(d for d in range(1, n + 1) if n % d == 0 and d * len(self.specs) <= max(EVAL_CHUNK_SEQUENCES, len(self.specs)))
-        chunks = [self.eval_chunk(self.eval_batch[:, i:i + size], slice(i, i + size)) for i in range(0, n, size)]
+        parts = [slice(i, i + size) for i in range(0, n, size)]
+        if self.clamps.groups:
+            chunks = [self.eval_chunk(self.eval_batch[:, part]) for part in parts]
+        else:
+            chunks = [self.fast_eval_chunk(part) for part in parts]
         return torch.cat([c[0] for c in chunks], 1), [torch.cat(layer, 1) for layer in zip(*(c[1] for c in chunks))]
 
     @functools.cached_property
@@ -240,12 +244,13 @@ class Pack:
         """model.embedding_inputs of the eval sequences, for the fast path."""
         return self.model.embedding_inputs(self.eval_batch)
 
-    def eval_chunk_plain(self, batch: Batch, part: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """eval_forward on the eval sequences `part` (`batch`): through the clamps' hooks, or without
-        clamps the fast path."""
-        if not self.clamps.groups:
-            tape = Tape(self.model, self.model.views(self.model.flat), self.eval_inputs[:, part])
-            return tape.logits, tape.patterns()
+    def fast_eval_chunk(self, part: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """eval_forward on the eval sequences `part` of an unclamped pack, through the fast path."""
+        tape = Tape(self.model, self.model.views(self.model.flat), self.eval_inputs[:, part])
+        return tape.logits, tape.patterns()
+
+    def eval_chunk_plain(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """eval_forward on the eval sequences `batch` of a clamped pack, through the clamps' hooks."""
         sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.shape.n_layers)]
         logits, cache = self.clamps.run_with_cache(self.model, batch, sites, query_only=True)
         return logits[:, :, -1], [cache[s] for s in sites]
