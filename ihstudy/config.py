@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ihstudy.data import EVALUATORS, MAX_FEATURE_ELEMENTS
 from ihstudy.errors import ConfigError
+from ihstudy.model import INIT_SCHEMES
 from ihstudy.run_files import check_inside_outputs
 
 CONF_DIR = Path(os.environ.get("IHSTUDY_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
@@ -74,6 +75,7 @@ def validate(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
     m, t, o, tr, ev = cfg.model, cfg.task, cfg.optim, cfg.train, cfg.eval
     _require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     _require(m.positional in POSITIONALS, f"model.positional must be one of {', '.join(POSITIONALS)}")
+    _require(m.init in INIT_SCHEMES, f"model.init must be one of {', '.join(INIT_SCHEMES)}")
     _require(m.positional != "rotary" or (m.d_model // m.n_heads) % 2 == 0, "rotary positions need an even head dimension")
     fillers = t.context_len - 2 * t.burstiness
     _require(fillers >= 0, f"task.burstiness={t.burstiness} needs a context of at least {2 * t.burstiness} pairs "

@@ -94,20 +94,35 @@ class ModelShape:
         return shapes | {"ln_final.w": (D,), "ln_final.b": (D,), "unembed.W_U": (D, L), "unembed.b_U": (L,)}
 
 
-def init_param(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """Paper-notes §2: LeCun-normal exemplar embedding, truncated-normal(0.02) label embedding,
-    uniform(±1/sqrt(fan_in)) attention, MLP and unembedding weights, zero biases, unit LN gains."""
+INIT_SCHEMES = ("lecun_normal", "uniform")
+# A standard normal truncated at +-2 has std 0.8796: dividing by it restores the intended std
+# (JAX's variance_scaling(1, "fan_in", "truncated_normal"), the authors' lecun_normal).
+TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+
+def init_param(name: str, shape: tuple[int, ...], g: torch.Generator, scheme: str = "lecun_normal") -> torch.Tensor:
+    """One parameter's initial value (docs/science.md, "Model").
+
+    Both schemes: label embedding (and learned positions) truncated normal with std 0.02 cut at
+    +-2 std, zero biases, unit LayerNorm gains. Weight matrices:
+      lecun_normal (default, the authors'): normal truncated at +-2 std, variance 1/fan_in.
+      uniform (ihstudy's earlier default): uniform(+-1/sqrt(fan_in)) (variance 1/(3 fan_in)), and an
+        untruncated normal of variance 1/fan_in for the exemplar embedding.
+    """
     leaf = name.rsplit(".", 1)[1]
-    if name == "embed.W_x":
-        return torch.randn(shape, generator=g) / math.sqrt(shape[0])
     if name in ("embed.W_y", "pos_embed.W_pos"):
         return torch.nn.init.trunc_normal_(torch.empty(shape), std=0.02, a=-0.04, b=0.04, generator=g)
     if leaf == "w":
         return torch.ones(shape)
     if leaf.startswith("b"):
         return torch.zeros(shape)
-    bound = 1 / math.sqrt(shape[0])
-    return (torch.rand(shape, generator=g) * 2 - 1) * bound
+    fan_in = shape[0]
+    if scheme == "lecun_normal":
+        std = 1 / math.sqrt(fan_in) / TRUNCATED_NORMAL_STD
+        return torch.nn.init.trunc_normal_(torch.empty(shape), std=std, a=-2 * std, b=2 * std, generator=g)
+    if name == "embed.W_x":
+        return torch.randn(shape, generator=g) / math.sqrt(fan_in)
+    return (torch.rand(shape, generator=g) * 2 - 1) * (1 / math.sqrt(fan_in))
 
 
 @dataclass(frozen=True)
@@ -135,13 +150,13 @@ class Transformer:
 
     # --- parameters ---------------------------------------------------------------------------
 
-    def init_(self, seeds: list[int]) -> "Transformer":
-        """Initialise run r from its own generator seeded with seeds[r]."""
+    def init_(self, seeds: list[int], scheme: str = "lecun_normal") -> "Transformer":
+        """Initialise run r from its own generator seeded with seeds[r] (schemes: init_param)."""
         with torch.no_grad():
             for run, seed in enumerate(seeds):
                 g = torch.Generator().manual_seed(seed)
                 for name, param in self.params.items():
-                    param[run] = init_param(name, tuple(param.shape[1:]), g)
+                    param[run] = init_param(name, tuple(param.shape[1:]), g, scheme)
         return self
 
     def state_dict(self, run: int) -> dict[str, torch.Tensor]:

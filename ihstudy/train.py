@@ -92,7 +92,7 @@ class Pack:
         self.shape = model_shape(cfg, self.tasks[0].features.shape[-1])
         self.batch_size = cfg.train.batch_size
         self.n_steps = sequences_to_step(cfg.train.sequences, self.batch_size)
-        self.model = Transformer(self.shape, len(specs), self.device).init_([s.cfg.seed for s in specs])
+        self.model = Transformer(self.shape, len(specs), self.device).init_([s.cfg.seed for s in specs], cfg.model.init)
         self.optimizer = StackedOptimizer([s.cfg.optim for s in specs], self.model.flat, self.model.flat_grad)
         self.lrs = torch.stack([lr_schedule(s.cfg.optim, self.n_steps, self.batch_size) for s in specs], 1).to(self.device)
         self.streams = [TrainStream(t.sampler(), s.cfg.data_seed, self.batch_size) for t, s in zip(self.tasks, specs)]

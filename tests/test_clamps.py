@@ -316,15 +316,18 @@ def test_presets_build_the_fig5b_conditions():
 
     shape = ModelShape(n_layers=2, n_heads=8, d_model=64, n_features=64, n_labels=5, context_len=2)
     kinds = {}
-    for preset in ("none", "only_l2h3", "pt_attention", "layer1", "match", "copy", "layer1_copy"):
+    for preset in ("none", "only_l2h3", "pt_attention", "layer1", "match", "copy", "layer1_copy", "match_similarity"):
         cfg, _ = compose_config([f"clamp={preset}"])
         kinds[preset] = sorted(type(c).__name__ for c in build_clamps(cfg.clamp, shape))
     assert kinds == {"none": [], "only_l2h3": ["AblateHeads"], "pt_attention": ["AblateHeads", "PrevTokenPattern"],
-                     "layer1": ["AblateHeads", "Layer1Input"], "match": ["AblateHeads", "MatchPattern"],
-                     "copy": ["PerfectCopy"], "layer1_copy": ["Layer1Input", "PerfectCopy"]}
+                     "layer1": ["AblateHeads", "Layer1Input"], "match": ["AblateHeads", "InductionPattern"],
+                     "copy": ["PerfectCopy"], "layer1_copy": ["Layer1Input", "PerfectCopy"],
+                     "match_similarity": ["AblateHeads", "MatchPattern"]}
     cfg, _ = compose_config(["clamp=only_l2h3"])
     assert build_clamps(cfg.clamp, shape)[0].heads == tuple((1, h) for h in range(8) if h != 3)
     assert math.isclose(build_clamps(compose_config(["clamp=pt_attention"])[0].clamp, shape)[1].strength, 1.0)
+    match = build_clamps(compose_config(["clamp=match"])[0].clamp, shape)[1]  # the paper's --opto_induction_heads 1:3
+    assert match.heads == ((1, 3),) and match.strength == 1.0
 
 
 # --- query-only passes (training and evaluation) --------------------------------------------------------

@@ -1,5 +1,7 @@
 """The transformer of paper-notes §2: causality, named sites, stacked runs, gradient blocking."""
 
+import math
+
 import pytest
 import torch
 
@@ -123,3 +125,43 @@ def test_state_dict_round_trip():
     assert torch.equal(source(batch), target(batch))
     with pytest.raises(ValueError):
         model(ModelShape(2, 4, 32, 16, 5, 3)).load_state_dict(source.state_dict(0), 0)
+
+
+WIDE = ModelShape(n_layers=2, n_heads=8, d_model=256, n_features=512, n_labels=64, context_len=2)
+WEIGHTS = ("embed.W_x", "blocks.0.attn.W_QKV", "blocks.1.attn.W_O", "unembed.W_U")
+
+
+def test_lecun_normal_init_has_variance_one_over_fan_in_and_stays_within_two_std():
+    params = Transformer(WIDE).init_([0], "lecun_normal").params
+    for name in WEIGHTS:
+        w = params[name][0]
+        fan_in = w.shape[0]
+        assert abs(w.std().item() * math.sqrt(fan_in) - 1) < 0.03, name
+        bound = 2 / math.sqrt(fan_in) / 0.87962566103423978
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound, name  # truncated, not clipped
+        assert abs(w.mean().item()) * math.sqrt(fan_in) < 0.05, name
+    labels = params["embed.W_y"][0]
+    assert labels.abs().max() <= 0.04 and abs(labels.std().item() / (0.02 * 0.8796) - 1) < 0.05
+    for name, p in params.items():
+        if name.endswith((".b", ".b_x", ".b_U")):
+            assert torch.all(p == 0), name
+        if name.endswith(".w"):
+            assert torch.all(p == 1), name
+
+
+def test_uniform_init_keeps_the_earlier_scheme():
+    params = Transformer(WIDE).init_([0], "uniform").params
+    for name in WEIGHTS[1:]:
+        w = params[name][0]
+        fan_in = w.shape[0]
+        assert w.abs().max() <= 1 / math.sqrt(fan_in)
+        assert abs(w.std().item() * math.sqrt(3 * fan_in) - 1) < 0.03, name  # uniform: variance bound²/3
+    w_x = params["embed.W_x"][0]
+    assert abs(w_x.std().item() * math.sqrt(512) - 1) < 0.03 and w_x.abs().max() * math.sqrt(512) > 3  # untruncated
+
+
+def test_default_config_uses_the_authors_init():
+    from ihstudy.config import compose_config
+
+    cfg, _ = compose_config([])
+    assert cfg.model.init == "lecun_normal"
