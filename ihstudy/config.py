@@ -139,6 +139,7 @@ def check_values(cfg: DictConfig) -> None:
     _numbers(cfg, "train.eval_at", int, 0)
     _numbers(cfg, "train.ckpt_at", int, 0)
     _number(cfg, "train.threads", int, 0, 1024)
+    _number(cfg, "train.chunk_batches", int, 1, 2**16)
     compile_setting = OmegaConf.select(cfg, "train.compile")
     _require(compile_setting in (True, False, "auto"), f"train.compile must be true, false or auto, got {compile_setting!r}")
     _number(cfg, "eval.n_sequences", int, 1, 100_000)

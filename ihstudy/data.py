@@ -1,4 +1,4 @@
-"""The few-shot task of paper-notes §1: exemplar sources, label-pair split and the batched sampler.
+"""The few-shot task of docs/science.md §1: exemplar sources, label-pair split and the batched sampler.
 
 A sequence is [x1, y1, ..., xN, yN, xq]. The sampler draws whole batches with tensor ops; the
 training stream is counter-based (chunk c of run seed s always holds the same sequences), so a
@@ -36,6 +36,11 @@ class Batch:
         """Stack per-run batches along a new leading run axis."""
         return Batch(*(torch.stack([getattr(b, f) for b in batches]) for f in ("exemplars", "labels", "target")))
 
+    @staticmethod
+    def concat(batches: list["Batch"]) -> "Batch":
+        """Concatenate batches along the (first) sequence axis."""
+        return Batch(*(torch.cat([getattr(b, f) for b in batches]) for f in ("exemplars", "labels", "target")))
+
     def __getitem__(self, index) -> "Batch":
         return Batch(self.exemplars[index], self.labels[index], self.target[index])
 
@@ -50,7 +55,7 @@ def gaussian_features(n_classes: int, n_exemplars: int, dim: int, latent_dim: in
                       within_class_std: float, norm: float, seed: int) -> torch.Tensor:
     """Built-in exemplars [classes, exemplars, dim] with shared low-dimensional structure.
 
-    Class centres lie in a random `latent_dim`-dimensional subspace (paper-notes §6: isotropic
+    Class centres lie in a random `latent_dim`-dimensional subspace (docs/science.md §6: isotropic
     class vectors never let held-out classes generalise); exemplars scatter isotropically around
     them. Every exemplar is scaled to the same norm.
     """
@@ -177,9 +182,12 @@ def chunk_generator(seed: int, chunk: int) -> torch.Generator:
 
 
 class TrainStream:
-    """The training batches of one run: batch k is a pure function of (data seed, k)."""
+    """The training batches of one run: batch k is a pure function of (data seed, chunk_batches, k).
 
-    def __init__(self, sampler: FewShotSampler, seed: int, batch_size: int, chunk_batches: int = 256):
+    The sequences of chunk c are drawn together from one generator, so chunk_batches (the config's
+    train.chunk_batches) decides which sequences a data seed yields."""
+
+    def __init__(self, sampler: FewShotSampler, seed: int, batch_size: int, chunk_batches: int):
         self.sampler, self.seed, self.batch_size, self.chunk_batches = sampler, seed, batch_size, chunk_batches
         self._chunk_index, self._chunk = -1, None
 
@@ -195,6 +203,23 @@ class TrainStream:
                                   for t in (drawn.exemplars, drawn.labels, drawn.target)))
             self._chunk_index = index
         return self._chunk
+
+
+class PackStream:
+    """Every run's training batches stacked [R, B, ...], a chunk of steps at a time (per-step stacking
+    and copying would cost more than the step's arithmetic)."""
+
+    def __init__(self, streams: list[TrainStream], device: torch.device):
+        self.streams, self.device = streams, device
+        self.chunk_batches = streams[0].chunk_batches  # runs pack together only with equal train.* configs
+        self.chunk_index, self.chunk = -1, None
+
+    def batch(self, step: int) -> Batch:
+        chunk, offset = divmod(step, self.chunk_batches)
+        if chunk != self.chunk_index:
+            self.chunk = Batch.stack([stream.chunk(chunk) for stream in self.streams]).to(self.device)
+            self.chunk_index = chunk
+        return self.chunk[:, offset]
 
 
 # --- the task: splits, training sampler and evaluators ---------------------------------------------

@@ -1,4 +1,8 @@
-"""Evaluation metrics (paper-notes §1) and the head scores of paper-notes §3, for R runs at once."""
+"""Evaluation metrics (docs/science.md §1) and the head scores of docs/science.md §3, for R runs at once.
+
+`Evaluator` holds the fixed eval sequences of a pack and turns one forward pass over them into the
+rows of eval.parquet (`measure`); the forward pass itself is the pack's (ihstudy/steps.py).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,57 @@ import math
 
 import torch
 
-from ihstudy.data import Batch
+from ihstudy.data import Batch, FewShotTask
 from ihstudy.model import cross_entropy, log_softmax
 
 LN2 = math.log(2)
 PHASE_CHANGE_THRESHOLD = 0.4 * LN2  # the paper's phase-change criterion on the fsl_train loss
 
 METRICS = ("loss", "acc", "icl_acc", "icl_prob", "ooc_acc", "ooc_prob", "in_context_mass")
+EVAL_CHUNK_SEQUENCES = 1000  # per eval forward pass, over all runs of a pack
+
+
+class Evaluator:
+    """The eval sequences of R runs (every evaluator's n_sequences, concatenated) and their rows."""
+
+    def __init__(self, tasks: list[FewShotTask], cfgs: list, device: torch.device):
+        self.names = list(cfgs[0].eval.evaluators)
+        n = cfgs[0].eval.n_sequences
+        self.batch = Batch.stack([Batch.concat([task.eval_set(name, n, cfg.eval_seed) for name in self.names])
+                                  for task, cfg in zip(tasks, cfgs)]).to(device)
+
+    @torch.no_grad()
+    def measure(self, eval_forward, step: int, batch_size: int) -> list[list[dict]]:
+        """Per run, one row per evaluator: the metrics and every head's scores at `step` (induction
+        strength in every layer, previous-token score in every layer but the last, whose pattern is
+        kept at the query row only). eval_forward(batch, part) -> (query logits, patterns) of the
+        sequences `part` (steps.FastPath / HookedPath.eval_forward)."""
+        logits, patterns = self.forward(eval_forward)
+        n = self.batch.target.shape[1] // len(self.names)
+        rows: list[list[dict]] = [[] for _ in range(self.batch.target.shape[0])]
+        for e, name in enumerate(self.names):
+            part = slice(e * n, (e + 1) * n)
+            sub = self.batch[:, part]
+            columns = {k: v.cpu() for k, v in query_metrics(logits[:, part], sub).items()}
+            for layer, pattern in enumerate(patterns):
+                for h, score in enumerate(induction_strength(pattern[:, part], sub).T):
+                    columns[f"induction.L{layer}H{h}"] = score.cpu()
+                if layer < len(patterns) - 1:
+                    for h, score in enumerate(previous_token_score(pattern[:, part]).T):
+                        columns[f"prev_token.L{layer}H{h}"] = score.cpu()
+            for r, run_rows in enumerate(rows):
+                run_rows.append({"step": step, "sequences": step * batch_size, "evaluator": name}
+                                | {k: float(v[r]) for k, v in columns.items()})
+        return rows
+
+    def forward(self, eval_forward) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Query logits [R, N, L] on the eval sequences, and every layer's attention pattern [R, N, H, T, T]
+        (the last layer's at the query row only, [R, N, H, 1, T]). In equal chunks that keep the
+        activations in the CPU cache (and need one compiled graph)."""
+        R, n = self.batch.target.shape
+        size = max(d for d in range(1, n + 1) if n % d == 0 and d * R <= max(EVAL_CHUNK_SEQUENCES, R))
+        chunks = [eval_forward(self.batch, slice(i, i + size)) for i in range(0, n, size)]
+        return torch.cat([c[0] for c in chunks], 1), [torch.cat(layer, 1) for layer in zip(*(c[1] for c in chunks))]
 
 
 def query_metrics(query_logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:

@@ -3,23 +3,45 @@
 Without hooks a training step needs only the query logits and every parameter's gradient. For
 this tiny model each tensor op costs far more in overhead than in arithmetic, so the step is
 written here as a pure function of tensors with as few ops as possible, on all stacked runs at
-once: the same maths as `Transformer.__call__` (model.py) up to float rounding. Being pure, it
-can also be compiled (`train.compile`, ihstudy/compiled.py). `tests/test_fast_path.py` checks
-logits, patterns and gradients against autograd through the model. Clamped runs train and
-evaluate through the model's sites with autograd instead (ClampSet).
+once. Its forward pass calls the model's own building blocks (model.py: embed, layer_norm,
+project_qkv, rotate, attention_scores, attention_z, project_out, mlp, unembed), so only the
+backward pass is written here. Being pure, the step can also be compiled (`train.compile`,
+ihstudy/compiled.py). `tests/test_fast_path.py` checks losses, patterns and gradients against
+autograd through the model for every combination of model options. Clamped runs, and models with
+an option the backward below does not handle (`unsupported`), train and evaluate through the
+model's sites with autograd instead (ihstudy/steps.py).
 
 Shapes: R runs, B sequences, T tokens, D width, H heads of width dh, L labels.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
-from ihstudy.model import Transformer, linear, log_softmax, rows, softmax
+from ihstudy.model import (ModelShape, Transformer, attention_scores, attention_z, embed, layer_norm, linear,
+                           log_softmax, mlp, project_out, project_qkv, rows, softmax, unembed)
 
-EPS = 1e-5  # F.layer_norm's default, as the model uses
 LAYER_NORM_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
+
+# Every ModelShape field the backward below handles, with the values it handles (None: any value).
+# A new model option is therefore trained through autograd until it is added here (with its backward).
+SUPPORTED_OPTIONS = {"n_layers": None, "n_heads": None, "d_model": None, "n_features": None, "n_labels": None,
+                     "context_len": None, "positional": ("rotary", "learned", "sinusoidal"), "rotary_base": None,
+                     "mlp_ratio": None}
+
+
+def unsupported(shape: ModelShape) -> str | None:
+    """Why the fast path cannot train a model of this shape, or None if it can."""
+    for option in dataclasses.fields(shape):
+        value = getattr(shape, option.name)
+        if option.name not in SUPPORTED_OPTIONS:
+            return f"it does not know the model option {option.name}"
+        if SUPPORTED_OPTIONS[option.name] is not None and value not in SUPPORTED_OPTIONS[option.name]:
+            return f"it does not handle {option.name}={value}"
+    return None
 
 
 def train_step(model: Transformer, flat: torch.Tensor, inputs: torch.Tensor, target: torch.Tensor,
@@ -66,14 +88,14 @@ class Tape:
 
     def __init__(self, model: Transformer, params: dict[str, torch.Tensor], inputs: torch.Tensor, query_only: bool = True):
         self.model, self.p, self.s, self.inputs = model, params, model.shape, inputs
-        x = linear(inputs, model.embedding_matrix(params))
+        x = embed(inputs, params)
         if self.s.positional != "rotary":
             x = x + model.absolute_positions(params)
         self.blocks = [Block(self, layer, query_only and layer == self.s.n_layers - 1) for layer in range(self.s.n_layers)]
         for block in self.blocks:
             x = block.forward(x)
         self.final_norm = LayerNorm(self, "ln_final", x[:, :, -1:])  # at the query only
-        self.logits = linear(self.final_norm.out, params["unembed.W_U"], params["unembed.b_U"])[:, :, 0]  # [R, B, L]
+        self.logits = unembed(self.final_norm.out, params)[:, :, 0]  # [R, B, L]
 
     def patterns(self) -> list[torch.Tensor]:
         """Every layer's attention pattern [R, B, H, T, T] (the last layer's [R, B, H, 1, T] if query_only)."""
@@ -99,17 +121,16 @@ class Tape:
 
 
 class LayerNorm:
-    """LayerNorm `name` applied to x [R, ..., D]: PyTorch's fused kernels, one call per run (each run
-    has its own gain and bias)."""
+    """LayerNorm `name` applied to x [R, ..., D], keeping the row statistics its backward reads."""
 
     def __init__(self, tape: Tape, name: str, x: torch.Tensor):
         self.tape, self.name, self.x = tape, name, x
         self.w, self.b = tape.p[name + ".w"], tape.p[name + ".b"]
-        per_run = [torch.native_layer_norm(x[r], x.shape[-1:], self.w[r], self.b[r], EPS) for r in range(x.shape[0])]
-        self.out, self.mean, self.rstd = (_stack_runs(list(t)) for t in zip(*per_run))
+        self.out, self.mean, self.rstd = layer_norm(x, self.w, self.b, stats=True)
 
     def backward(self, d_out: torch.Tensor) -> torch.Tensor:
-        """Gradient into x; records the gradients of the gain and bias."""
+        """Gradient into x; records the gradients of the gain and bias. PyTorch's fused kernel, one
+        call per run (each run has its own gain)."""
         per_run = [LAYER_NORM_BACKWARD(d_out[r], self.x[r], self.x.shape[-1:], self.mean[r], self.rstd[r],
                                        self.w[r], self.b[r], [True] * 3) for r in range(self.x.shape[0])]
         d_x, self.tape.grads[self.name + ".w"], self.tape.grads[self.name + ".b"] = (_stack_runs(list(t)) for t in zip(*per_run))
@@ -125,23 +146,18 @@ class Block:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, B, T, D] -> the block's output: [R, B, T, D], or [R, B, 1, D] if query_only.
-
-        Attention between 5-odd tokens is a few multiply-adds per pair, so it is written as
-        broadcast products in the token-major layout the projections produce ([R, B, T, H, dh]):
-        no per-head matrices, no layout copies, and few kernels once compiled."""
+        Attention token-major ([R, B, T, H, dh], see model.attention_scores)."""
         model, s = self.tape.model, self.tape.s
-        R, B, T, D = x.shape
+        R = x.shape[0]
         self.x, self.norm = x, LayerNorm(self.tape, self.name + "ln1", x)
-        qkv = linear(self.norm.out, self.p["attn.W_QKV"]).view(R, B, T, 3, s.n_heads, s.d_head)
+        qkv = project_qkv(self.norm.out, self.p["attn.W_QKV"], s.n_heads)  # [R, B, T, 3, H, dh]
         qk = model.rotate(qkv[:, :, :, :2], token_dim=-4) if s.positional == "rotary" else qkv[:, :, :, :2]
         q, self.k = qk.unbind(3)
         self.q, self.v = (q[:, :, -1:] if self.query_only else q), qkv[:, :, :, 2]  # [R, B, Tq or T, H, dh]
-        mask = model.causal_mask[-self.q.shape[2]:, :, None]  # [Tq, T, 1]
-        scores = (self.q.unsqueeze(3) * self.k.unsqueeze(2)).sum(-1) * s.d_head ** -0.5 + mask
-        self.pattern = softmax(scores, dim=3)  # [R, B, Tq, T, H]
-        self.z = (self.pattern.unsqueeze(-1) * self.v.unsqueeze(2)).sum(3).view(R, -1, D)  # [R, B*Tq, D]
-        residual = rows(x[:, :, -1:] if self.query_only else x)
-        x = torch.baddbmm(residual, self.z, self.p["attn.W_O"]).view(R, B, -1, D)
+        self.pattern = softmax(attention_scores(self.q, self.k, model.causal_mask, token_major=True), dim=3)  # [R, B, Tq, T, H]
+        z = attention_z(self.pattern, self.v, token_major=True)
+        self.z = z.view(R, -1, s.d_model)  # [R, B*Tq, D], as the backward multiplies it
+        x = project_out(z, self.p["attn.W_O"], residual=x[:, :, -1:] if self.query_only else x)
         return x + self.mlp_forward(x) if s.d_mlp else x
 
     def backward(self, d_out: torch.Tensor) -> torch.Tensor:
@@ -171,9 +187,13 @@ class Block:
 
     def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         self.mlp_norm = LayerNorm(self.tape, self.name + "ln2", x)
-        self.mlp_pre = linear(self.mlp_norm.out, self.p["mlp.W_in"], self.p["mlp.b_in"])
-        self.mlp_post = F.gelu(self.mlp_pre)
-        return linear(self.mlp_post, self.p["mlp.W_out"], self.p["mlp.b_out"])
+        self.mlp_sites: dict[str, torch.Tensor] = {}
+        return mlp(self.mlp_norm.out, self.tape.p, self.name, self.keep)
+
+    def keep(self, site: str, x: torch.Tensor) -> torch.Tensor:
+        """mlp()'s site function here: keeps mlp.hook_pre and mlp.hook_post for the backward pass."""
+        self.mlp_sites[site[len(self.name):]] = x
+        return x
 
     def mlp_backward(self, d_out: torch.Tensor) -> torch.Tensor:
         """Gradient into the MLP's input through the MLP alone (the residual path adds d_out)."""
@@ -181,8 +201,9 @@ class Block:
         if self.query_only:
             d_out = d_out[:, :, -1:]
         grads[n + "mlp.b_out"] = d_out.sum((1, 2))
-        grads[n + "mlp.W_out"] = torch.bmm(rows(self.mlp_post).transpose(1, 2), rows(d_out))
-        d_pre = torch.ops.aten.gelu_backward(linear(d_out, self.p["mlp.W_out"].transpose(1, 2)), self.mlp_pre)
+        pre, post = self.mlp_sites["mlp.hook_pre"], self.mlp_sites["mlp.hook_post"]
+        grads[n + "mlp.W_out"] = torch.bmm(rows(post).transpose(1, 2), rows(d_out))
+        d_pre = torch.ops.aten.gelu_backward(linear(d_out, self.p["mlp.W_out"].transpose(1, 2)), pre)
         grads[n + "mlp.b_in"] = d_pre.sum((1, 2))
         grads[n + "mlp.W_in"] = torch.bmm(rows(self.mlp_norm.out).transpose(1, 2), rows(d_pre))
         d_x = self.mlp_norm.backward(linear(d_pre, self.p["mlp.W_in"].transpose(1, 2)))

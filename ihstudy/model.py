@@ -1,4 +1,4 @@
-"""The attention-only transformer of paper-notes §2, as R stacked copies ("runs") with named sites.
+"""The attention-only transformer of docs/science.md §2, as R stacked copies ("runs") with named sites.
 
 Every parameter carries a leading run axis, so a batched sweep trains R independent models with
 the same few large ops a single model needs (R=1 for a single run). All parameters of all runs
@@ -33,7 +33,14 @@ table says T.
 A hook is `fn(tensor, hook) -> tensor | None` (hook.name is the site name); returning a tensor
 replaces the activation. Opt-in sites change how the layer is computed (per-head results summed,
 Q/K and V read from separate inputs), so they run only when hooked or named in a cache filter.
+The list of sites is not kept by hand: a dry pass at construction notes every `_site` call the
+forward code makes (`site_names`), so a new site is one `_site(...)` line.
 Token positions: exemplar i at 2i, its label at 2i+1, the query at T-1 = 2N.
+
+Each building block's maths (embedding, positions, layer norm, QKV projection, rotary, attention
+scores, pattern and z, output projection, MLP, unembedding) is defined once, as a function at the
+end of this file or a `Transformer` method, and used both by the hooked pass below and by the
+fast path's hand-written step (fast_path.py), like nanoGPT's `if self.flash:` branch.
 """
 
 from __future__ import annotations
@@ -130,6 +137,26 @@ class HookPoint:
     name: str
 
 
+class SiteTrace(dict):
+    """Stands in for the hook table during site_names' dry pass: notes every site reached and, with
+    opt_in, makes the forward code take the opt-in sites' branches."""
+
+    def __init__(self, opt_in: bool):
+        super().__init__()
+        self.names: list[str] = []
+        self.opt_in = opt_in
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, name) -> bool:
+        return self.opt_in or not name.endswith(OPT_IN_SITES)
+
+    def get(self, name, default=None):
+        self.names.append(name)
+        return default
+
+
 class Transformer:
     def __init__(self, shape: ModelShape, n_runs: int = 1, device: str | torch.device = "cpu"):
         self.shape, self.n_runs, self.device = shape, n_runs, torch.device(device)
@@ -144,9 +171,9 @@ class Transformer:
             param = self.flat[:, offset:offset + size].view(n_runs, *s).requires_grad_()
             param.grad = self.flat_grad[:, offset:offset + size].view(n_runs, *s)
             self.params[name], self._offsets[name], offset = param, (offset, offset + size), offset + size
-        self._hooks: dict[str, list] = {}
-        self._known_sites = frozenset(self.site_names())  # checked on every hooked (clamped) pass
         self._setup_positions()
+        self._site_names = self._trace_sites()
+        self._known_sites = frozenset(self._site_names)  # checked on every hooked (clamped) pass
 
     # --- parameters ---------------------------------------------------------------------------
 
@@ -178,19 +205,26 @@ class Transformer:
     # --- sites ----------------------------------------------------------------------------------
 
     def site_names(self) -> list[str]:
-        names = ["hook_embed"] + (["hook_pos_embed"] if self.shape.positional != "rotary" else [])
-        for layer in range(self.shape.n_layers):
-            b = f"blocks.{layer}."
-            names += [b + "hook_resid_pre", b + "hook_qk_input", b + "hook_v_input", b + "ln1.hook_normalized"]
-            names += [b + "attn." + s for s in ("hook_q", "hook_k", "hook_v")]
-            if self.shape.positional == "rotary":
-                names += [b + "attn.hook_rot_q", b + "attn.hook_rot_k"]
-            names += [b + "attn." + s for s in ("hook_attn_scores", "hook_pattern", "hook_z", "hook_result")]
-            names.append(b + "hook_attn_out")
-            if self.shape.d_mlp:
-                names += [b + s for s in ("hook_resid_mid", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out")]
-            names.append(b + "hook_resid_post")
-        return names + ["ln_final.hook_normalized", "hook_logits"]
+        return list(self._site_names)
+
+    def _trace_sites(self) -> list[str]:
+        """Every site the forward code reaches, in order: a dry pass without, then with the opt-in
+        sites' branches (which replace ln1.hook_normalized), merged."""
+        s, R = self.shape, self.n_runs
+        batch = Batch(torch.zeros(R, 1, s.context_len + 1, s.n_features, device=self.device),
+                      torch.zeros(R, 1, s.context_len, dtype=torch.long, device=self.device),
+                      torch.zeros(R, 1, dtype=torch.long, device=self.device))
+        plain, opt_in = SiteTrace(opt_in=False), SiteTrace(opt_in=True)
+        with torch.no_grad():
+            for trace in (plain, opt_in):
+                self._hooks = trace
+                self(batch)
+        self._hooks = {}
+        names = list(plain.names)
+        for before, name in zip(opt_in.names, opt_in.names[1:]):
+            if name not in names:
+                names.insert(names.index(before) + 1, name)
+        return names
 
     @contextmanager
     def hooks(self, fwd_hooks):
@@ -254,16 +288,13 @@ class Transformer:
         hook_pattern, hook_z, hook_result, hook_attn_out, hook_resid_post, ...) then hold that row
         only ([..., 1, ...] where the full pass has T), as do the final LayerNorm and the logits."""
         p, s = self.params, self.shape
-        resid = self._site("hook_embed", self._embed(batch))
+        resid = self._site("hook_embed", embed(self.embedding_inputs(batch), p))
         if s.positional != "rotary":
             resid = resid + self._site("hook_pos_embed", self.absolute_positions())
         for layer in range(s.n_layers):
             resid = self._block(layer, resid, query_only and layer == s.n_layers - 1)
         final = self._site("ln_final.hook_normalized", layer_norm(resid, p["ln_final.w"], p["ln_final.b"]))
-        return self._site("hook_logits", linear(final, p["unembed.W_U"], p["unembed.b_U"]))
-
-    def _embed(self, batch: Batch) -> torch.Tensor:
-        return linear(self.embedding_inputs(batch), self.embedding_matrix(self.params))
+        return self._site("hook_logits", unembed(final, p))
 
     def embedding_inputs(self, batch: Batch) -> torch.Tensor:
         """One matmul embeds all tokens: a token's input row [..., T, F+1+L] is [exemplar, 1, 0...] or
@@ -276,11 +307,6 @@ class Transformer:
         inputs[..., 0::2, F_] = 1.0
         inputs[..., 1::2, F_ + 1:].scatter_(-1, batch.labels.unsqueeze(-1), 1.0)
         return inputs
-
-    @staticmethod
-    def embedding_matrix(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[R, F+1+L, D]: the weights [W_x; b_x; W_y] that embedding_inputs multiply."""
-        return torch.cat([params["embed.W_x"], params["embed.b_x"].unsqueeze(1), params["embed.W_y"]], 1)
 
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every parameter as a view into `buffer` [R, P], laid out like flat."""
@@ -302,14 +328,11 @@ class Transformer:
 
     def _mlp(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         p, b = self.params, f"blocks.{layer}."
-        h = layer_norm(resid, p[b + "ln2.w"], p[b + "ln2.b"])
-        pre = self._site(b + "mlp.hook_pre", linear(h, p[b + "mlp.W_in"], p[b + "mlp.b_in"]))
-        return linear(self._site(b + "mlp.hook_post", F.gelu(pre)), p[b + "mlp.W_out"], p[b + "mlp.b_out"])
+        return mlp(layer_norm(resid, p[b + "ln2.w"], p[b + "ln2.b"]), p, b, self._site)
 
     def _attention(self, layer: int, resid: torch.Tensor, query_only: bool = False) -> torch.Tensor:
         s, b = self.shape, f"blocks.{layer}."
-        R, B, T, D = resid.shape
-        H, dh = s.n_heads, s.d_head
+        H, dh, D = s.n_heads, s.d_head, s.d_model
         qkv = self._qkv(layer, resid)  # [3, R, B, H, T, d_head]: head-major, as the matmuls want it
         queries = slice(-1, None) if query_only else slice(None)  # the rows this pass computes
         q, k, v = (self._head_major_site(b + "attn.hook_" + n, t) for n, t in zip("qkv", (qkv[0][..., queries, :], qkv[1], qkv[2])))
@@ -319,15 +342,15 @@ class Transformer:
             else:
                 q, k = self.rotate(qkv[:2] if q is qkv[0] and k is qkv[1] else torch.stack([q, k]))
             q, k = self._head_major_site(b + "attn.hook_rot_q", q), self._head_major_site(b + "attn.hook_rot_k", k)
-        scores = torch.add(self.causal_mask[queries], q @ k.transpose(-1, -2), alpha=dh ** -0.5)
-        pattern = self._site(b + "attn.hook_pattern", softmax(self._site(b + "attn.hook_attn_scores", scores)))
-        z = self._site(b + "attn.hook_z", (pattern @ v).transpose(2, 3))  # [R, B, Tq, H, d_head]
+        scores = self._site(b + "attn.hook_attn_scores", attention_scores(q, k, self.causal_mask))
+        pattern = self._site(b + "attn.hook_pattern", softmax(scores))
+        z = self._site(b + "attn.hook_z", attention_z(pattern, v))  # [R, B, Tq, H, d_head]
         W_O = self.params[b + "attn.W_O"]
         if self._hooked(b + "attn.hook_result"):
             per_head = W_O.view(W_O.shape[0], 1, 1, H, dh, D)
             result = self._site(b + "attn.hook_result", (z.unsqueeze(-2) @ per_head).squeeze(-2))
             return result.sum(3)
-        return linear(z.reshape(R, B, -1, D), W_O)
+        return project_out(z, W_O)
 
     def _qkv(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """q, k, v [3, R, B, H, T, d_head], each contiguous; Q/K and V read separate inputs if hooked."""
@@ -337,13 +360,10 @@ class Transformer:
             D = self.shape.d_model
             qk = linear(layer_norm(self._site(b + "hook_qk_input", resid), w, bias), W_QKV[..., :2 * D])
             v = linear(layer_norm(self._site(b + "hook_v_input", resid), w, bias), W_QKV[..., 2 * D:])
-            return self.split_heads(torch.cat([qk, v], -1))
-        h = self._site(b + "ln1.hook_normalized", layer_norm(resid, w, bias))
-        return self.split_heads(linear(h, W_QKV))
-
-    def split_heads(self, qkv: torch.Tensor) -> torch.Tensor:
-        R, B, T, _ = qkv.shape
-        return qkv.view(R, B, T, 3, self.shape.n_heads, self.shape.d_head).permute(3, 0, 1, 4, 2, 5).contiguous()
+            qkv = split_qkv(torch.cat([qk, v], -1), self.shape.n_heads)
+        else:
+            qkv = project_qkv(self._site(b + "ln1.hook_normalized", layer_norm(resid, w, bias)), W_QKV, self.shape.n_heads)
+        return qkv.permute(3, 0, 1, 4, 2, 5).contiguous()
 
     def _head_major_site(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Run site `name` ([R, B, T, H, d_head], as TransformerLens shows q, k, v) on x [R, B, H, T, d_head]."""
@@ -410,8 +430,88 @@ def affine(normalized: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return torch.addcmul(per_run(bias, normalized.dim()), normalized, per_run(weight, normalized.dim()))
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return affine(F.layer_norm(x, x.shape[-1:]), weight, bias)
+LAYER_NORM_EPS = 1e-5  # F.layer_norm's default
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stats: bool = False):
+    """LayerNorm over the last axis with per-run gain and bias [R, D]; with `stats` also each row's
+    mean and 1/std, which the fast path's backward reads: (out, mean, rstd)."""
+    normalized, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, LAYER_NORM_EPS)
+    out = affine(normalized, weight, bias)
+    return (out, mean, rstd) if stats else out
+
+
+# --- the building blocks both passes share (the hooked pass above, fast_path.py) -----------------
+
+
+def embedding_matrix(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[R, F+1+L, D]: the weights [W_x; b_x; W_y] that Transformer.embedding_inputs multiply."""
+    return torch.cat([params["embed.W_x"], params["embed.b_x"].unsqueeze(1), params["embed.W_y"]], 1)
+
+
+def embed(inputs: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token embeddings [R, B, T, D] of embedding inputs [R, B, T, F+1+L] (one matmul)."""
+    return linear(inputs, embedding_matrix(params))
+
+
+def split_qkv(qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[R, B, T, 3*D] -> q, k, v as one view [R, B, T, 3, H, d_head] (token-major, no copy)."""
+    R, B, T, _ = qkv.shape
+    return qkv.view(R, B, T, 3, n_heads, -1)
+
+
+def project_qkv(normalized: torch.Tensor, W_QKV: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q, k, v [R, B, T, 3, H, d_head] of the layer-normed residual, in one matmul."""
+    return split_qkv(linear(normalized, W_QKV), n_heads)
+
+
+# Attention between 5-odd tokens is a few multiply-adds per pair. The hooked pass, whose sites are
+# per head, computes it head-major with matmuls; the fast path token-major ([R, B, T, H, d_head], the
+# layout the projection gives) with broadcast products: no layout copies, fewer kernels once compiled,
+# and the layout its hand-written backward reads. The same maths in two evaluation orders (like
+# nanoGPT's flash/manual branches); float rounding may differ, so each path keeps its own and runs
+# stay bit-for-bit reproducible.
+def attention_scores(q: torch.Tensor, k: torch.Tensor, causal_mask: torch.Tensor, token_major: bool = False) -> torch.Tensor:
+    """Scaled, causally masked scores q.k / sqrt(d_head): [R, B, H, Tq, T] from head-major q [R, B, H, Tq, dh]
+    and k [R, B, H, T, dh]; token_major: [R, B, Tq, T, H] from q [R, B, Tq, H, dh] and k [R, B, T, H, dh]."""
+    d_head = q.shape[-1]
+    if token_major:
+        mask = causal_mask[-q.shape[2]:, :, None]  # [Tq, T, 1]
+        return (q.unsqueeze(3) * k.unsqueeze(2)).sum(-1) * d_head ** -0.5 + mask
+    return torch.add(causal_mask[-q.shape[-2]:], q @ k.transpose(-1, -2), alpha=d_head ** -0.5)
+
+
+def attention_z(pattern: torch.Tensor, v: torch.Tensor, token_major: bool = False) -> torch.Tensor:
+    """Pattern-weighted values z [R, B, Tq, H, dh] from pattern [R, B, H, Tq, T] and v [R, B, H, T, dh];
+    token_major: from pattern [R, B, Tq, T, H] and v [R, B, T, H, dh]."""
+    if token_major:
+        return (pattern.unsqueeze(-1) * v.unsqueeze(2)).sum(3)
+    return (pattern @ v).transpose(2, 3)
+
+
+def project_out(z: torch.Tensor, W_O: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The heads' summed output z [R, B, Tq, H, dh] @ W_O -> [R, B, Tq, D]; with `residual` [R, B, Tq, D]
+    added inside the matmul (the fast path: one kernel, the same bits as adding it after)."""
+    R, B, Tq, H, dh = z.shape
+    if residual is None:
+        return linear(z.reshape(R, B, Tq, H * dh), W_O)
+    return torch.baddbmm(rows(residual), z.reshape(R, B * Tq, H * dh), W_O).view(R, B, Tq, -1)
+
+
+def no_site(name: str, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def mlp(normalized: torch.Tensor, params: dict[str, torch.Tensor], block: str, site=no_site) -> torch.Tensor:
+    """Block `block`'s MLP on its layer-normed input; `site(name, tensor)` sees (and may replace)
+    mlp.hook_pre and mlp.hook_post (the hooked pass's sites, the fast path's record for backward)."""
+    pre = site(block + "mlp.hook_pre", linear(normalized, params[block + "mlp.W_in"], params[block + "mlp.b_in"]))
+    post = site(block + "mlp.hook_post", F.gelu(pre))
+    return linear(post, params[block + "mlp.W_out"], params[block + "mlp.b_out"])
+
+
+def unembed(final: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    return linear(final, params["unembed.W_U"], params["unembed.b_U"])
 
 
 # PyTorch's CPU (log-)softmax kernels are slow for rows as short as 5 tokens or labels; these few

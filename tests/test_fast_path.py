@@ -1,11 +1,18 @@
 """The hand-written training step (fast_path.py) against autograd through the model itself."""
 
+import dataclasses
+import itertools
+import logging
+
 import pytest
 import torch
 
+from ihstudy.clamps import ClampSet
 from ihstudy.compiled import Compiled
-from ihstudy.fast_path import Tape, train_step
-from ihstudy.model import ModelShape, query_loss
+from ihstudy.data import Batch
+from ihstudy.fast_path import Tape, train_step, unsupported
+from ihstudy.model import ModelShape, Transformer, query_loss
+from ihstudy.steps import FastPath, HookedPath, choose_path
 from tests.test_model import model, random_batch
 
 SHAPES = {
@@ -22,9 +29,15 @@ def step(m, batch, weight, function=train_step):
     return (*log.T, grad, all_finite)
 
 
-@pytest.mark.parametrize("name", SHAPES)
-def test_loss_and_gradients_equal_autograd(name):
-    shape = SHAPES[name]
+# Every combination of model options: positions x MLP x depth x (labels, context length).
+OPTION_GRID = [ModelShape(n_layers, 2, 16, 8, n_labels, context_len, positional=positional, mlp_ratio=mlp_ratio)
+               for positional, mlp_ratio, n_layers, (n_labels, context_len) in itertools.product(
+                   ("rotary", "learned", "sinusoidal"), (0.0, 2.0), (1, 2, 3), ((5, 2), (10, 4)))]
+
+
+@pytest.mark.parametrize("shape", OPTION_GRID, ids=lambda s: f"{s.positional}-mlp{s.mlp_ratio:g}-L{s.n_layers}-N{s.context_len}")
+def test_loss_and_gradients_equal_autograd(shape):
+    assert unsupported(shape) is None
     by_hand, by_autograd = model(shape, seeds=(1, 2, 3)), model(shape, seeds=(1, 2, 3))
     batch = random_batch(runs=3, n=7, shape=shape)
     weight = torch.tensor([1.0, 0.0, 0.5]).view(3, 1, 1) / 7  # per sequence; a failed run (0) gets no gradient
@@ -39,6 +52,52 @@ def test_loss_and_gradients_equal_autograd(name):
     assert torch.allclose(grad, by_autograd.flat_grad, rtol=1e-4, atol=1e-6)
     assert torch.all(grad[1] == 0)
     assert torch.allclose(grad_norm, by_autograd.flat_grad.norm(dim=1), rtol=1e-4)
+
+
+class OneBatch:
+    """A PackStream holding a single batch."""
+
+    chunk_batches, chunk_index = 1, 0
+
+    def __init__(self, batch: Batch):
+        self.chunk = Batch(*(t.unsqueeze(1) for t in (batch.exemplars, batch.labels, batch.target)))
+
+    def batch(self, step: int) -> Batch:
+        return self.chunk[:, step]
+
+
+@pytest.mark.parametrize("shape", OPTION_GRID[::5], ids=lambda s: f"{s.positional}-mlp{s.mlp_ratio:g}-L{s.n_layers}-N{s.context_len}")
+def test_both_paths_take_the_same_step(shape):
+    """steps.FastPath and steps.HookedPath (what clamped packs use) on the same stream: equal log rows and gradients."""
+    batch = random_batch(runs=2, n=7, shape=shape)
+    logs = []
+    for path_type in (FastPath, HookedPath):
+        m = model(shape, seeds=(1, 2))
+        path = FastPath(m) if path_type is FastPath else HookedPath(m, ClampSet([[], []]))
+        log_row = torch.empty(2, 4)
+        assert path.step(OneBatch(batch), 0, torch.ones(2, 1, 1) / 7, torch.full((2,), 0.1), log_row)
+        logs.append((log_row, m.flat_grad.clone(), path.eval_forward(batch, slice(0, 7))))
+    (fast_log, fast_grad, (fast_logits, fast_patterns)), (hooked_log, hooked_grad, (hooked_logits, hooked_patterns)) = logs
+    assert torch.allclose(fast_log, hooked_log, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(fast_grad, hooked_grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(fast_logits, hooked_logits, atol=1e-5)
+    for fast, hooked in zip(fast_patterns, hooked_patterns):
+        assert torch.allclose(fast, hooked, atol=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeWithANewOption(ModelShape):
+    new_option: int = 1  # a model option the hand-written backward was never told about
+
+
+def test_a_model_option_the_fast_path_does_not_know_falls_back_to_autograd(caplog):
+    shape = ShapeWithANewOption(2, 2, 16, 8, 5, 2)
+    assert "new_option" in unsupported(shape)
+    assert "positional=alibi" in unsupported(dataclasses.replace(OPTION_GRID[0], positional="alibi"))
+    with caplog.at_level(logging.WARNING):
+        path = choose_path(Transformer(shape), ClampSet([[]]))
+    assert isinstance(path, HookedPath) and "new_option" in caplog.text
+    assert isinstance(choose_path(Transformer(OPTION_GRID[0]), ClampSet([[]])), FastPath)
 
 
 @pytest.mark.parametrize("name", SHAPES)

@@ -1,0 +1,94 @@
+"""How a pack computes, chosen once: the fast path or autograd through the hooked model.
+
+Both give a training step (the loss and every parameter's gradient of all runs, and the step's log
+row) and the evaluation's forward pass (query logits and every layer's attention pattern):
+
+  FastPath    unclamped packs whose model the hand-written backward handles (fast_path.py)
+  HookedPath  clamped packs, and any model option the fast path does not handle (noted in the log):
+              autograd through the model's sites with the clamps' hooks (ClampSet)
+
+Either can be compiled (`compile()`, compiled.py) for long runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ihstudy.clamps import ClampSet
+from ihstudy.compiled import Compiled
+from ihstudy.data import Batch, PackStream
+from ihstudy.fast_path import Tape, batch_spread, query_loss_and_gradients, train_step, unsupported
+from ihstudy.model import Transformer
+
+log = logging.getLogger(__name__)
+
+
+def choose_path(model: Transformer, clamps: ClampSet) -> "FastPath | HookedPath":
+    if clamps.groups:
+        return HookedPath(model, clamps)
+    reason = unsupported(model.shape)
+    if reason is not None:
+        log.warning("training through autograd, not the fast path (slower): %s", reason)
+        return HookedPath(model, clamps)
+    return FastPath(model)
+
+
+class FastPath:
+    """The hand-written step, fed the embedding inputs of a whole chunk of batches at once."""
+
+    def __init__(self, model: Transformer):
+        self.model, self.train_step = model, train_step
+        self.inputs_chunk, self.chunk_inputs = -1, None
+        self.eval_batch, self.eval_inputs = None, None
+
+    def compile(self) -> None:
+        if not isinstance(self.train_step, Compiled):
+            self.train_step = Compiled(train_step, fullgraph=True)
+
+    def step(self, stream: PackStream, step: int, weight: torch.Tensor, lr: torch.Tensor, log_row: torch.Tensor) -> torch.Tensor:
+        """Gradients of every run into model.flat_grad, the log row into log_row [R, 4]; whether all
+        losses are finite (fast_path.train_step)."""
+        batch = stream.batch(step)
+        if self.inputs_chunk != stream.chunk_index:
+            self.inputs_chunk, self.chunk_inputs = stream.chunk_index, self.model.embedding_inputs(stream.chunk)
+        inputs = self.chunk_inputs[:, step % stream.chunk_batches]
+        return self.train_step(self.model, self.model.flat, inputs, batch.target, weight, lr, self.model.flat_grad, log_row)
+
+    def eval_forward(self, eval_batch: Batch, part: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Query logits [R, n, L] and patterns of the eval sequences `part` (the last layer's at the query)."""
+        if self.eval_batch is not eval_batch:  # its embedding inputs are made once
+            self.eval_batch, self.eval_inputs = eval_batch, self.model.embedding_inputs(eval_batch)
+        tape = Tape(self.model, self.model.views(self.model.flat), self.eval_inputs[:, part])
+        return tape.logits, tape.patterns()
+
+
+class HookedPath:
+    """Autograd through the model's sites, with the clamps' hooks: FastPath's work for any pack."""
+
+    def __init__(self, model: Transformer, clamps: ClampSet):
+        self.model, self.clamps = model, clamps
+        self.query_logits, self.eval_chunk = clamps.query_logits, self.hooked_eval_chunk
+
+    def compile(self) -> None:
+        if not isinstance(self.query_logits, Compiled):
+            self.query_logits, self.eval_chunk = Compiled(self.clamps.query_logits), Compiled(self.hooked_eval_chunk)
+
+    def step(self, stream: PackStream, step: int, weight: torch.Tensor, lr: torch.Tensor, log_row: torch.Tensor) -> torch.Tensor:
+        batch = stream.batch(step)
+        self.model.flat_grad.zero_()
+        logits = self.query_logits(self.model, batch)
+        loss, logit_grads = query_loss_and_gradients(logits.detach(), batch.target)
+        finite = torch.isfinite(loss)
+        logits.backward(torch.where(finite[:, None, None], logit_grads * weight, 0.0))
+        torch.stack([loss, self.model.flat_grad.norm(dim=1), batch_spread(logit_grads), lr], 1, out=log_row)
+        return finite.all()
+
+    def eval_forward(self, eval_batch: Batch, part: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.eval_chunk(eval_batch[:, part])
+
+    def hooked_eval_chunk(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.model.shape.n_layers)]
+        logits, cache = self.clamps.run_with_cache(self.model, batch, sites, query_only=True)
+        return logits[:, :, -1], [cache[s] for s in sites]
