@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ihstudy.model import (ModelShape, Transformer, attention_scores, attention_z, embed, layer_norm, linear,
-                           log_softmax, mlp, project_out, project_qkv, rows, softmax, unembed)
+                           log_softmax, mlp, project_out, project_qkv, rows, softmax, stack_runs, unembed)
 
 LAYER_NORM_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
 
@@ -133,7 +133,7 @@ class LayerNorm:
         call per run (each run has its own gain)."""
         per_run = [LAYER_NORM_BACKWARD(d_out[r], self.x[r], self.x.shape[-1:], self.mean[r], self.rstd[r],
                                        self.w[r], self.b[r], [True] * 3) for r in range(self.x.shape[0])]
-        d_x, self.tape.grads[self.name + ".w"], self.tape.grads[self.name + ".b"] = (_stack_runs(list(t)) for t in zip(*per_run))
+        d_x, self.tape.grads[self.name + ".w"], self.tape.grads[self.name + ".b"] = (stack_runs(list(t)) for t in zip(*per_run))
         return d_x
 
 
@@ -209,6 +209,3 @@ class Block:
         d_x = self.mlp_norm.backward(linear(d_pre, self.p["mlp.W_in"].transpose(1, 2)))
         return F.pad(d_x, (0, 0, self.x.shape[2] - 1, 0)) if self.query_only else d_x
 
-
-def _stack_runs(per_run: list[torch.Tensor]) -> torch.Tensor:
-    return per_run[0].unsqueeze(0) if len(per_run) == 1 else torch.stack(per_run)

@@ -434,11 +434,21 @@ LAYER_NORM_EPS = 1e-5  # F.layer_norm's default
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stats: bool = False):
-    """LayerNorm over the last axis with per-run gain and bias [R, D]; with `stats` also each row's
-    mean and 1/std, which the fast path's backward reads: (out, mean, rstd)."""
-    normalized, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, LAYER_NORM_EPS)
-    out = affine(normalized, weight, bias)
-    return (out, mean, rstd) if stats else out
+    """LayerNorm over the last axis with per-run gain and bias [R, D].
+
+    stats (the fast path, no autograd): also each row's mean and 1/std, which its backward reads,
+    from PyTorch's fused kernel, one call per run (each run has its own gain; the unfused kernel is
+    ~2x slower). Otherwise (autograd) normalise, then scale and shift: the same values bit for bit
+    (tests/test_model.py), and the graph whose gradients the hooked pass has always had.
+    """
+    if stats:
+        per_run = [torch.native_layer_norm(x[r], x.shape[-1:], weight[r], bias[r], LAYER_NORM_EPS) for r in range(x.shape[0])]
+        return tuple(stack_runs(list(t)) for t in zip(*per_run))  # out, mean, rstd
+    return affine(F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS), weight, bias)
+
+
+def stack_runs(per_run: list[torch.Tensor]) -> torch.Tensor:
+    return per_run[0].unsqueeze(0) if len(per_run) == 1 else torch.stack(per_run)
 
 
 # --- the building blocks both passes share (the hooked pass above, fast_path.py) -----------------

@@ -1,4 +1,4 @@
-"""The transformer of paper-notes §2: causality, named sites, stacked runs, gradient blocking."""
+"""The transformer of docs/science.md §2: causality, named sites, stacked runs, gradient blocking."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ihstudy.data import Batch
-from ihstudy.model import OPT_IN_SITES, ModelShape, Transformer, cross_entropy, query_loss
+from ihstudy.model import OPT_IN_SITES, ModelShape, Transformer, cross_entropy, layer_norm, query_loss
 
 SHAPE = ModelShape(n_layers=2, n_heads=8, d_model=64, n_features=16, n_labels=5, context_len=3)
 
@@ -165,3 +165,25 @@ def test_default_config_uses_the_authors_init():
 
     cfg, _ = compose_config([])
     assert cfg.model.init == "lecun_normal"
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 5, 64), (3, 7, 9, 32)])
+def test_both_layer_norm_forms_give_the_same_values(shape):
+    """The fast path's fused per-run form and the autograd form (model.layer_norm) agree bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(shape, generator=g), torch.randn(shape[0], shape[-1], generator=g), torch.randn(shape[0], shape[-1], generator=g)
+    out, mean, rstd = layer_norm(x, w, b, stats=True)
+    assert torch.equal(out, layer_norm(x, w, b))
+    assert torch.allclose(mean.squeeze(-1), x.mean(-1)) and torch.allclose(rstd.squeeze(-1), x.var(-1, correction=0).add(1e-5).rsqrt())
+
+
+def test_site_names_are_every_site_the_forward_code_reaches_in_order():
+    names = Transformer(ModelShape(2, 4, 32, 16, 5, 3, positional="learned", mlp_ratio=2.0)).site_names()
+    assert names[:3] == ["hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre"]
+    assert names[-2:] == ["ln_final.hook_normalized", "hook_logits"]
+    block = [n.removeprefix("blocks.1.") for n in names if n.startswith("blocks.1.")]
+    assert block == ["hook_resid_pre", "hook_qk_input", "hook_v_input", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k",
+                     "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
+                     "hook_attn_out", "hook_resid_mid", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
+    rotary = Transformer(ModelShape(1, 4, 32, 16, 5, 3)).site_names()
+    assert "hook_pos_embed" not in rotary and rotary.index("blocks.0.attn.hook_rot_q") == rotary.index("blocks.0.attn.hook_v") + 1
