@@ -121,7 +121,7 @@ def test_exemplar_noise():
     assert abs(noise.std().item() - 0.5) < 0.02 and abs(noise.mean().item()) < 0.02
 
 
-def test_train_stream_is_a_pure_function_of_seed_and_step():
+def test_train_stream_is_a_pure_function_of_seed_chunk_size_and_step():
     sampler = make_sampler()
     forward, backward = TrainStream(sampler, 7, 32, chunk_batches=4), TrainStream(sampler, 7, 32, chunk_batches=4)
     first = [forward.batch(k).exemplars for k in range(10)]
@@ -130,6 +130,8 @@ def test_train_stream_is_a_pure_function_of_seed_and_step():
     assert not torch.equal(first[0], first[1])
     other_seed = TrainStream(sampler, 8, 32, chunk_batches=4)
     assert not torch.equal(other_seed.batch(0).exemplars, first[0])
+    other_chunks = TrainStream(sampler, 7, 32, chunk_batches=8)  # hence train.chunk_batches is recorded in the config
+    assert not torch.equal(other_chunks.batch(5).exemplars, first[5])
 
 
 def test_gaussian_features_shape_norm_and_structure():

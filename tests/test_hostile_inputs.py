@@ -125,6 +125,8 @@ def test_configs_cannot_execute_code(tmp_path):
     ("optim.betas=[0.9]", "optim.betas must be a list of 2 numbers"),
     ("eval.evaluators=[]", "eval.evaluators must be a non-empty list"),
     ("train.eval_at=[abc]", "train.eval_at[0] must be an integer"),
+    ("train.chunk_batches=0", "train.chunk_batches=0 must lie in"),
+    ("train.chunk_batches=2.5", "train.chunk_batches must be an integer"),
     ("device=cuda:x", "device must be auto, cpu, mps, cuda or cuda:N"),
     ("~model.n_layers", "model.n_layers must be an integer, got None"),
     ("data.source=url", "data.source must be gaussian or file"),

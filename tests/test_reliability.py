@@ -199,6 +199,8 @@ def test_resume_refuses_another_config(tmp_path):
     RunFiles(run_dir).write_status(status="running")
     other = train(run_dir, "train.sequences=480", "optim.lr=1e-3", "--resume")
     assert other.exit_code == 2 and "differs in optim.lr" in other.output, other.output
+    other_data = train(run_dir, "train.sequences=480", "train.chunk_batches=64", "--resume")  # other sequences per data_seed
+    assert other_data.exit_code == 2 and "differs in train.chunk_batches" in other_data.output, other_data.output
     assert train(run_dir, "--resume").exit_code == 2  # train.sequences differs too
     done = train(run_dir, "train.sequences=480", "--resume")
     assert done.exit_code == 0
