@@ -40,7 +40,9 @@ Token positions: exemplar i at 2i, its label at 2i+1, the query at T-1 = 2N.
 Each building block's maths (embedding, positions, layer norm, QKV projection, rotary, attention
 scores, pattern and z, output projection, MLP, unembedding) is defined once, as a function at the
 end of this file or a `Transformer` method, and used both by the hooked pass below and by the
-fast path's hand-written step (fast_path.py), like nanoGPT's `if self.flash:` branch.
+fast path's hand-written step (fast_path.py). Where the two need different evaluation orders of
+the same maths (layer norm, attention), that is a branch inside the one function, like nanoGPT's
+`if self.flash:`.
 """
 
 from __future__ import annotations

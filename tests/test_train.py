@@ -119,3 +119,71 @@ def test_analyze_reevaluates_a_checkpoint_through_the_training_code_path(tmp_pat
     assert result.exit_code == 0 and "fsl_test_class" in result.output, result.output
     bad = CliRunner().invoke(app, ["analyze", str(tmp_path / "run"), "model.n_heads=4"])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+
+
+# --- the loop's pieces, each alone ------------------------------------------------------------------
+
+
+def small_task():
+    from ihstudy.config import compose_config
+    from ihstudy.data import FewShotTask, load_features
+
+    cfg, _ = compose_config(["data.n_classes=200", "data.dim=16", "task.class_split=[50,100,50]", "eval.n_sequences=30"])
+    return cfg, FewShotTask(cfg.task, load_features(cfg.data))
+
+
+def test_evaluator_turns_a_forward_pass_into_eval_rows():
+    """Evaluator alone, with a forward pass that is certain of the right label and attends from the
+    query only to the label tokens carrying it: loss 0, accuracy 1, induction strength 1."""
+    import torch
+
+    from ihstudy.evaluate import Evaluator
+
+    cfg, task = small_task()
+    evaluator = Evaluator([task, task], [cfg, cfg], torch.device("cpu"))
+    T, H = 2 * cfg.task.context_len + 1, 2
+
+    def certain(batch, part):
+        sub = batch[:, part]
+        logits = torch.nn.functional.one_hot(sub.target, cfg.task.n_labels) * 100.0
+        on_label = (sub.labels == sub.target.unsqueeze(-1)).float()  # [R, n, N]
+        query_row = torch.zeros(*sub.target.shape, T)
+        query_row[..., 1:-1:2] = on_label / on_label.sum(-1, keepdim=True)
+        pattern = query_row[:, :, None, None, :].expand(-1, -1, H, T, -1)
+        return logits, [pattern, pattern[..., -1:, :]]
+
+    rows = evaluator.measure(certain, step=7, batch_size=32)
+    assert len(rows) == 2 and [row["evaluator"] for row in rows[0]] == list(cfg.eval.evaluators)
+    for row in rows[0] + rows[1]:
+        assert row["step"] == 7 and row["sequences"] == 224
+        assert row["loss"] < 1e-6 and row["acc"] == 1.0 and row["icl_acc"] == 1.0 and row["ooc_acc"] == 0.0
+        assert abs(row["induction.L1H0"] - 1) < 1e-6 and abs(row["induction.L0H1"] - 1) < 1e-6
+        assert "prev_token.L0H0" in row and "prev_token.L1H0" not in row
+
+
+def test_run_recorder_writes_restores_and_fails_runs_alone(tmp_path):
+    import torch
+
+    from ihstudy.recorder import RunRecorder, RunSpec
+
+    cfg, _ = small_task()
+    specs = [RunSpec(cfg, tmp_path / "a", "a"), RunSpec(cfg, tmp_path / "b", "b")]
+    recorder = RunRecorder(specs, n_steps=4, batch_size=32, device=torch.device("cpu"))
+    recorder.start(0)
+    recorder.step_log[:2] = torch.arange(16.0).view(2, 2, 4)
+    recorder.add_evals([[{"step": 0, "sequences": 0, "evaluator": "fsl_train", "loss": 0.1, "acc": 1.0}]] * 2, step=2)
+    recorder.checkpoint(2, lambda r: {"model": {"w": torch.full((3,), float(r))}})
+    recorder.fail([1], "loss became NaN or infinite", step=2)
+    assert recorder.live() == [0] and "failed" in (tmp_path / "b" / "run.json").read_text()
+
+    again = RunRecorder(specs, n_steps=4, batch_size=32, device=torch.device("cpu"))
+    assert again.checkpoint_steps() == [2]
+    state = again.files[1].load_checkpoint(2)
+    again.check_config(1, state)
+    assert torch.equal(state["model"]["w"], torch.ones(3)) and state["sequences"] == 64
+    for r in (0, 1):
+        again.restore_rows(r, 2)
+    assert torch.equal(again.step_log[:2], recorder.step_log[:2]) and again.eval_columns[1]["step"] == [0]
+    results = again.finish("completed", 4)
+    assert [r.status for r in results] == ["completed", "completed"]
+    assert results[0].summary["fsl_train.loss"] == 0.1
