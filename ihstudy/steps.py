@@ -30,7 +30,7 @@ def choose_path(model: Transformer, clamps: ClampSet) -> "FastPath | HookedPath"
         return HookedPath(model, clamps)
     reason = unsupported(model.shape)
     if reason is not None:
-        log.warning("training through autograd, not the fast path (slower): %s", reason)
+        log.warning("the fast path cannot run this model (%s): autograd through the hooked model instead (slower)", reason)
         return HookedPath(model, clamps)
     return FastPath(model)
 
