@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.clamps import ClampSet, build_clamps
-from ihstudy.errors import ConfigError
+from ihstudy.errors import CheckpointError, ConfigError
 from ihstudy.config import validate
 from ihstudy.data import Batch, FewShotTask, TrainStream, load_features
 from ihstudy.compiled import Compiled, use_compile
@@ -266,7 +266,7 @@ class Pack:
         for step in sorted(common, reverse=True):
             try:
                 states = [f.load_checkpoint(step) for f in self.files]
-            except ConfigError as exc:
+            except CheckpointError as exc:
                 log.warning("%s; trying an older checkpoint", exc)
                 continue
             for r, state in enumerate(states):
