@@ -10,7 +10,6 @@ import shlex
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -61,11 +60,11 @@ PRINT_CONFIG = typer.Option(None, "--cfg", "-c", help="Print the composed config
 
 @app.command(context_settings=EXTRA, cls=WithConfigGroups)
 def train(
-    overrides: Optional[List[str]] = OVERRIDES,
+    overrides: list[str] | None = OVERRIDES,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in hydra.run.dir from its newest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run already in hydra.run.dir and start afresh."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
-    print_config: Optional[ConfigPart] = PRINT_CONFIG,
+    print_config: ConfigPart | None = PRINT_CONFIG,
 ) -> None:
     """Train one model (the paper's base setup by default) and write its run folder under outputs/."""
     from ihstudy.compiled import use_compile
@@ -177,18 +176,19 @@ def print_summary(results, root: Path | None = None) -> None:
         table.add_column(column)
     for r in results:
         change = r.summary.get("phase_change_sequences")
-        table.add_row(str(r.run_dir if root is None else r.run_dir.relative_to(root)), r.status, "-" if change is None else f"{change:,}",
+        name = r.run_dir if root is None else r.run_dir.relative_to(root)
+        table.add_row(str(name), r.status, "-" if change is None else f"{change:,}",
                       *(f"{r.summary[k]:.4f}" if k in r.summary else "-" for k in keys))
     Console().print(table)
 
 
 @app.command(context_settings=EXTRA, cls=WithLauncherGroups)
 def sweep(
-    overrides: Optional[List[str]] = OVERRIDES,
+    overrides: list[str] | None = OVERRIDES,
     max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their packs; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary table."),
-    print_config: Optional[ConfigPart] = PRINT_CONFIG,
+    print_config: ConfigPart | None = PRINT_CONFIG,
 ) -> None:
     """Train many runs: Hydra multirun overrides (clamp=none,copy seed=5,6) or a preset (experiment=fig5b).
 
@@ -217,7 +217,7 @@ def sweep(
         fail(str(exc))
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to continue")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except PackJobError as exc:
         console.print(f"[bold red]error:[/] a pack job failed: {exc}", highlight=False, soft_wrap=True)
         results = collect_results(plan)
@@ -269,8 +269,8 @@ def print_plan(plan) -> None:
 @app.command(context_settings=EXTRA)
 def analyze(
     run_dir: Path = typer.Argument(..., help="A run folder with checkpoints."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Clamp overrides, e.g. clamp=keep_only clamp.keep.heads=1:5"),
-    step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the newest)."),
+    overrides: list[str] | None = typer.Argument(None, help="Clamp overrides, e.g. clamp=keep_only clamp.keep.heads=1:5"),
+    step: int | None = typer.Option(None, help="Checkpoint step (default: the newest)."),
 ) -> None:
     """Evaluate a saved checkpoint, optionally under clamps (post-hoc ablation), with the training code path."""
     from ihstudy.config import compose_config
@@ -283,7 +283,8 @@ def analyze(
         rows = evaluate_checkpoint(run_dir, step, clamp)
     except UserError as exc:
         fail(str(exc))
-    table = Table(title=f"{run_dir} at {int(rows.sequences.iloc[0]):,} sequences" + (f" with {' '.join(overrides)}" if overrides else ""))
+    clamped = f" with {' '.join(overrides)}" if overrides else ""
+    table = Table(title=f"{run_dir} at {int(rows.sequences.iloc[0]):,} sequences{clamped}")
     columns = ["loss", "acc", "icl_acc", "in_context_mass"]
     for column in ["evaluator", *columns]:
         table.add_column(column)

@@ -31,17 +31,24 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.clamps import build_clamps
 from ihstudy.config import compose_config, compose_with_hydra, config_errors, hydra_initialized, validate
 from ihstudy.errors import ConfigError
-from ihstudy.run_files import (RunFiles, atomic_write_parquet, atomic_write_text, check_inside_outputs, first_line,
-                                lock_run_dir, outputs_root)
+from ihstudy.run_files import (
+    RunFiles,
+    atomic_write_parquet,
+    atomic_write_text,
+    check_inside_outputs,
+    first_line,
+    lock_run_dir,
+    outputs_root,
+)
 from ihstudy.train import Pack, RunResult, RunSpec, load_cached_features, model_shape
 
 log = logging.getLogger(__name__)
