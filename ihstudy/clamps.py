@@ -1,4 +1,4 @@
-"""Clamps ("artificial optogenetics", paper-notes §4): named overrides of activation sites.
+"""Clamps ("artificial optogenetics", docs/science.md §4): named overrides of activation sites.
 
 A clamp writes a value into a named activation site (see ihstudy/model.py) wherever a boolean mask
 is true: `torch.where(mask, value, activation)`. Where a value is written, nothing upstream gets
