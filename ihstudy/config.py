@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -37,6 +39,8 @@ def compose_config(overrides: list[str], single_run: bool = False) -> tuple[Dict
     `single_run`: refuse an experiment preset that sweeps a key the overrides leave open (train
     would silently run only one of its runs)."""
     with config_errors():
+        if single_run:
+            check_no_sweep(overrides)
         cfg = compose_with_hydra(overrides)
         if single_run:
             check_single_run(cfg.hydra.sweeper.params, overrides)
@@ -56,6 +60,12 @@ def compose_with_hydra(overrides: list[str], config_name: str = "config") -> Dic
     """The unresolved config with Hydra's own node (run folder, sweeper params of experiments)."""
     with config_errors(), hydra_initialized(job_name="ihstudy"):
         return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+
+
+def check_no_sweep(overrides: list[str]) -> None:
+    sweeps = [o.input_line for o in OverridesParser.create().parse_overrides(list(overrides)) if o.is_sweep_override()]
+    if sweeps:
+        raise ConfigError(f"{sweeps[0]} gives several values: run a sweep with `{shlex.join(['ihstudy', 'sweep', *overrides])}`")
 
 
 def check_single_run(swept: DictConfig | None, overrides: list[str]) -> None:

@@ -61,11 +61,13 @@ def test_max_pack_runs_splits_packs():
     assert sizes == [2, 2, 1]
 
 
-def test_train_refuses_a_sweep_preset_unless_its_swept_keys_are_chosen(outputs_root):
+def test_train_refuses_sweeps_and_sweep_presets_unless_their_swept_keys_are_chosen(outputs_root):
     result = invoke("train", "experiment=fig5b", *SMALL)
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "experiment=fig5b is a sweep over clamp: run it with `ihstudy sweep experiment=fig5b`" in result.output
     assert not any(outputs_root.iterdir())
+    several = invoke("train", "seed=5,6")
+    assert several.exit_code == 2 and "seed=5,6 gives several values: run a sweep with `ihstudy sweep seed=5,6`" in several.output
     one_run = invoke("train", "--cfg", "job", "experiment=fig5b", "clamp=copy")
     assert one_run.exit_code == 0 and yaml.safe_load(one_run.stdout)["train"]["eval_every"] == 1000
 
