@@ -246,6 +246,7 @@ def test_processes_starting_in_the_same_second_get_separate_folders(tmp_path):
     assert outcomes.count("claimed") == 1, outcomes
 
 
+@pytest.mark.slow  # torch.compile: ~35 s of CPU with a cold compile cache (a fresh CI machine)
 def test_compiled_runs_are_reproducible_and_resume_exactly(tmp_path, reference, monkeypatch):
     """train.compile=true (what long runs use): the same tables twice, and after an interruption."""
     step_once = Pack.train_step
