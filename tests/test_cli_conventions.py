@@ -2,11 +2,14 @@
 config and runs nothing), plans sweeps without training (--dry-run, --max-pack-runs), and refuses the
 silent surprises: a sweep preset given to train, optimizer keys its optimizer does not use."""
 
+import shutil
+
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from ihstudy.cli import app
+from ihstudy.config import CHECKOUT_CONF, CONF_DIR_ENV
 from ihstudy.errors import RunInUseError, UserError
 from ihstudy.run_files import lock_run_dir
 from ihstudy.sweep import plan_sweep
@@ -96,3 +99,13 @@ def test_a_held_lock_is_its_own_user_error(tmp_path):
         assert isinstance(info.value, UserError)
     finally:
         lock.release()
+
+
+def test_a_config_tree_of_ones_own_replaces_ihstudys(tmp_path, monkeypatch):
+    own = tmp_path / "my-conf"
+    shutil.copytree(CHECKOUT_CONF, own)
+    (own / "clamp" / "mine.yaml").write_text('mine:\n  kind: ablate\n  heads: ["0:1"]\n')
+    monkeypatch.setenv(CONF_DIR_ENV, str(own))
+    assert "clamp: copy, keep_only, layer1, layer1_copy, match, match_similarity, mine" in invoke("train", "--help").output
+    result = invoke("train", "--cfg", "job", "clamp=mine")
+    assert result.exit_code == 0 and yaml.safe_load(result.stdout)["clamp"]["mine"]["heads"] == ["0:1"], result.output
