@@ -286,7 +286,7 @@ class Pack:
             self.optimizer.load_state(state["optimizer"], r)
             torch.set_rng_state(state["rng"]["torch"])  # the same global state in every run's checkpoint
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a checksum-valid file with foreign content
-            raise ConfigError(f"checkpoint {step} of {files.dir} does not fit this model: {exc}") from None
+            raise CheckpointError(f"checkpoint {step} of {files.dir} does not fit this model: {exc}") from None
         metrics, evals = files.read_table("metrics"), files.read_table("eval")
         kept = None if metrics is None else metrics[metrics.step <= step]
         if kept is None or evals is None or kept.step.tolist() != list(range(1, step + 1)):
