@@ -27,7 +27,7 @@ from ihstudy.clamps import ClampSet, build_clamps
 from ihstudy.compiled import use_compile
 from ihstudy.config import validate
 from ihstudy.data import FewShotTask, PackStream, TrainStream, load_features
-from ihstudy.errors import ConfigError
+from ihstudy.errors import CheckpointError, ConfigError
 from ihstudy.evaluate import Evaluator
 from ihstudy.model import ModelShape, Transformer
 from ihstudy.optim import StackedOptimizer, lr_schedule
@@ -188,7 +188,7 @@ class Pack(Runs):
         for step in self.recorder.checkpoint_steps():
             try:
                 states = [files.load_checkpoint(step) for files in self.recorder.files]
-            except ConfigError as exc:
+            except CheckpointError as exc:
                 log.warning("%s; trying an older checkpoint", exc)
                 continue
             for r, state in enumerate(states):
@@ -206,7 +206,7 @@ class Pack(Runs):
             self.optimizer.load_state(state["optimizer"], r)
             torch.set_rng_state(state["rng"]["torch"])  # the same global state in every run's checkpoint
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a checksum-valid file with foreign content
-            raise ConfigError(f"checkpoint {step} of {self.recorder.files[r].dir} does not fit this model: {exc}") from None
+            raise CheckpointError(f"checkpoint {step} of {self.recorder.files[r].dir} does not fit this model: {exc}") from None
 
 
 class StopRequest:
