@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -12,13 +13,14 @@ import torch
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ihstudy.data import EVALUATORS, MAX_FEATURE_ELEMENTS
 from ihstudy.errors import ConfigError
 from ihstudy.model import INIT_SCHEMES
-from ihstudy.run_files import check_inside_outputs
+from ihstudy.run_files import check_folder_path
 
 CONF_DIR = Path(os.environ.get("IHSTUDY_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 POSITIONALS = ("rotary", "learned", "sinusoidal")
@@ -31,6 +33,7 @@ MAX_STEPS = 10**8  # the per-step log alone holds 16 bytes per step and run
 def compose_config(overrides: list[str]) -> tuple[DictConfig, Path]:
     """The resolved run config (without the `hydra` node) and the run folder it names."""
     with config_errors():
+        check_added_keys(overrides)
         cfg = compose_with_hydra(overrides)
         run_dir = Path(str(cfg.hydra.run.dir))
         with open_dict(cfg):
@@ -40,14 +43,67 @@ def compose_config(overrides: list[str]) -> tuple[DictConfig, Path]:
     if missing:
         raise ConfigError(f"missing config value: {', '.join(missing)} (set it on the command line, e.g. {missing[0]}=...)")
     check_values(cfg)
-    check_inside_outputs(run_dir)
+    check_folder_path(run_dir)
     return cfg, run_dir
 
 
 def compose_with_hydra(overrides: list[str]) -> DictConfig:
     """The unresolved run config with Hydra's own node (run folder, sweeper params of experiments)."""
+    overrides = literal_folders(overrides)
     with config_errors(), initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="ihstudy"):
-        return compose("config", overrides=list(overrides), return_hydra_config=True)
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+FOLDER_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
+
+
+def literal_folders(overrides: list[str]) -> list[str]:
+    """Folder overrides with their values quoted, so that folder names holding = or , (a sweep's
+    run folders are named like `clamp=copy,seed=5`) pass as they are: `hydra.run.dir=.../seed=5`."""
+    quoted = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") in FOLDER_KEYS and value and value[0] not in "'\"":
+            override = f"{key}={quote(value)}"
+        quoted.append(override)
+    return quoted
+
+
+def quote(value: str) -> str:
+    """A string as a quoted Hydra override value (interpolations like ${now:...} still resolve)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def check_added_keys(overrides: list[str]) -> None:
+    """`+key=value` may add a clamp (`+clamp.NAME=...`), choose a config group, or set a key that some
+    option of its group declares (`+data.path=...`); any other added key would be kept silently and read
+    by nothing, so a misspelt name would look like a setting that took effect."""
+    for override in OverridesParser.create().parse_overrides(literal_folders(overrides)):
+        key = override.key_or_group
+        if not (override.is_add() or override.is_force_add()) or key.split(".")[0] in ("clamp", "hydra"):
+            continue
+        if key not in known_keys() and not (CONF_DIR / key).is_dir():
+            group = key.split(".")[0] if "." in key else "the top level"
+            raise ConfigError(f"unknown config key {key}: nothing reads it (see the keys of {group} in conf/)")
+
+
+@functools.cache
+def known_keys() -> frozenset[str]:
+    """Every dotted key that config.yaml or an option of a config group (conf/<group>/*.yaml) declares."""
+    keys = set()
+    for path in CONF_DIR.glob("*/*.yaml"):
+        if path.parent.name not in ("clamp", "experiment"):
+            keys |= dotted_keys(OmegaConf.load(path), path.parent.name)
+    top = OmegaConf.load(CONF_DIR / "config.yaml")
+    return frozenset(keys | {k for k in dotted_keys(top, "") if not k.startswith(("defaults", "hydra"))})
+
+
+def dotted_keys(node, prefix: str) -> set[str]:
+    keys = {prefix} if prefix else set()
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            keys |= dotted_keys(node._get_node(key), f"{prefix}.{key}" if prefix else str(key))
+    return keys
 
 
 @contextmanager

@@ -22,18 +22,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.clamps import ClampSet, build_clamps
 from ihstudy.errors import ConfigError
-from ihstudy.config import validate
+from ihstudy.config import check_values, config_errors, validate
 from ihstudy.data import Batch, FewShotTask, TrainStream, load_features
 from ihstudy.compiled import Compiled, use_compile
 from ihstudy.fast_path import Tape, batch_spread, query_loss_and_gradients, train_step
 from ihstudy.evaluate import PHASE_CHANGE_THRESHOLD, induction_strength, previous_token_score, query_metrics
-from ihstudy.model import ModelShape, Transformer
+from ihstudy.memory import EVAL_CHUNK_SEQUENCES, check_fits
+from ihstudy.model import ModelShape, Transformer, check_checkpoint_model
 from ihstudy.optim import StackedOptimizer, lr_schedule
-from ihstudy.run_files import CHECKPOINT_FORMAT, RunFiles, now, versions
+from ihstudy.run_files import CHECKPOINT_FORMAT, RunFiles, first_line, now, versions
 
 log = logging.getLogger(__name__)
 STEP_COLUMNS = ("loss", "grad_norm", "grad_batch_stddev", "lr")
-EVAL_CHUNK_SEQUENCES = 1000  # per eval forward pass, over all runs of a pack
 
 
 @dataclass
@@ -49,13 +49,6 @@ class RunResult:
     run_dir: Path
     status: str
     summary: dict = field(default_factory=dict)
-
-
-def model_shape(cfg: DictConfig, n_features: int) -> ModelShape:
-    m = cfg.model
-    return ModelShape(n_layers=m.n_layers, n_heads=m.n_heads, d_model=m.d_model, n_features=n_features,
-                      n_labels=cfg.task.n_labels, context_len=cfg.task.context_len, positional=m.positional,
-                      rotary_base=float(m.rotary_base), mlp_ratio=float(m.mlp_ratio))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,12 +77,12 @@ class Pack:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         cache = {} if features_cache is None else features_cache
-        self.tasks = []
-        for spec in specs:
-            features = load_cached_features(spec.cfg.data, cache)
-            validate(spec.cfg, *features.shape[:2])
-            self.tasks.append(FewShotTask(spec.cfg.task, features))
-        self.shape = model_shape(cfg, self.tasks[0].features.shape[-1])
+        exemplar_shapes = [exemplar_shape(spec.cfg.data, cache) for spec in specs]
+        for spec, shape in zip(specs, exemplar_shapes):
+            validate(spec.cfg, *shape[:2])
+        check_fits([spec.cfg for spec in specs], exemplar_shapes, self.device)  # before anything large is made
+        self.tasks = [FewShotTask(spec.cfg.task, load_cached_features(spec.cfg.data, cache)) for spec in specs]
+        self.shape = ModelShape.of_config(cfg, self.tasks[0].features.shape[-1])
         self.batch_size = cfg.train.batch_size
         self.n_steps = sequences_to_step(cfg.train.sequences, self.batch_size)
         self.model = Transformer(self.shape, len(specs), self.device).init_([s.cfg.seed for s in specs], cfg.model.init)
@@ -129,9 +122,18 @@ class Pack:
             if stop.signal is not None:
                 self.checkpoint()  # between two steps the state is consistent
             return self.finish("completed" if stop.signal is None else "interrupted")
-        except OSError as exc:  # atomic writes leave every earlier file intact
-            self.fail_runs(self.active.clone(), f"cannot write run files ({exc.strerror or exc})")
-            return self.finish()
+        except Exception as exc:  # atomic writes leave every earlier file intact
+            return self.fail_with(exc)
+
+    def fail_with(self, exc: Exception) -> list[RunResult]:
+        """Fail every live run with the error that stopped the pack, in one line (a failed write,
+        e.g. a full disk, or anything unexpected): rows so far and checkpoints stay, resumable."""
+        if isinstance(exc, OSError):
+            message = f"cannot write run files ({exc.strerror or exc})"
+        else:
+            message = f"stopped by {type(exc).__name__}: {first_line(exc)}"
+        self.fail_runs(self.active.clone(), message)
+        return self.finish()
 
     def compile(self) -> None:
         """Compile the step and evaluation functions this pack uses (compiled.py)."""
@@ -330,8 +332,11 @@ class Pack:
             self.errors[r] = f"{message} at step {self.step + 1}"
             try:
                 self.write_tables(r)
+            except Exception as exc:  # e.g. the disk is still full: the status and message still count
+                log.warning("%s: cannot write the tables (%s)", self.files[r].dir, first_line(exc))
+            try:
                 self.files[r].write_status(status="failed", ended=now(), error=self.errors[r], step=self.step)
-            except OSError as exc:  # e.g. the disk is still full: the message still reaches the user
+            except OSError as exc:  # the message still reaches the user
                 log.warning("%s: cannot record the failure (%s)", self.files[r].dir, exc.strerror or exc)
         self.active &= ~which
         self.loss_weight = self.loss_weights()
@@ -393,16 +398,29 @@ def pack_from_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> 
     """A pack of one holding a saved run at a checkpoint (default: the newest): its model, task,
     eval sequences and clamps, or another clamp config (for post-hoc ablations). Nothing is written."""
     files = RunFiles(run_dir)
-    cfg = OmegaConf.load(files.dir / "config.yaml")
+    cfg = files.read_config()
     if clamp is not None:
         cfg.clamp = clamp
     steps = files.checkpoint_steps()
     if not steps or (step is not None and step not in steps):
         raise ConfigError(f"{files.dir} has no checkpoint at step {step}" if steps else f"{files.dir} has no checkpoint")
-    pack = Pack([RunSpec(cfg, files.dir)])
+    with config_errors():  # a hand-edited or damaged config.yaml
+        check_values(cfg)
+        pack = Pack([RunSpec(cfg, files.dir)])
     pack.step = steps[-1] if step is None else step
-    pack.model.load_state_dict(files.load_checkpoint(pack.step)["model"], 0)
+    load_checkpoint_model(pack, files, pack.step)
     return pack
+
+
+def load_checkpoint_model(pack: Pack, files: RunFiles, step: int) -> None:
+    """Load run 0's weights from its checkpoint `step`, which must hold the model its config defines
+    (a checkpoint copied in from another run is refused, not evaluated as if it were this one)."""
+    state = files.load_checkpoint(step)
+    check_checkpoint_model(state, pack.shape, f"checkpoint {step} of {files.dir}")
+    try:
+        pack.model.load_state_dict(state["model"], 0)
+    except ValueError as exc:
+        raise ConfigError(f"checkpoint {step} of {files.dir}: {exc}") from None
 
 
 def evaluate_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> pd.DataFrame:
@@ -426,6 +444,14 @@ def summarize(eval_frame: pd.DataFrame) -> dict:
         summary[f"{row.evaluator}.loss"] = float(row["loss"])
         summary[f"{row.evaluator}.acc"] = float(row["acc"])
     return summary
+
+
+def exemplar_shape(data_cfg, cache: dict) -> tuple[int, int, int]:
+    """[classes, exemplars, dim] of a run's exemplar array: the built-in one from its config (it is
+    made only once its memory is checked), a file's by loading it into `cache`."""
+    if data_cfg.source == "gaussian":
+        return data_cfg.n_classes, data_cfg.n_exemplars, data_cfg.dim
+    return tuple(load_cached_features(data_cfg, cache).shape)
 
 
 def load_cached_features(data_cfg, cache: dict) -> torch.Tensor:

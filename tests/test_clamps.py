@@ -233,10 +233,17 @@ def test_no_clamp_is_the_plain_model():
 # --- grafts ------------------------------------------------------------------------------------------
 
 
+def saved_config(shape: ModelShape) -> dict:
+    """The parts of a run config that define a model of `shape`, as a checkpoint stores them."""
+    return {"model": {"n_layers": shape.n_layers, "n_heads": shape.n_heads, "d_model": shape.d_model,
+                      "positional": shape.positional, "rotary_base": shape.rotary_base, "mlp_ratio": shape.mlp_ratio},
+            "task": {"n_labels": shape.n_labels, "context_len": shape.context_len}}
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     files = RunFiles(tmp_path / "donor")
-    return str(files.save_checkpoint(1, {"model": make_model(seed=7).state_dict(0)}))
+    return str(files.save_checkpoint(1, {"model": make_model(seed=7).state_dict(0), "config": saved_config(SHAPE)}))
 
 
 def test_graft_in_takes_the_donor_residual_and_blocks_gradient(checkpoint):

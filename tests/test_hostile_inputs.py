@@ -105,12 +105,13 @@ SAFE_RESOLVERS = {"oc.create", "oc.decode", "oc.deprecated", "oc.dict.keys", "oc
 def test_configs_cannot_execute_code(tmp_path):
     compose_config([])
     assert set(BaseContainer._resolvers) <= SAFE_RESOLVERS
-    assert_refused(train("+x=${eval:__import__('os').system('touch pwned')}", *SHORT), "invalid config")
+    assert_refused(train("data=features_file", "data.path=${eval:__import__('os').system('touch pwned')}", *SHORT),
+                   "invalid config")
     marker = tmp_path / "pwned"
     tagged = f"!!python/object/apply:os.system ['touch {marker}']"
-    cfg, _ = compose_config([f'+x="{tagged}"'])
+    cfg, _ = compose_config(["data=features_file", f'data.path="{tagged}"'])
     saved_and_read = OmegaConf.create(OmegaConf.to_yaml(cfg))  # as config.yaml is written and read back
-    assert cfg.x == saved_and_read.x == tagged and not marker.exists()
+    assert cfg.data.path == saved_and_read.data.path == tagged and not marker.exists()
 
 
 @pytest.mark.parametrize("override,message", [
