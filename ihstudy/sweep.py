@@ -39,7 +39,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.clamps import build_clamps
-from ihstudy.config import CONF_DIR, compose_config, compose_with_hydra, config_errors, literal_folders, quote, validate
+from ihstudy.config import (CONF_DIR, check_added_keys, compose_config, compose_with_hydra, config_errors, literal_folders,
+                            quote, validate)
 from ihstudy.errors import ConfigError
 from ihstudy.memory import check_fits, fits
 from ihstudy.model import ModelShape
@@ -94,6 +95,7 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0) -> Sweep:
     run_args = [o.input_line for o in parsed if not o.is_hydra_override()]
     if not run_args:
         raise ConfigError("nothing to sweep: give overrides such as seed=5,6 clamp=none,copy, or experiment=NAME")
+    check_added_keys(run_args)  # once, not once per run
     expanded = expand(run_args)
     if not expanded:
         raise ConfigError(f"the sweep {' '.join(run_args)} has no runs")

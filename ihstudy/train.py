@@ -404,9 +404,12 @@ def pack_from_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> 
     steps = files.checkpoint_steps()
     if not steps or (step is not None and step not in steps):
         raise ConfigError(f"{files.dir} has no checkpoint at step {step}" if steps else f"{files.dir} has no checkpoint")
-    with config_errors():  # a hand-edited or damaged config.yaml
-        check_values(cfg)
-        pack = Pack([RunSpec(cfg, files.dir)])
+    try:
+        with config_errors():  # a hand-edited or damaged config.yaml
+            check_values(cfg)
+            pack = Pack([RunSpec(cfg, files.dir)])
+    except ConfigError as exc:
+        raise ConfigError(f"cannot load the run in {files.dir}: {exc}") from None
     pack.step = steps[-1] if step is None else step
     load_checkpoint_model(pack, files, pack.step)
     return pack
