@@ -132,7 +132,7 @@ class Pack:
             message = f"cannot write run files ({exc.strerror or exc})"
         else:
             message = f"stopped by {type(exc).__name__}: {first_line(exc)}"
-        self.fail_runs(self.active.clone(), message)
+        self.fail_runs(self.active.clone(), message, write_rows=self.step > 0)  # at 0: not restored yet
         return self.finish()
 
     def compile(self) -> None:
@@ -326,12 +326,14 @@ class Pack:
                     "config": OmegaConf.to_container(spec.cfg),
                 })
 
-    def fail_runs(self, which: torch.Tensor, message: str) -> None:
-        """Stop runs for good: keep their rows so far and their last checkpoint, mark them failed."""
+    def fail_runs(self, which: torch.Tensor, message: str, write_rows: bool = True) -> None:
+        """Stop runs for good: keep their rows so far (written unless `write_rows` is false: the
+        tables on disk stay) and their last checkpoint, mark them failed."""
         for r in which.nonzero().flatten().tolist():
             self.errors[r] = f"{message} at step {self.step + 1}"
             try:
-                self.write_tables(r)
+                if write_rows:
+                    self.write_tables(r)
             except Exception as exc:  # e.g. the disk is still full: the status and message still count
                 log.warning("%s: cannot write the tables (%s)", self.files[r].dir, first_line(exc))
             try:
