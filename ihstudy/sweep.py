@@ -175,8 +175,7 @@ def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int 
 
 def check_same_config(files: RunFiles, cfg: DictConfig) -> None:
     """A run folder left by an earlier invocation must hold the same run."""
-    saved = files.dir / "config.yaml"
-    if saved.exists() and OmegaConf.to_container(OmegaConf.load(saved)) != OmegaConf.to_container(cfg):
+    if (files.dir / "config.yaml").exists() and OmegaConf.to_container(files.read_config()) != OmegaConf.to_container(cfg):
         raise ConfigError(f"{files.dir} holds a run with another config; choose another hydra.sweep.dir")
 
 

@@ -304,6 +304,12 @@ def test_depth_and_graft_shape_are_checked(tmp_path, checkpoint):
     wider = ModelShape(n_layers=2, n_heads=4, d_model=32, n_features=8, n_labels=5, context_len=2)
     with pytest.raises(ConfigError, match="another shape"):
         build_clamps({"g": {"kind": "graft_out", "layer": 0, "checkpoint": checkpoint}}, wider)
+    two_heads = ModelShape(n_layers=2, n_heads=2, d_model=16, n_features=8, n_labels=5, context_len=2)  # same tensors
+    with pytest.raises(ConfigError, match=r"another shape \(n_heads 4 vs 2: saved vs wanted\)"):
+        build_clamps({"g": {"kind": "graft_out", "layer": 0, "checkpoint": checkpoint}}, two_heads)
+    no_config = RunFiles(tmp_path / "other").save_checkpoint(1, {"model": make_model().state_dict(0)})
+    with pytest.raises(ConfigError, match="holds no model and config of an ihstudy run"):
+        build_clamps({"g": {"kind": "graft_in", "layer": 0, "checkpoint": str(no_config)}}, SHAPE)
     with pytest.raises(ConfigError, match="cannot read checkpoint"):
         build_clamps({"g": {"kind": "graft_in", "layer": 0, "checkpoint": str(tmp_path / "nope.pt")}}, SHAPE)
 
