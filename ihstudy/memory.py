@@ -57,7 +57,8 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
              "model.d_model or model.n_layers (or the runs per pack)"),
         Part("training attention [runs, batch, heads, T, T]", R * FLOAT * _attention(shape, B, kept=6),
              "train.batch_size or task.context_len"),
-        Part("training attention products [runs, batch, T, T, d_model]", 2 * R * B * _query_rows(shape) * T * D * FLOAT,
+        # the fast path's broadcast products (q * k, pattern * v and their gradients), one layer at a time
+        Part("training attention products [runs, batch, T, T, d_model]", 2 * R * B * T * T * D * FLOAT,
              "train.batch_size or task.context_len"),
         Part("training activations [runs, batch, T, d_model]", R * B * T * shape.n_layers * (12 * D + 4 * shape.d_mlp) * FLOAT,
              "train.batch_size, task.context_len or model.d_model"),
@@ -65,7 +66,7 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
              "train.batch_size or task.context_len"),
         Part("eval attention patterns [runs, eval sequences, heads, T, T]", 2 * R * FLOAT * _attention(shape, n_eval, kept=1),
              "eval.n_sequences or task.context_len"),
-        Part("eval attention products [runs, eval chunk, T, T, d_model]", 2 * R * chunk * _query_rows(shape) * T * D * FLOAT,
+        Part("eval attention products [runs, eval chunk, T, T, d_model]", 2 * R * chunk * T * T * D * FLOAT,
              "task.context_len or model.d_model"),
         Part("eval sets", R * n_eval * (token_inputs + (N + 1) * F + 4 * N) * FLOAT, "eval.n_sequences"),
         Part("exemplar arrays [classes, exemplars, dim]", sum(3 * math.prod(s) * FLOAT for s in distinct_arrays),
