@@ -157,8 +157,8 @@ def validate(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
     if "fsl_test_class" in ev.evaluators:
         _require(t.class_split[2] >= per_sequence, f"evaluator fsl_test_class needs at least {per_sequence} test classes")
     if "fsl_val_rl" in ev.evaluators:
-        _require(round(t.n_labels * (t.n_labels - 1) / 2 * t.val_pair_fraction) >= 1,
-                 "evaluator fsl_val_rl needs held-out label pairs (raise task.val_pair_fraction or task.n_labels)")
+        n_val = len(t.val_pairs) if t.val_pairs is not None else round(t.n_labels * (t.n_labels - 1) / 2 * t.val_pair_fraction)
+        _require(n_val >= 1, "evaluator fsl_val_rl needs held-out label pairs (raise task.val_pair_fraction or task.n_labels)")
 
 
 def _check_split(key: str, split, available: int, what: str) -> None:
@@ -181,6 +181,11 @@ def check_values(cfg: DictConfig) -> None:
     _number(cfg, "task.zipf_alpha", float, 0, 100)
     _number(cfg, "task.exemplar_noise", float, 0)
     _number(cfg, "task.val_pair_fraction", float, 0, 1)
+    val_pairs = OmegaConf.select(cfg, "task.val_pairs")
+    if val_pairs is not None:
+        _require(isinstance(val_pairs, ListConfig), f"task.val_pairs must be null or a list of label pairs, got {val_pairs!r}")
+        for i in range(len(val_pairs)):
+            _numbers(cfg, f"task.val_pairs.{i}", int, 0, cfg.task.n_labels - 1, length=2)
     _numbers(cfg, "task.class_split", int, 0, MAX_FEATURE_ELEMENTS, length=3)
     _numbers(cfg, "task.exemplar_split", int, 0, MAX_FEATURE_ELEMENTS, length=3)
     for key in ("optim.lr", "optim.eps", "optim.warmup_sequences"):
