@@ -122,7 +122,7 @@ class Pack:
             if stop.signal is not None:
                 self.checkpoint()  # between two steps the state is consistent
             return self.finish("completed" if stop.signal is None else "interrupted")
-        except Exception as exc:  # atomic writes leave every earlier file intact
+        except Exception as exc:  # a failed write (atomic: earlier files stay intact) or anything unexpected
             return self.fail_with(exc)
 
     def fail_with(self, exc: Exception) -> list[RunResult]:
@@ -331,11 +331,11 @@ class Pack:
         tables on disk stay) and their last checkpoint, mark them failed."""
         for r in which.nonzero().flatten().tolist():
             self.errors[r] = f"{message} at step {self.step + 1}"
-            try:
-                if write_rows:
+            if write_rows:
+                try:
                     self.write_tables(r)
-            except Exception as exc:  # e.g. the disk is still full: the status and message still count
-                log.warning("%s: cannot write the tables (%s)", self.files[r].dir, first_line(exc))
+                except Exception as exc:  # e.g. the disk is still full: the status and message still count
+                    log.warning("%s: cannot write the tables (%s)", self.files[r].dir, first_line(exc))
             try:
                 self.files[r].write_status(status="failed", ended=now(), error=self.errors[r], step=self.step)
             except OSError as exc:  # the message still reaches the user
