@@ -51,7 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.data import Batch
 from ihstudy.errors import ConfigError, UserError
-from ihstudy.model import ModelShape, Transformer
+from ihstudy.model import ModelShape, Transformer, check_checkpoint_model
 from ihstudy.run_files import load_checkpoint_file
 
 NEG = -1e9  # "never attend / never predict" without the NaN gradients of -inf
@@ -61,6 +61,26 @@ Head = tuple[int, int]
 
 
 # --- the clamps -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric clamp field takes; `_build` checks every field that declares one."""
+
+    low: float
+    high: float
+    low_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return (self.low < value if self.low_open else self.low <= value) and value <= self.high
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{']' if self.high < math.inf else ')'}"
+
+
+def within(low: float, high: float, default=MISSING, low_open: bool = False):
+    """A dataclass field whose value must lie in the range (checked when built from config)."""
+    return field(default=default, metadata={"range": Range(low, high, low_open)})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,7 +147,7 @@ class PrevTokenPattern(PatternClamp):
     label_rows_only: only the label-token rows (odd positions) are clamped."""
 
     kind = "prev_token_pattern"
-    strength: float = 1.0
+    strength: float = within(0, 1, default=1.0)
     label_rows_only: bool = False
 
     def rows(self, pattern):
@@ -146,7 +166,7 @@ class InductionPattern(PatternClamp):
     equally) and 1-strength on the other label tokens (split equally)."""
 
     kind = "induction_pattern"
-    strength: float = 1.0
+    strength: float = within(0, 1, default=1.0)
 
     def weights(self, pattern, batch):
         true = (batch.labels == batch.target.unsqueeze(-1)).to(pattern.dtype)  # [R, B, N]
@@ -160,12 +180,7 @@ class MatchPattern(PatternClamp):
     over the context; T=0 is a hardmax splitting ties equally."""
 
     kind = "match_pattern"
-    temperature: float = 0.0
-
-    def check(self, shape):
-        super().check(shape)
-        if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature} must be >= 0")
+    temperature: float = within(0, math.inf, default=0.0)
 
     def weights(self, pattern, batch):
         x = batch.exemplars
@@ -231,12 +246,7 @@ class HeadTemperature(ScoreClamp):
     """Scores / temperature. Carries gradient (into the heads' Q/K, scaled by 1/temperature)."""
 
     kind = "head_temperature"
-    temperature: float
-
-    def check(self, shape):
-        super().check(shape)
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0")
+    temperature: float = within(0, math.inf, low_open=True)
 
     def value(self, scores):
         return scores / self.temperature
@@ -336,14 +346,12 @@ class Graft(Clamp):
         if not 0 <= self.layer < shape.n_layers:
             raise ConfigError(f"layer={self.layer} is outside the model's {shape.n_layers} layers")
         state = load_checkpoint_file(self.checkpoint)
+        check_checkpoint_model(state, shape, f"checkpoint {self.checkpoint}")
         model = Transformer(shape, 1)
         try:
             model.load_state_dict(state["model"], 0)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except ValueError:  # tensors that disagree with the config saved beside them
             raise ConfigError(f"checkpoint {self.checkpoint} holds a model of another shape") from None
-        saved = state.get("config", {}).get("model", {}).get("positional", shape.positional)
-        if saved != shape.positional:
-            raise ConfigError(f"checkpoint {self.checkpoint} uses {saved} positions, the model {shape.positional}")
         self._models[model.device] = _frozen(model)
 
     def frozen(self, device: torch.device) -> Transformer:
@@ -493,6 +501,10 @@ def _build(name: str, spec, shape: ModelShape) -> Clamp:
         raise ConfigError(f"{where}: {problem} (fields: {', '.join(allowed) or 'none'})")
     try:
         kwargs = {key: _convert(key, value, allowed[key].default) for key, value in values.items()}
+        for key, value in kwargs.items():
+            valid = allowed[key].metadata.get("range")
+            if valid is not None and value not in valid:
+                raise ConfigError(f"{key}={value:g} must lie in {valid}")
         if kind == "keep_only":
             kwargs["heads"] = _complement(kwargs["heads"], shape)
         clamp = cls(name=name, **kwargs)
@@ -508,7 +520,10 @@ def _required(f) -> bool:
 
 def _convert(key: str, value, default):
     if key == "heads":
-        return tuple(_parse_head(h) for h in (value if isinstance(value, list) else [value]))
+        heads = tuple(_parse_head(h) for h in (value if isinstance(value, list) else [value]))
+        if not heads:
+            raise ConfigError("heads is empty: name at least one head")
+        return heads
     if key == "head":
         return _parse_head(value)
     if key == "preserve":

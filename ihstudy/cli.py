@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from typer.core import TyperCommand
@@ -26,8 +27,14 @@ OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. model.n_heads=4 tas
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
+def say(text: str, label: str = "") -> None:
+    """One line on stderr: a styled label, then `text` as it is (messages and paths may hold
+    [brackets], which rich would otherwise read as markup and drop)."""
+    console.print(label + escape(text), highlight=False, soft_wrap=True)
+
+
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    say(message, "[bold red]error:[/] ")
     raise typer.Exit(2)
 
 
@@ -88,19 +95,19 @@ def train(
     try:  # the lock keeps other processes out of the run folder until we are done
         pack.specs[0].run_dir = run_dir  # a taken default folder name may have got a suffix
         if resume and RunFiles(run_dir).read_status().get("status") == "completed":
-            console.print(f"{run_dir} is already completed", highlight=False, soft_wrap=True)
+            say(f"{run_dir} is already completed")
             return
-        try:
-            if resume and pack.restore():
-                console.print(f"resuming {run_dir} at {pack.step * pack.batch_size:,} sequences", highlight=False,
-                              soft_wrap=True)
-        except UserError as exc:
-            fail(str(exc))
+        if resume and pack.restore():
+            say(f"resuming {run_dir} at {pack.step * pack.batch_size:,} sequences")
         if not quiet and use_compile(cfg.train.compile, pack.n_steps, pack.device):
-            console.print("compiling the training step first (train.compile: ~30 s the first time on a machine, "
-                          "a few seconds once cached)", highlight=False, soft_wrap=True)
+            say("compiling the training step first (train.compile: ~30 s the first time on a machine, "
+                "a few seconds once cached)")
         with training_progress(pack.n_steps * pack.batch_size, quiet) as progress:
             results = pack.train(progress)
+    except UserError as exc:  # a checkpoint that does not fit this config: the run stays as it was
+        fail(str(exc))
+    except Exception as exc:  # the run folder exists: record the failure in it, never leave it "running"
+        results = pack.fail_with(exc)
     finally:
         lock.release()
     if not quiet:
@@ -122,11 +129,10 @@ def report_unfinished(results, overrides: list[str]) -> None:
     """One line per failed or interrupted run (even with --quiet), then exit 1 (failed) or 130 (interrupted)."""
     for r in results:
         if r.status == "failed":
-            console.print(f"[bold red]error:[/] {r.run_dir}: {r.summary.get('error')}", highlight=False, soft_wrap=True)
+            say(f"{r.run_dir}: {r.summary.get('error')}", "[bold red]error:[/] ")
         elif r.status == "interrupted":
             again = [o for o in overrides if not sets_run_dir([o])] + [f"hydra.run.dir={r.run_dir}"]
-            console.print(f"interrupted; continue with: {shlex.join(['ihstudy', 'train', '--resume', *again])}",
-                          highlight=False, soft_wrap=True)
+            say(f"interrupted; continue with: {shlex.join(['ihstudy', 'train', '--resume', *again])}")
     statuses = {r.status for r in results}
     if "failed" in statuses:
         raise typer.Exit(1)
@@ -169,15 +175,15 @@ def print_summary(results, root: Path | None = None) -> None:
 
     title = (f"Final loss per evaluator; phase change = first eval with fsl_train loss < 0.4·ln2 "
              f"= {PHASE_CHANGE_THRESHOLD:.3f}")
-    table = Table(title=title if root is None else f"{root}\n{title}")
+    table = Table(title=title if root is None else f"{escape(str(root))}\n{title}")
     keys = sorted({k for r in results for k in r.summary if k.endswith(".loss")})
     table.add_column("run", overflow="fold")
     for column in ["status", "phase change (seq)", *(k.removeprefix("fsl_").removesuffix(".loss") for k in keys)]:
         table.add_column(column)
     for r in results:
         change = r.summary.get("phase_change_sequences")
-        name = r.run_dir if root is None else r.run_dir.relative_to(root)
-        table.add_row(str(name), r.status, "-" if change is None else f"{change:,}",
+        name = escape(str(r.run_dir if root is None else r.run_dir.relative_to(root)))
+        table.add_row(name, r.status, "-" if change is None else f"{change:,}",
                       *(f"{r.summary[k]:.4f}" if k in r.summary else "-" for k in keys))
     Console().print(table)
 
@@ -205,8 +211,8 @@ def sweep(
         print_sweep_configs(plan, print_config.value)
         return
     n_todo = sum(map(len, plan.packs))
-    console.print(f"sweep {plan.dir}: {len(plan.runs)} runs, {len(plan.runs) - n_todo} already finished, "
-                  f"{n_todo} to train in {len(plan.packs)} pack(s)", highlight=False, soft_wrap=True)
+    say(f"sweep {plan.dir}: {len(plan.runs)} runs, {len(plan.runs) - n_todo} already finished, "
+        f"{n_todo} to train in {len(plan.packs)} pack(s)")
     if dry_run:
         print_plan(plan)
         return
@@ -219,13 +225,13 @@ def sweep(
         console.print("interrupted; run the same command again to continue")
         raise typer.Exit(130) from None
     except PackJobError as exc:
-        console.print(f"[bold red]error:[/] a pack job failed: {exc}", highlight=False, soft_wrap=True)
+        say(f"a pack job failed: {exc}", "[bold red]error:[/] ")
         results = collect_results(plan)
     if not quiet:
         print_summary(results, plan.dir)
     for r in results:
         if r.status == "failed":
-            console.print(f"[bold red]failed:[/] {r.name}: {r.summary.get('error')}", highlight=False, soft_wrap=True)
+            say(f"{r.name}: {r.summary.get('error')}", "[bold red]failed:[/] ")
     if any(r.status != "completed" for r in results):
         raise typer.Exit(1)
 
@@ -258,11 +264,11 @@ def print_sweep_configs(plan, part: str) -> None:
 
 def print_plan(plan) -> None:
     pack_of = {run.name: i for i, runs in enumerate(plan.packs) for run in runs}
-    table = Table(title=str(plan.dir))
+    table = Table(title=escape(str(plan.dir)))
     for column in ["run", "pack", "overrides"]:
         table.add_column(column)
     for run in plan.runs:
-        table.add_row(run.name, str(pack_of.get(run.name, "finished")), " ".join(run.overrides))
+        table.add_row(escape(run.name), str(pack_of.get(run.name, "finished")), escape(" ".join(run.overrides)))
     Console().print(table)
 
 
@@ -284,7 +290,7 @@ def analyze(
     except UserError as exc:
         fail(str(exc))
     clamped = f" with {' '.join(overrides)}" if overrides else ""
-    table = Table(title=f"{run_dir} at {int(rows.sequences.iloc[0]):,} sequences{clamped}")
+    table = Table(title=escape(f"{run_dir} at {int(rows.sequences.iloc[0]):,} sequences{clamped}"))
     columns = ["loss", "acc", "icl_acc", "in_context_mass"]
     for column in ["evaluator", *columns]:
         table.add_column(column)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import math
 import os
 import re
@@ -20,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ihstudy.data import EVALUATORS, MAX_FEATURE_ELEMENTS
 from ihstudy.errors import ConfigError
 from ihstudy.model import INIT_SCHEMES
-from ihstudy.run_files import check_inside_outputs
+from ihstudy.run_files import check_folder_path
 
 CONF_DIR_ENV = "IHSTUDY_CONF_DIR"  # a config tree of the user's own, in place of ihstudy's
 CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"  # conf/ beside the code in a source checkout
@@ -41,6 +43,7 @@ def compose_config(overrides: list[str], single_run: bool = False) -> tuple[Dict
     with config_errors():
         if single_run:
             check_no_sweep(overrides)
+        check_added_keys(overrides)
         cfg = compose_with_hydra(overrides)
         if single_run:
             check_single_run(cfg.hydra.sweeper.params, overrides)
@@ -52,18 +55,18 @@ def compose_config(overrides: list[str], single_run: bool = False) -> tuple[Dict
     if missing:
         raise ConfigError(f"missing config value: {', '.join(missing)} (set it on the command line, e.g. {missing[0]}=...)")
     check_values(cfg)
-    check_inside_outputs(run_dir)
+    check_folder_path(run_dir)
     return cfg, run_dir
 
 
 def compose_with_hydra(overrides: list[str], config_name: str = "config") -> DictConfig:
     """The unresolved config with Hydra's own node (run folder, sweeper params of experiments)."""
     with config_errors(), hydra_initialized(job_name="ihstudy"):
-        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+        return compose(config_name, overrides=literal_folders(overrides), return_hydra_config=True)
 
 
 def check_no_sweep(overrides: list[str]) -> None:
-    sweeps = [o.input_line for o in OverridesParser.create().parse_overrides(list(overrides)) if o.is_sweep_override()]
+    sweeps = [o.input_line for o in OverridesParser.create().parse_overrides(literal_folders(overrides)) if o.is_sweep_override()]
     if sweeps:
         raise ConfigError(f"{sweeps[0]} gives several values: run a sweep with `{shlex.join(['ihstudy', 'sweep', *overrides])}`")
 
@@ -95,11 +98,76 @@ def config_groups(hydra_groups: tuple[str, ...] = ()) -> list[tuple[str, list[st
 def hydra_initialized(job_name: str):
     """Hydra's global state for composing (or launching) from ihstudy's config tree: $IHSTUDY_CONF_DIR,
     else the conf/ of a source checkout, else the tree installed with the package (pkg://ihstudy.conf)."""
+    folder = own_conf_dir()
+    if folder is not None:
+        return initialize_config_dir(config_dir=str(folder), version_base="1.3", job_name=job_name)
+    return initialize_config_module(CONF_MODULE, version_base="1.3", job_name=job_name)
+
+
+def own_conf_dir() -> Path | None:
+    """$IHSTUDY_CONF_DIR, or the conf/ of a source checkout; None for an installed package."""
     own = os.environ.get(CONF_DIR_ENV)
     if own or (CHECKOUT_CONF / "pack_job.yaml").is_file():  # pack_job.yaml: ihstudy's tree, not any conf/
-        return initialize_config_dir(config_dir=str(Path(own or CHECKOUT_CONF).resolve()), version_base="1.3",
-                                     job_name=job_name)
-    return initialize_config_module(CONF_MODULE, version_base="1.3", job_name=job_name)
+        return Path(own or CHECKOUT_CONF).resolve()
+    return None
+
+
+def conf_dir() -> Path:
+    """The folder of the config tree hydra_initialized composes from (an installed wheel holds it as files)."""
+    return own_conf_dir() or Path(str(importlib.resources.files(CONF_MODULE)))
+
+
+FOLDER_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
+
+
+def literal_folders(overrides: list[str]) -> list[str]:
+    """Folder overrides with their values quoted, so that folder names holding = or , (a sweep's
+    run folders are named like `clamp=copy,seed=5`) pass as they are: `hydra.run.dir=.../seed=5`."""
+    quoted = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") in FOLDER_KEYS and value and value[0] not in "'\"":
+            override = f"{key}={quote(value)}"
+        quoted.append(override)
+    return quoted
+
+
+def quote(value: str) -> str:
+    """A string as a quoted Hydra override value (interpolations like ${now:...} still resolve)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def check_added_keys(overrides: list[str]) -> None:
+    """`+key=value` may add a clamp (`+clamp.NAME=...`), choose a config group, or set a key that some
+    option of its group declares (`+data.path=...`); any other added key would be kept silently and read
+    by nothing, so a misspelt name would look like a setting that took effect."""
+    for override in OverridesParser.create().parse_overrides(literal_folders(overrides)):
+        key = override.key_or_group
+        if not (override.is_add() or override.is_force_add()) or key.split(".")[0] in ("clamp", "hydra"):
+            continue
+        if key not in known_keys() and not (conf_dir() / key).is_dir():
+            group = key.split(".")[0] if "." in key else "the top level"
+            raise ConfigError(f"unknown config key {key}: nothing reads it (see the keys of {group} in conf/)")
+
+
+@functools.cache
+def known_keys() -> frozenset[str]:
+    """Every dotted key that config.yaml or an option of a config group (conf/<group>/*.yaml) declares."""
+    keys = set()
+    root = conf_dir()
+    for path in root.glob("*/*.yaml"):
+        if path.parent.name not in ("clamp", "experiment"):
+            keys |= dotted_keys(OmegaConf.load(path), path.parent.name)
+    top = OmegaConf.load(root / "config.yaml")
+    return frozenset(keys | {k for k in dotted_keys(top, "") if not k.startswith(("defaults", "hydra"))})
+
+
+def dotted_keys(node, prefix: str) -> set[str]:
+    keys = {prefix} if prefix else set()
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            keys |= dotted_keys(node._get_node(key), f"{prefix}.{key}" if prefix else str(key))
+    return keys
 
 
 @contextmanager

@@ -71,7 +71,12 @@ def gaussian_features(n_classes: int, n_exemplars: int, dim: int, latent_dim: in
 def load_feature_file(path: str, dataset: str | None = None) -> torch.Tensor:
     """Features [classes, exemplars, dim] from an HDF5 file (dataset path inside it) or a .npy file."""
     file = Path(path).expanduser()
-    if not file.is_file():
+    try:
+        found = file.is_file()
+    except OSError as exc:  # a name too long for the filesystem, a file on the way
+        shown = str(file) if len(str(file)) <= 100 else f"{str(file)[:100]}... ({len(str(file))} characters)"
+        raise ConfigError(f"cannot use feature file {shown}: {exc.strerror}") from None
+    if not found:
         raise ConfigError(f"feature file not found: {file}")
     try:
         if file.suffix == ".npy":

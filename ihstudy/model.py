@@ -50,12 +50,13 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from ihstudy.data import Batch
+from ihstudy.errors import ConfigError
 
 # Parameters are views into one flat buffer; autograd notes that their strides skip the other runs.
 warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
@@ -74,6 +75,14 @@ class ModelShape:
     positional: str = "rotary"  # rotary | learned | sinusoidal
     rotary_base: float = 10000.0
     mlp_ratio: float = 0.0  # 0: attention-only
+
+    @classmethod
+    def of_config(cls, cfg, n_features: int) -> "ModelShape":
+        """The shape a run config (a DictConfig, or a checkpoint's saved dict) gives `n_features`-dim exemplars."""
+        m, t = cfg["model"], cfg["task"]
+        return cls(n_layers=m["n_layers"], n_heads=m["n_heads"], d_model=m["d_model"], n_features=n_features,
+                   n_labels=t["n_labels"], context_len=t["context_len"], positional=m["positional"],
+                   rotary_base=float(m["rotary_base"]), mlp_ratio=float(m["mlp_ratio"]))
 
     @property
     def d_head(self) -> int:
@@ -101,6 +110,20 @@ class ModelShape:
                 shapes |= {b + "ln2.w": (D,), b + "ln2.b": (D,), b + "mlp.W_in": (D, self.d_mlp),
                            b + "mlp.b_in": (self.d_mlp,), b + "mlp.W_out": (self.d_mlp, D), b + "mlp.b_out": (D,)}
         return shapes | {"ln_final.w": (D,), "ln_final.b": (D,), "unembed.W_U": (D, L), "unembed.b_U": (L,)}
+
+
+def check_checkpoint_model(state: dict, shape: ModelShape, source: str) -> None:
+    """Refuse (ConfigError, one line) a checkpoint whose model is not one of `shape`: other tensor
+    shapes, or equal tensor shapes that mean something else (8 heads of width 8 or 4 of width 16,
+    other positions), as the run config saved in it tells."""
+    try:
+        saved = ModelShape.of_config(state["config"], state["model"]["embed.W_x"].shape[0])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        raise ConfigError(f"{source} holds no model and config of an ihstudy run") from None
+    differ = [f"{f.name} {getattr(saved, f.name)} vs {getattr(shape, f.name)}" for f in fields(ModelShape)
+              if getattr(saved, f.name) != getattr(shape, f.name)]
+    if differ:
+        raise ConfigError(f"{source} holds a model of another shape ({', '.join(differ)}: saved vs wanted)")
 
 
 INIT_SCHEMES = ("lecun_normal", "uniform")

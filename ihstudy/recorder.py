@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.errors import ConfigError
 from ihstudy.evaluate import PHASE_CHANGE_THRESHOLD
-from ihstudy.run_files import CHECKPOINT_FORMAT, RunFiles, now, versions
+from ihstudy.run_files import CHECKPOINT_FORMAT, RunFiles, first_line, now, versions
 
 log = logging.getLogger(__name__)
 STEP_COLUMNS = ("loss", "grad_norm", "grad_batch_stddev", "lr")
@@ -115,14 +115,19 @@ class RunRecorder:
         self.step_log[:step, r] = torch.tensor(kept[list(STEP_COLUMNS)].to_numpy())
         self.eval_columns[r] = evals[evals.step < step].to_dict("list")
 
-    def fail(self, runs: list[int], message: str, step: int) -> None:
-        """Mark runs failed for good, keeping their rows so far and their last checkpoint."""
+    def fail(self, runs: list[int], message: str, step: int, write_rows: bool = True) -> None:
+        """Mark runs failed for good, keeping their rows so far (written unless `write_rows` is false:
+        the tables on disk stay) and their last checkpoint."""
         for r in runs:
             self.errors[r] = f"{message} at step {step + 1}"
+            if write_rows:
+                try:
+                    self.write_tables(r, step)
+                except Exception as exc:  # e.g. the disk is still full: the status and message still count
+                    log.warning("%s: cannot write the tables (%s)", self.files[r].dir, first_line(exc))
             try:
-                self.write_tables(r, step)
                 self.files[r].write_status(status="failed", ended=now(), error=self.errors[r], step=step)
-            except OSError as exc:  # e.g. the disk is still full: the message still reaches the user
+            except OSError as exc:  # the message still reaches the user
                 log.warning("%s: cannot record the failure (%s)", self.files[r].dir, exc.strerror or exc)
 
     def finish(self, status: str, step: int) -> list[RunResult]:

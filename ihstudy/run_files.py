@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from filelock import FileLock, Timeout
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.errors import CheckpointError, ConfigError, RunInUseError
 
@@ -104,6 +103,21 @@ class RunFiles:
         atomic_write_text(self.dir / "run.json", json.dumps(status, indent=2, default=float) + "\n")
         return status
 
+    def read_config(self) -> DictConfig:
+        """The run's saved config; ConfigError (one line) if the folder holds no readable run."""
+        path = self.dir / "config.yaml"
+        if not self.dir.is_dir():
+            raise ConfigError(f"{self.dir} is not a run folder ({'a file' if self.dir.exists() else 'no such folder'})")
+        if not path.is_file():
+            raise ConfigError(f"{self.dir} holds no run (no config.yaml)")
+        try:
+            cfg = OmegaConf.load(path)
+        except Exception as exc:  # YAML, OmegaConf and OS errors of a damaged or foreign file
+            raise ConfigError(f"cannot read {path}: {first_line(exc)}") from None
+        if not isinstance(cfg, DictConfig):
+            raise ConfigError(f"{path} holds no run config")
+        return cfg
+
     def write_config(self, cfg) -> None:
         atomic_write_text(self.dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
@@ -161,48 +175,117 @@ def check_inside_outputs(path: Path) -> None:
                           f"(choose another hydra.run.dir or set {OUTPUTS_ENV})")
 
 
+def check_folder_path(path: Path, key: str = "hydra.run.dir") -> None:
+    """Refuse, before anything is written, a folder path that cannot be created or written: outside
+    the outputs folder, a name too long for the filesystem, a file on the way, no write permission."""
+    check_inside_outputs(path)
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in [path, *path.parents] if os.path.lexists(p))
+    limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    too_long = next((part for part in path.parts if len(part.encode()) > limit), None)
+    if too_long is not None:
+        raise ConfigError(f"{key}: the folder name {too_long[:40]}... is {len(too_long.encode())} bytes long, "
+                          f"the filesystem allows {limit}")
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {existing} is a file, not a folder; choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: cannot write in {existing} (permission denied); choose another {key}")
+
+
+# Everything an ihstudy run writes in its folder: `--overwrite` replaces a folder only if it holds
+# nothing else, so a mistyped hydra.run.dir never deletes the user's other files.
+RUN_FILE_NAMES = {"config.yaml", "run.json", "metrics.parquet", "eval.parquet", LOCK_NAME}
+CHECKPOINT_FILE_NAME = re.compile(r"step_\d{8}\.pt(\.sha256)?")
+TEMPORARY_NAME = re.compile(r"\..+\.tmp")  # atomic_write_bytes' files, left by a crash
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """The entries of a run folder that no ihstudy run writes (checkpoints/ holds only checkpoints)."""
+    foreign = []
+    for path in run_dir.iterdir():
+        if path.name == "checkpoints" and path.is_dir() and not path.is_symlink():
+            foreign += [f"checkpoints/{p.name}" for p in path.iterdir()
+                        if not (p.is_file() and (CHECKPOINT_FILE_NAME.fullmatch(p.name) or TEMPORARY_NAME.fullmatch(p.name)))]
+        elif not (path.is_file() and not path.is_symlink()
+                  and (path.name in RUN_FILE_NAMES or TEMPORARY_NAME.fullmatch(path.name))):
+            foreign.append(path.name)
+    return sorted(foreign)
+
+
+def check_claimable(run_dir: Path, overwrite: bool) -> None:
+    """Refuse (writing nothing) a folder a new run may not take: not a folder, other files, a run
+    without --overwrite, or a run together with other files even with --overwrite."""
+    if not os.path.lexists(run_dir):
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a folder; choose another hydra.run.dir")
+    if not any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        return
+    if not RunFiles(run_dir).holds_run():
+        raise ConfigError(f"{run_dir} is not empty and holds no run; choose another hydra.run.dir")
+    if not overwrite:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        raise ConfigError(f"{run_dir} holds a run and other files ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces only a folder holding "
+                          "exactly one run: choose another hydra.run.dir")
+
+
 def claim_run_dir(run_dir: Path, resume: bool = False, overwrite: bool = False,
                   rename_on_collision: bool = False) -> tuple[Path, FileLock]:
     """Make `run_dir` this process's run folder; returns the folder and its held lock.
 
     A new folder is created atomically, so two processes never share one: with
     `rename_on_collision` (timestamped default names) a taken name gets a suffix -1, -2, ...
-    An existing run is continued only with `resume`, replaced only with `overwrite`, and never
-    while another process holds its lock. Keep the lock until the process stops writing.
+    An existing run is continued only with `resume`, replaced only with `overwrite` (and only if
+    the folder holds nothing but that run), and never while another process holds its lock. A
+    refused folder is left untouched. Keep the lock until the process stops writing.
     """
     run_dir = Path(run_dir)
-    check_inside_outputs(run_dir)
+    check_folder_path(run_dir)
     if resume:
         if not RunFiles(run_dir).holds_run():
             raise ConfigError(f"no run to resume in {run_dir}")
         return run_dir, lock_run_dir(run_dir)
-    run_dir = make_fresh_dir(run_dir, rename_on_collision and not overwrite)
+    if not rename_on_collision:
+        check_claimable(run_dir, overwrite)  # before the lock file is created in it
+    run_dir = make_fresh_dir(run_dir, rename_on_collision)
     lock = lock_run_dir(run_dir)
-    leftovers = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
-    if leftovers and not overwrite:
+    try:
+        check_claimable(run_dir, overwrite)  # again under the lock: another process may have written meanwhile
+        remove_run_files(run_dir)
+    except BaseException:
         lock.release()
-        if RunFiles(run_dir).holds_run():
-            raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        raise ConfigError(f"{run_dir} is not empty and holds no run; choose another hydra.run.dir")
-    for path in leftovers:  # --overwrite: everything but the lock we hold
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        raise
     return run_dir, lock
+
+
+def remove_run_files(run_dir: Path) -> None:
+    """Delete the files of the run in `run_dir` (checked by check_claimable), all but its lock."""
+    for path in run_dir.iterdir():
+        if path.name == "checkpoints":
+            for checkpoint in path.iterdir():
+                checkpoint.unlink()
+            path.rmdir()
+        elif path.name != LOCK_NAME:
+            path.unlink()
 
 
 def make_fresh_dir(run_dir: Path, rename_on_collision: bool) -> Path:
     """Create run_dir (or, if taken and allowed, run_dir-1, run_dir-2, ...); an existing folder is returned as is."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    for n in itertools.count():
-        candidate = run_dir.with_name(f"{run_dir.name}-{n}") if n else run_dir
-        try:
-            candidate.mkdir()  # atomic: exactly one process creates a given folder
-            return candidate
-        except FileExistsError:
-            if not rename_on_collision:
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count():
+            candidate = run_dir.with_name(f"{run_dir.name}-{n}") if n else run_dir
+            try:
+                candidate.mkdir()  # atomic: exactly one process creates a given folder
                 return candidate
+            except FileExistsError:
+                if not rename_on_collision:
+                    return candidate
+    except OSError as exc:  # what check_folder_path could not foresee (a read-only filesystem, a full disk)
+        raise ConfigError(f"cannot create the run folder {run_dir}: {exc.strerror or exc}") from None
 
 
 def lock_run_dir(run_dir: Path) -> FileLock:

@@ -38,18 +38,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.clamps import build_clamps
-from ihstudy.config import compose_config, compose_with_hydra, config_errors, hydra_initialized, validate
+from ihstudy.config import (check_added_keys, compose_config, compose_with_hydra, config_errors, hydra_initialized,
+                            literal_folders, quote, validate)
 from ihstudy.errors import ConfigError
-from ihstudy.run_files import (
-    RunFiles,
-    atomic_write_parquet,
-    atomic_write_text,
-    check_inside_outputs,
-    first_line,
-    lock_run_dir,
-    outputs_root,
-)
-from ihstudy.train import Pack, RunResult, RunSpec, load_cached_features, model_shape
+from ihstudy.memory import check_fits, fits
+from ihstudy.model import ModelShape
+from ihstudy.run_files import (LOCK_NAME, TEMPORARY_NAME, RunFiles, atomic_write_parquet, atomic_write_text,
+                               check_folder_path, first_line, foreign_entries, lock_run_dir, outputs_root)
+from ihstudy.train import Pack, RunResult, RunSpec, exemplar_shape, resolve_device
 
 log = logging.getLogger(__name__)
 PLAN = "plan.json"
@@ -64,11 +60,15 @@ class Run:
     overrides: list[str]
     cfg: DictConfig
     dir: Path
-    n_features: int
+    exemplar_shape: tuple[int, int, int]  # [classes, exemplars, dim]
 
     @property
     def files(self) -> RunFiles:
         return RunFiles(self.dir)
+
+    @property
+    def n_features(self) -> int:
+        return self.exemplar_shape[2]
 
 
 @dataclass
@@ -89,21 +89,24 @@ class Sweep:
 
 def plan_sweep(overrides: list[str], max_pack_runs: int = 0) -> Sweep:
     """Expand the overrides into runs, validate all of them and group the unfinished ones into packs."""
-    parsed = parse(overrides)
+    parsed = parse(literal_folders(overrides))
     hydra_args = [o.input_line for o in parsed if o.is_hydra_override()]
     run_args = [o.input_line for o in parsed if not o.is_hydra_override()]
     if not run_args:
         raise ConfigError("nothing to sweep: give overrides such as seed=5,6 clamp=none,copy, or experiment=NAME")
+    check_added_keys(run_args)  # once, not once per run
     expanded = expand(run_args)
     if not expanded:
         raise ConfigError(f"the sweep {' '.join(run_args)} has no runs")
     job_cfg = compose_pack_job(hydra_args)
     chosen = any(o.key_or_group == SWEEP_DIR for o in parsed)
     sweep_dir = Path(job_cfg.hydra.sweep.dir) if chosen else outputs_root() / "sweeps" / folder_name("_".join(run_args))
-    check_inside_outputs(sweep_dir)
-    runs = compose_runs(expanded, sweep_dir.resolve())  # absolute: pack jobs may start in another folder
+    check_folder_path(sweep_dir, SWEEP_DIR)
+    check_sweep_dir(sweep_dir)
+    budget = memory_budget(job_cfg)
+    runs = compose_runs(expanded, sweep_dir.resolve(), budget)  # absolute: pack jobs may start in another folder
     todo = [run for run in runs if run.files.read_status().get("status") not in FINISHED]
-    packs = group_into_packs(todo, max_pack_runs)
+    packs = group_into_packs(todo, max_pack_runs, budget)
     launcher_args = [o.input_line for o in parsed if o.is_hydra_override() and o.key_or_group != SWEEP_DIR]
     return Sweep(sweep_dir.resolve(), runs, packs, launcher_args, jobs_per_machine(job_cfg, len(packs)))
 
@@ -144,15 +147,16 @@ def folder_name(text: str) -> str:
     return name
 
 
-def compose_runs(expanded: list[list[str]], sweep_dir: Path) -> list[Run]:
+def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int | None = None) -> list[Run]:
     """Compose and validate every run; report all runs that fail (one line) and the repeated ones."""
     runs, errors, seen, features = [], [], {}, {}
     for overrides, name in zip(expanded, run_names(expanded)):
         try:
             cfg, _ = compose_config(overrides)
-            n_classes, n_exemplars, n_features = load_cached_features(cfg.data, features).shape
-            validate(cfg, n_classes, n_exemplars)
-            build_clamps(cfg.clamp, model_shape(cfg, n_features))
+            shape = exemplar_shape(cfg.data, features)
+            validate(cfg, *shape[:2])
+            check_fits([cfg], [shape], resolve_device(cfg.device), memory_budget)
+            build_clamps(cfg.clamp, ModelShape.of_config(cfg, shape[2]))
             check_same_config(RunFiles(sweep_dir / name), cfg)
         except ConfigError as exc:
             errors.append(f"{name}: {exc}")
@@ -161,7 +165,7 @@ def compose_runs(expanded: list[list[str]], sweep_dir: Path) -> list[Run]:
         if text in seen or name in {r.name for r in runs}:
             raise ConfigError(f"the sweep repeats a run: {seen.get(text, name)} and {name} are the same run")
         seen[text] = name
-        runs.append(Run(name, overrides, cfg, sweep_dir / name, n_features))
+        runs.append(Run(name, overrides, cfg, sweep_dir / name, shape))
     if errors:
         more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
         raise ConfigError(f"{len(errors)} of {len(expanded)} runs fail validation, none was run: {'; '.join(errors[:3])}{more}")
@@ -170,8 +174,7 @@ def compose_runs(expanded: list[list[str]], sweep_dir: Path) -> list[Run]:
 
 def check_same_config(files: RunFiles, cfg: DictConfig) -> None:
     """A run folder left by an earlier invocation must hold the same run."""
-    saved = files.dir / "config.yaml"
-    if saved.exists() and OmegaConf.to_container(OmegaConf.load(saved)) != OmegaConf.to_container(cfg):
+    if (files.dir / "config.yaml").exists() and OmegaConf.to_container(files.read_config()) != OmegaConf.to_container(cfg):
         raise ConfigError(f"{files.dir} holds a run with another config; choose another hydra.sweep.dir")
 
 
@@ -187,12 +190,60 @@ def pack_key(run: Run) -> str:
     return json.dumps([OmegaConf.to_container(OmegaConf.create(shared)), run.n_features, resume_step], sort_keys=True)
 
 
-def group_into_packs(runs: list[Run], max_pack_runs: int) -> list[list[Run]]:
+def group_into_packs(runs: list[Run], max_pack_runs: int, memory_budget: int | None = None) -> list[list[Run]]:
+    """Runs of equal pack keys, in packs of at most max_pack_runs (0: any number) that fit in memory
+    (each run alone does: compose_runs checked it)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(pack_key(run), []).append(run)
     size = max_pack_runs if max_pack_runs > 0 else len(runs)
-    return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
+    packs = []
+    for group in groups.values():
+        pack: list[Run] = []
+        for run in group:
+            if pack and (len(pack) == size or not fits_in_memory([*pack, run], memory_budget)):
+                packs.append(pack)
+                pack = []
+            pack.append(run)
+        packs.append(pack)
+    return packs
+
+
+def fits_in_memory(pack: list[Run], memory_budget: int | None) -> bool:
+    device = resolve_device(pack[0].cfg.device)
+    return fits([run.cfg for run in pack], [run.exemplar_shape for run in pack], device, memory_budget)
+
+
+def memory_budget(job_cfg: DictConfig) -> int | None:
+    """The memory of one pack job: the launcher's mem_gb (Slurm, submitit), else what this machine
+    has available (None)."""
+    mem_gb = OmegaConf.select(job_cfg, "hydra.launcher.mem_gb")
+    return int(mem_gb * 2**30) if mem_gb else None
+
+
+SWEEP_FILES = {PLAN, INDEX, LOCK_NAME, "multirun.yaml"}
+SWEEP_FOLDERS = {"packs", ".submitit"}
+
+
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """A sweep writes only into a new or empty folder or one an earlier sweep left (to continue it):
+    its own files, Hydra's folders and run folders. Refuse anything else, writing nothing."""
+    if not sweep_dir.exists():
+        return
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"{SWEEP_DIR}={sweep_dir} is a file, not a folder")
+    foreign = sorted(p.name for p in sweep_dir.iterdir() if not is_sweep_entry(p))
+    if foreign:
+        raise ConfigError(f"{sweep_dir} holds files no sweep wrote ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); choose another {SWEEP_DIR}")
+
+
+def is_sweep_entry(path: Path) -> bool:
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        return path.name in SWEEP_FOLDERS or not foreign_entries(path)  # a run folder
+    return path.name in SWEEP_FILES or TEMPORARY_NAME.fullmatch(path.name) is not None
 
 
 def compose_pack_job(hydra_args: list[str]) -> DictConfig:
@@ -261,18 +312,13 @@ class PackJobError(Exception):
 def launch_packs(sweep: Sweep) -> None:
     """One Hydra multirun over the pack index; the launcher decides where the pack jobs run."""
     packs = ",".join(str(i) for i in range(len(sweep.packs)))
-    overrides = [*sweep.launcher_overrides, f"{SWEEP_DIR}={quoted(sweep.dir)}", f"pack={packs}",
+    overrides = [*sweep.launcher_overrides, f"{SWEEP_DIR}={quote(str(sweep.dir))}", f"pack={packs}",
                  f"jobs_per_machine={sweep.jobs_per_machine}"]
     try:
         with hydra_initialized(job_name="pack"):
             GlobalHydra.instance().hydra.multirun("pack_job", train_pack_job, overrides)
     except Exception as exc:  # Hydra re-raises the first failed job's error once the launcher returns
         raise PackJobError(f"{first_line(exc)} (pack logs: {sweep.dir}/packs/<i>/pack.log)") from exc
-
-
-def quoted(path: Path) -> str:
-    """A path as a quoted Hydra override value (commas and = in folder names stay literal)."""
-    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def train_pack_job(job_cfg: DictConfig) -> list[str]:

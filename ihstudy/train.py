@@ -25,24 +25,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.clamps import ClampSet, build_clamps
 from ihstudy.compiled import use_compile
-from ihstudy.config import validate
+from ihstudy.config import check_values, config_errors, validate
 from ihstudy.data import FewShotTask, PackStream, TrainStream, load_features
 from ihstudy.errors import CheckpointError, ConfigError
 from ihstudy.evaluate import Evaluator
-from ihstudy.model import ModelShape, Transformer
+from ihstudy.memory import check_fits
+from ihstudy.model import ModelShape, Transformer, check_checkpoint_model
 from ihstudy.optim import StackedOptimizer, lr_schedule
 from ihstudy.recorder import RunRecorder, RunResult, RunSpec, phase_change_sequences, summarize  # noqa: F401 (public here)
-from ihstudy.run_files import RunFiles
+from ihstudy.run_files import RunFiles, first_line
 from ihstudy.steps import choose_path
 
 log = logging.getLogger(__name__)
-
-
-def model_shape(cfg: DictConfig, n_features: int) -> ModelShape:
-    m = cfg.model
-    return ModelShape(n_layers=m.n_layers, n_heads=m.n_heads, d_model=m.d_model, n_features=n_features,
-                      n_labels=cfg.task.n_labels, context_len=cfg.task.context_len, positional=m.positional,
-                      rotary_base=float(m.rotary_base), mlp_ratio=float(m.mlp_ratio))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,12 +66,12 @@ class Runs:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         cache = {} if features_cache is None else features_cache
-        self.tasks = []
-        for spec in specs:
-            features = load_cached_features(spec.cfg.data, cache)
-            validate(spec.cfg, *features.shape[:2])
-            self.tasks.append(FewShotTask(spec.cfg.task, features))
-        self.shape = model_shape(cfg, self.tasks[0].features.shape[-1])
+        exemplar_shapes = [exemplar_shape(spec.cfg.data, cache) for spec in specs]
+        for spec, shape in zip(specs, exemplar_shapes):
+            validate(spec.cfg, *shape[:2])
+        check_fits([spec.cfg for spec in specs], exemplar_shapes, self.device)  # before anything large is made
+        self.tasks = [FewShotTask(spec.cfg.task, load_cached_features(spec.cfg.data, cache)) for spec in specs]
+        self.shape = ModelShape.of_config(cfg, self.tasks[0].features.shape[-1])
         self.batch_size = cfg.train.batch_size
         self.model = Transformer(self.shape, len(specs), self.device).init_([s.cfg.seed for s in specs], cfg.model.init)
         self.clamps = ClampSet([build_clamps(s.cfg.clamp, self.shape) for s in specs])
@@ -129,9 +123,18 @@ class Pack(Runs):
             if stop.signal is not None:
                 self.checkpoint()  # between two steps the state is consistent
             return self.recorder.finish("completed" if stop.signal is None else "interrupted", self.step)
-        except OSError as exc:  # atomic writes leave every earlier file intact
-            self.fail_runs(self.active.clone(), f"cannot write run files ({exc.strerror or exc})")
-            return self.recorder.finish("completed", self.step)
+        except Exception as exc:  # a failed write (atomic: earlier files stay intact) or anything unexpected
+            return self.fail_with(exc)
+
+    def fail_with(self, exc: Exception) -> list[RunResult]:
+        """Fail every live run with the error that stopped the pack, in one line (a failed write,
+        e.g. a full disk, or anything unexpected): rows so far and checkpoints stay, resumable."""
+        if isinstance(exc, OSError):
+            message = f"cannot write run files ({exc.strerror or exc})"
+        else:
+            message = f"stopped by {type(exc).__name__}: {first_line(exc)}"
+        self.fail_runs(self.active.clone(), message, write_rows=self.step > 0)  # at 0: not restored yet
+        return self.recorder.finish("completed", self.step)
 
     def compile(self) -> None:
         """Compile the step and evaluation functions of this pack's path (compiled.py)."""
@@ -166,9 +169,10 @@ class Pack(Runs):
                                                        "optimizer": self.optimizer.state(r),
                                                        "rng": {"torch": torch.get_rng_state()}})
 
-    def fail_runs(self, which: torch.Tensor, message: str) -> None:
-        """Stop runs for good (the recorder keeps their rows and last checkpoint and marks them failed)."""
-        self.recorder.fail(which.nonzero().flatten().tolist(), message, self.step)
+    def fail_runs(self, which: torch.Tensor, message: str, write_rows: bool = True) -> None:
+        """Stop runs for good (the recorder keeps their rows and last checkpoint and marks them failed;
+        without `write_rows` the tables on disk stay as they are)."""
+        self.recorder.fail(which.nonzero().flatten().tolist(), message, self.step, write_rows)
         self.active &= ~which
         self.loss_weight = self.loss_weights()
 
@@ -241,21 +245,45 @@ def pack_from_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> 
     """The runs of one saved run at a checkpoint (default: the newest): its model, task, eval sequences
     and clamps, or another clamp config (for post-hoc ablations). Nothing is written."""
     files = RunFiles(run_dir)
-    cfg = OmegaConf.load(files.dir / "config.yaml")
+    cfg = files.read_config()
     if clamp is not None:
         cfg.clamp = clamp
     steps = files.checkpoint_steps()
     if not steps or (step is not None and step not in steps):
         raise ConfigError(f"{files.dir} has no checkpoint at step {step}" if steps else f"{files.dir} has no checkpoint")
-    runs = Runs([RunSpec(cfg, files.dir)])
+    try:
+        with config_errors():  # a hand-edited or damaged config.yaml
+            check_values(cfg)
+            runs = Runs([RunSpec(cfg, files.dir)])
+    except ConfigError as exc:
+        raise ConfigError(f"cannot load the run in {files.dir}: {exc}") from None
     runs.step = steps[-1] if step is None else step
-    runs.model.load_state_dict(files.load_checkpoint(runs.step)["model"], 0)
+    load_checkpoint_model(runs, files, runs.step)
     return runs
+
+
+def load_checkpoint_model(runs: Runs, files: RunFiles, step: int) -> None:
+    """Load run 0's weights from its checkpoint `step`, which must hold the model its config defines
+    (a checkpoint copied in from another run is refused, not evaluated as if it were this one)."""
+    state = files.load_checkpoint(step)
+    check_checkpoint_model(state, runs.shape, f"checkpoint {step} of {files.dir}")
+    try:
+        runs.model.load_state_dict(state["model"], 0)
+    except ValueError as exc:
+        raise ConfigError(f"checkpoint {step} of {files.dir}: {exc}") from None
 
 
 def evaluate_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> pd.DataFrame:
     """Eval rows of a saved checkpoint, through the same evaluation and clamp code as training."""
     return pd.DataFrame(pack_from_checkpoint(run_dir, step, clamp).measure()[0])
+
+
+def exemplar_shape(data_cfg, cache: dict) -> tuple[int, int, int]:
+    """[classes, exemplars, dim] of a run's exemplar array: the built-in one from its config (it is
+    made only once its memory is checked), a file's by loading it into `cache`."""
+    if data_cfg.source == "gaussian":
+        return data_cfg.n_classes, data_cfg.n_exemplars, data_cfg.dim
+    return tuple(load_cached_features(data_cfg, cache).shape)
 
 
 def load_cached_features(data_cfg, cache: dict) -> torch.Tensor:

@@ -233,10 +233,17 @@ def test_no_clamp_is_the_plain_model():
 # --- grafts ------------------------------------------------------------------------------------------
 
 
+def saved_config(shape: ModelShape) -> dict:
+    """The parts of a run config that define a model of `shape`, as a checkpoint stores them."""
+    return {"model": {"n_layers": shape.n_layers, "n_heads": shape.n_heads, "d_model": shape.d_model,
+                      "positional": shape.positional, "rotary_base": shape.rotary_base, "mlp_ratio": shape.mlp_ratio},
+            "task": {"n_labels": shape.n_labels, "context_len": shape.context_len}}
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     files = RunFiles(tmp_path / "donor")
-    return str(files.save_checkpoint(1, {"model": make_model(seed=7).state_dict(0)}))
+    return str(files.save_checkpoint(1, {"model": make_model(seed=7).state_dict(0), "config": saved_config(SHAPE)}))
 
 
 def test_graft_in_takes_the_donor_residual_and_blocks_gradient(checkpoint):
@@ -297,6 +304,12 @@ def test_depth_and_graft_shape_are_checked(tmp_path, checkpoint):
     wider = ModelShape(n_layers=2, n_heads=4, d_model=32, n_features=8, n_labels=5, context_len=2)
     with pytest.raises(ConfigError, match="another shape"):
         build_clamps({"g": {"kind": "graft_out", "layer": 0, "checkpoint": checkpoint}}, wider)
+    two_heads = ModelShape(n_layers=2, n_heads=2, d_model=16, n_features=8, n_labels=5, context_len=2)  # same tensors
+    with pytest.raises(ConfigError, match=r"another shape \(n_heads 4 vs 2: saved vs wanted\)"):
+        build_clamps({"g": {"kind": "graft_out", "layer": 0, "checkpoint": checkpoint}}, two_heads)
+    no_config = RunFiles(tmp_path / "other").save_checkpoint(1, {"model": make_model().state_dict(0)})
+    with pytest.raises(ConfigError, match="holds no model and config of an ihstudy run"):
+        build_clamps({"g": {"kind": "graft_in", "layer": 0, "checkpoint": str(no_config)}}, SHAPE)
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         build_clamps({"g": {"kind": "graft_in", "layer": 0, "checkpoint": str(tmp_path / "nope.pt")}}, SHAPE)
 

@@ -105,12 +105,13 @@ SAFE_RESOLVERS = {"oc.create", "oc.decode", "oc.deprecated", "oc.dict.keys", "oc
 def test_configs_cannot_execute_code(tmp_path):
     compose_config([])
     assert set(BaseContainer._resolvers) <= SAFE_RESOLVERS
-    assert_refused(train("+x=${eval:__import__('os').system('touch pwned')}", *SHORT), "invalid config")
+    assert_refused(train("data=features_file", "data.path=${eval:__import__('os').system('touch pwned')}", *SHORT),
+                   "invalid config")
     marker = tmp_path / "pwned"
     tagged = f"!!python/object/apply:os.system ['touch {marker}']"
-    cfg, _ = compose_config([f'+x="{tagged}"'])
+    cfg, _ = compose_config(["data=features_file", f'data.path="{tagged}"'])
     saved_and_read = OmegaConf.create(OmegaConf.to_yaml(cfg))  # as config.yaml is written and read back
-    assert cfg.x == saved_and_read.x == tagged and not marker.exists()
+    assert cfg.data.path == saved_and_read.data.path == tagged and not marker.exists()
 
 
 @pytest.mark.parametrize("override,message", [
@@ -236,3 +237,124 @@ def test_any_malformed_override_set_is_refused_in_one_line_and_writes_nothing(ma
     assert result.output.startswith("error: ") and "Traceback" not in result.output, (overrides, result.output)
     assert len(result.output.strip().splitlines()) == 1, (overrides, result.output)
     assert not any(tmp_path.iterdir()), (overrides, list(tmp_path.rglob("*")))
+
+
+# --- every command, every hostile input: one line, exit code 2, nothing touched (issue 13) ----------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("IHSTUDY_OUTPUTS", str(run_dir.parent))
+        assert train(f"hydra.run.dir={run_dir}", *SHORT).exit_code == 0
+    return run_dir
+
+
+@pytest.fixture
+def hostile_world(outputs_root, trained_run, monkeypatch):
+    """An outputs folder holding a file, a folder of the user's own files around a run, a run, runs
+    with damaged configs and a feature file of the wrong rank; memory fixed at 16 GiB."""
+    import shutil
+
+    from ihstudy import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 16 * 2**30)
+    (outputs_root / "afile").write_text("mine")
+    (outputs_root / "precious").mkdir()
+    (outputs_root / "precious" / "notes.txt").write_text("x")
+    for name in ("precious/run-a", "run", "broken", "mistyped"):
+        shutil.copytree(trained_run, outputs_root / name)
+    (outputs_root / "broken" / "config.yaml").write_text("model: [")
+    (outputs_root / "mistyped" / "config.yaml").write_text("model: 3\n")
+    np.save(outputs_root / "rank2.npy", GOOD[0])
+    return outputs_root
+
+
+def snapshot(root: Path) -> dict:
+    return {p: p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+LONG_NAME, LONG_PATH = "a" * 300, "b" * 5000
+CLAMP = "+clamp.c={kind: %s, heads: %s%s}"
+HOSTILE = [  # (command line, what the one line says); {O} is the outputs folder
+    # 1, 8: --overwrite and a plain run never take a folder holding anything but one run
+    (["train", "--overwrite", "hydra.run.dir={O}/precious"], "is not empty and holds no run"),
+    (["train", "hydra.run.dir={O}/precious"], "is not empty and holds no run"),
+    (["train", "hydra.run.dir={O}/run"], "already holds a run; pass --resume"),
+    # 2: analyze on what is not a run
+    (["analyze", "/etc"], "holds no run (no config.yaml)"),
+    (["analyze", "{O}/precious"], "holds no run (no config.yaml)"),
+    (["analyze", "{O}/missing"], "is not a run folder (no such folder)"),
+    (["analyze", "{O}/afile"], "is not a run folder (a file)"),
+    (["analyze", "{O}/broken"], "cannot read"),
+    (["analyze", "{O}/mistyped"], "cannot load the run in"),
+    # 4: sizes the validator lets through that would not fit in memory
+    (["train", "task.context_len=1024", "task.burstiness=512", "model.positional=learned"], "eval attention"),
+    (["train", "task.context_len=512", "task.burstiness=256"], "lower task.context_len"),
+    (["train", "model.d_model=16384", "model.n_layers=64"], "lower model.d_model or model.n_layers"),
+    (["train", "data.n_classes=1000000", "data.n_exemplars=20", "data.dim=100"], "lower data.n_classes"),
+    (["train", "train.batch_size=1048576", "train.sequences=1048576"], "lower train.batch_size"),
+    (["sweep", "seed=1,2", "model.d_model=16384", "model.n_layers=64"], "would need about"),
+    # 6: paths that cannot be folders or files
+    (["train", "hydra.run.dir={O}/afile"], "is a file, not a folder"),
+    (["train", "hydra.run.dir={O}/afile/sub"], "is a file, not a folder"),
+    (["train", "hydra.run.dir={O}/" + LONG_NAME], "300 bytes long"),
+    (["train", "data=features_file", "data.path=" + LONG_PATH], "File name too long"),
+    (["sweep", "seed=1,2", "hydra.sweep.dir={O}/afile"], "is a file, not a folder"),
+    (["sweep", "seed=1,2", "hydra.sweep.dir={O}/precious"], "holds files no sweep wrote (notes.txt)"),
+    # 7: clamp strengths, temperatures and head lists
+    (["train", CLAMP % ("prev_token_pattern", "['0:1']", ", strength: 2")], "strength=2 must lie in [0, 1]"),
+    (["train", CLAMP % ("induction_pattern", "['1:3']", ", strength: -0.5")], "strength=-0.5 must lie in [0, 1]"),
+    (["train", CLAMP % ("head_temperature", "['0:1']", ", temperature: 0")], "temperature=0 must lie in (0, inf)"),
+    (["train", CLAMP % ("match_pattern", "['1:3']", ", temperature: -1")], "temperature=-1 must lie in [0, inf)"),
+    (["train", CLAMP % ("ablate", "[]", "")], "heads is empty"),
+    # 9: brackets in messages survive
+    (["train", "data=features_file", "data.path={O}/rank2.npy"], "must hold a [classes, exemplars, dim] array"),
+    # 10: keys nothing reads
+    (["train", "+foo=1"], "unknown config key foo"),
+    (["train", "+model.foo=1"], "unknown config key model.foo"),
+    (["sweep", "seed=1,2", "+foo=1"], "unknown config key foo"),
+]
+
+
+@pytest.mark.parametrize("args,message", HOSTILE, ids=[" ".join(a)[:60] for a, _ in HOSTILE])
+def test_hostile_input_is_refused_in_one_line_and_touches_nothing(hostile_world, args, message):
+    before = snapshot(hostile_world)
+    command = [a.replace("{O}", str(hostile_world)) for a in args]
+    if command[0] != "analyze":  # short runs, unless the hostile part overrides that
+        command[1:1] = ["-q", *SHORT]
+    assert_refused(CliRunner().invoke(app, command), message)
+    assert snapshot(hostile_world) == before
+
+
+def test_an_outputs_folder_that_cannot_be_written_is_refused(outputs_root, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # tests run as root, where chmod is not enforced
+    assert_refused(train(f"hydra.run.dir={outputs_root / 'new' / 'run'}", *SHORT), "permission denied")
+    assert not any(outputs_root.iterdir())
+
+
+def test_foreign_checkpoints_are_refused_by_analyze_resume_and_grafts(outputs_root, trained_run):
+    """A checkpoint of a model with 4 heads of width 16 has the very tensor shapes of one with 8 of
+    width 8: without the saved config it would be evaluated (and trained on) as the wrong model."""
+    import shutil
+
+    run, other = outputs_root / "run", outputs_root / "other"
+    shutil.copytree(trained_run, run)
+    assert train(f"hydra.run.dir={other}", *SHORT, "model.n_heads=4").exit_code == 0
+    for checkpoint in (other / "checkpoints").iterdir():
+        shutil.copy(checkpoint, run / "checkpoints" / checkpoint.name)
+    assert_refused(CliRunner().invoke(app, ["analyze", str(run)]), "another shape (n_heads 4 vs 8")
+    RunFiles(run).write_status(status="running")
+    assert_refused(train(f"hydra.run.dir={run}", *SHORT, "--resume"), "was started with another config")
+    graft = "+clamp.g={kind: graft_in, layer: 0, checkpoint: '%s'}" % (other / "checkpoints" / "step_00000030.pt")
+    assert_refused(train(*SHORT, graft), "another shape (n_heads 4 vs 8")
+
+
+def test_sweep_run_folders_pass_back_as_hydra_run_dir(outputs_root):
+    """Sweep runs are named like `clamp=copy,seed=5`; the README resumes them with hydra.run.dir=<folder>."""
+    run_dir = outputs_root / "sweeps" / "s" / "lr=0.001,seed=5"
+    assert train(f"hydra.run.dir={run_dir}", *SHORT).exit_code == 0
+    assert (run_dir / "run.json").exists()
+    again = train(f"hydra.run.dir={run_dir}", *SHORT, "--resume")
+    assert again.exit_code == 0 and "already completed" in again.output, again.output

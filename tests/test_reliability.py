@@ -268,3 +268,77 @@ def test_compiled_runs_are_reproducible_and_resume_exactly(tmp_path, reference, 
     assert_same_tables(tmp_path / "second", first)
     for name, table in first.items():  # compiled and uncompiled steps agree up to float rounding
         pd.testing.assert_frame_equal(table, reference[name], check_exact=False, rtol=1e-3, atol=1e-4)
+
+
+# --- --overwrite never deletes what is not one run; a crash never leaves a run "running" (issue 13) ----
+
+
+def files_under(root: Path) -> dict:
+    return {p.relative_to(root): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+def test_overwrite_refuses_a_folder_holding_more_than_one_run(tmp_path, reference):
+    """The user's notes beside a run, runs nested in a folder, a sweep: --overwrite deletes none of it."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("x")
+    shutil.copytree(reference["dir"], precious / "run-a")
+    run_and_notes = tmp_path / "run-and-notes"
+    shutil.copytree(reference["dir"], run_and_notes)
+    (run_and_notes / "checkpoints" / "notes.txt").write_text("mine")
+    sweep_dir = tmp_path / "sweep"
+    for name in ("seed=1", "seed=2"):
+        shutil.copytree(reference["dir"], sweep_dir / name)
+    (sweep_dir / "plan.json").write_text("{}")
+    before = files_under(tmp_path)
+    for folder, message in [(precious, "is not empty and holds no run"), (sweep_dir, "is not empty and holds no run"),
+                            (run_and_notes, "holds a run and other files (checkpoints/notes.txt)")]:
+        result = train(folder, "train.sequences=480", "--overwrite")
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert files_under(tmp_path) == before  # not even a lock file
+
+
+def test_overwrite_replaces_a_folder_holding_exactly_one_run(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["dir"], run_dir)
+    (run_dir / ".eval.parquet.x1y2.tmp").write_text("left by a crash")
+    assert train(run_dir, "train.sequences=480", "--overwrite").exit_code == 0
+    assert pd.read_parquet(run_dir / "metrics.parquet").step.max() == 60  # the new run, not the old one
+    assert not (run_dir / ".eval.parquet.x1y2.tmp").exists()
+    assert RunFiles(run_dir).checkpoint_steps() == [30, 60]  # the old run had 16, up to step 500
+
+
+def lock_is_free(run_dir: Path) -> bool:
+    from filelock import FileLock, Timeout
+
+    try:
+        FileLock(run_dir / ".lock", timeout=0).acquire().lock.release()
+    except Timeout:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("where", ["train_step", "restore"])
+def test_a_crash_marks_the_run_failed_and_frees_it(tmp_path, monkeypatch, where):
+    """Any error once the run folder exists: status failed with the error, lock released, exit 1,
+    one line; the run resumes once the cause is gone."""
+    run_dir, real = tmp_path / "run", getattr(Pack, where)
+    args = ["train.sequences=480", "--resume"] if where == "restore" else []
+
+    def crash(pack, *args):
+        if where == "restore" or pack.step == 100:
+            raise RuntimeError("boom\nsecond line")
+        return real(pack, *args)
+
+    if where == "restore":
+        assert train(run_dir, "train.sequences=480").exit_code == 0
+        RunFiles(run_dir).write_status(status="interrupted")
+    with monkeypatch.context() as patch:
+        patch.setattr(Pack, where, crash)
+        result = train(run_dir, *args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines() == [f"error: {run_dir}: stopped by RuntimeError: boom at step {101 if where == 'train_step' else 1}"]
+    assert status(run_dir)["status"] == "failed" and "RuntimeError: boom" in status(run_dir)["error"]
+    assert lock_is_free(run_dir)
+    assert train(run_dir, *args[:1], "--resume").exit_code == 0
