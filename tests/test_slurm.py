@@ -17,9 +17,10 @@ import pytest
 import ihstudy
 
 START_SLURM = Path(__file__).resolve().parents[1] / "scripts" / "start-local-slurm.sh"
-# Two runs, one pack job each (a Slurm array of two tasks): 1000 steps, a checkpoint every 200.
-RUNS = ["seed=1,2", "train.sequences=32000", "train.eval_every=3200", "train.ckpt_every=6400", "eval.n_sequences=100",
+# Two runs, one pack job each (a Slurm array of two tasks): 500 steps, a checkpoint every 100.
+RUNS = ["seed=1,2", "train.sequences=16000", "train.eval_every=1600", "train.ckpt_every=3200", "eval.n_sequences=100",
         "train.threads=1", "--max-pack-runs", "1", "-q"]
+RUN_NAMES = ("seed=1", "seed=2")
 SWEEP_TIMEOUT_S = 300  # a sweep takes ~25 s here; generous for a loaded machine
 
 
@@ -81,7 +82,9 @@ def finish(command: subprocess.Popen) -> tuple[int, str]:
     return command.returncode, err
 
 
-def test_cancelled_pack_job_resumes_when_the_sweep_runs_again(partition, tmp_path):
+def test_stopped_pack_jobs_resume_when_the_sweep_runs_again(partition, tmp_path):
+    """seed=1's job is cancelled (scancel: SIGTERM), seed=2's gets the warning Slurm sends before a
+    time limit (SIGUSR2, submitit's --signal); both stop at a step with a checkpoint."""
     env, sweep_dir, reference_dir = job_env(tmp_path), tmp_path / "slurm", tmp_path / "reference"
     on_slurm = sweep_command("hydra/launcher=submitit_slurm", f"hydra.launcher.partition={partition}",
                              "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5",
@@ -92,22 +95,23 @@ def test_cancelled_pack_job_resumes_when_the_sweep_runs_again(partition, tmp_pat
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = subprocess.Popen(on_slurm, env=env, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        # Cancel the pack job of seed=1 once its run has a checkpoint.
-        wait_for(lambda: list((sweep_dir / "seed=1" / "checkpoints").glob("*.pt")), SWEEP_TIMEOUT_S, "a checkpoint")
-        pack = next(i for i, p in enumerate(json.loads((sweep_dir / "plan.json").read_text())["packs"])
-                    if p["runs"][0]["name"] == "seed=1")
-        subprocess.run(["scancel", f"{array_jobs(sweep_dir)[0]}_{pack}"], check=True)
+        wait_for(lambda: all(list((sweep_dir / run / "checkpoints").glob("*.pt")) for run in RUN_NAMES),
+                 SWEEP_TIMEOUT_S, "a checkpoint of every run")
+        plan = json.loads((sweep_dir / "plan.json").read_text())["packs"]
+        task = {p["runs"][0]["name"]: f"{array_jobs(sweep_dir)[0]}_{i}" for i, p in enumerate(plan)}
+        subprocess.run(["scancel", task["seed=1"]], check=True)
+        subprocess.run(["scancel", "--signal=USR2", task["seed=2"]], check=True)
         code, err = finish(first)
         assert code == 1, err
-        assert f"a pack job failed: pack {pack} was stopped by a signal" in err
-        cancelled = json.loads((sweep_dir / "seed=1" / "run.json").read_text())
-        assert cancelled["status"] == "interrupted" and 0 < cancelled["step"] < 1000  # really cut short
-        assert json.loads((sweep_dir / "seed=2" / "run.json").read_text())["status"] == "completed"
+        assert "a pack job failed: pack " in err and "was stopped by a signal" in err, err
+        for run in RUN_NAMES:
+            status = json.loads((sweep_dir / run / "run.json").read_text())
+            assert status["status"] == "interrupted" and 0 < status["step"] < 500, run  # really cut short
 
         again = subprocess.Popen(on_slurm, env=env, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         code, err = finish(again)
         assert code == 0, err
-        assert "1 already finished, 1 to train in 1 pack(s)" in err
+        assert "0 already finished, 2 to train" in err, err
         assert finish(reference)[0] == 0
     finally:
         for proc in (first, reference):
@@ -117,7 +121,7 @@ def test_cancelled_pack_job_resumes_when_the_sweep_runs_again(partition, tmp_pat
             subprocess.run(["scancel", job], capture_output=True)
 
     assert (pd.read_parquet(sweep_dir / "sweep.parquet").status == "completed").all()
-    for run in ("seed=1", "seed=2"):
+    for run in RUN_NAMES:
         for table in ("metrics.parquet", "eval.parquet"):
             resumed, uninterrupted = (pd.read_parquet(d / run / table) for d in (sweep_dir, reference_dir))
             assert len(resumed) > 0 and resumed.equals(uninterrupted), f"{run}/{table}"
