@@ -1,6 +1,6 @@
-"""Sweeps on a real Slurm (a one-node cluster on this machine, scripts/start-local-slurm.sh): a pack
-job cancelled mid-run makes the sweep command fail with one line, and the same command run again
-finishes every run with the tables of an uninterrupted sweep."""
+"""Sweeps on a real Slurm (a one-node cluster on this machine, scripts/start-local-slurm.sh): pack
+jobs cancelled or warned of their time limit mid-run make the sweep command fail with one line, and
+the same command run again finishes every run with the tables of an uninterrupted sweep."""
 
 import json
 import os
@@ -36,7 +36,7 @@ def partition() -> str:
             pytest.skip("no Slurm here, and starting one (scripts/start-local-slurm.sh) needs root on Linux")
         start = subprocess.run([str(START_SLURM)], capture_output=True, text=True, timeout=600)
         if start.returncode == 1:  # no apt-get, no network: Slurm cannot be installed here
-            pytest.skip(start.stderr.strip().splitlines()[-1])
+            pytest.skip((start.stderr.strip() or "scripts/start-local-slurm.sh cannot start Slurm").splitlines()[-1])
         assert start.returncode == 0, f"scripts/start-local-slurm.sh failed: {start.stderr.strip()}"
     nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
     if socket.gethostname().split(".")[0] not in nodes:
