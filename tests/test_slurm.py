@@ -95,12 +95,16 @@ def test_stopped_pack_jobs_resume_when_the_sweep_runs_again(partition, tmp_path)
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = subprocess.Popen(on_slurm, env=env, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: all(list((sweep_dir / run / "checkpoints").glob("*.pt")) for run in RUN_NAMES),
-                 SWEEP_TIMEOUT_S, "a checkpoint of every run")
-        plan = json.loads((sweep_dir / "plan.json").read_text())["packs"]
-        task = {p["runs"][0]["name"]: f"{array_jobs(sweep_dir)[0]}_{i}" for i, p in enumerate(plan)}
-        subprocess.run(["scancel", task["seed=1"]], check=True)
-        subprocess.run(["scancel", "--signal=USR2", task["seed=2"]], check=True)
+        signals = {"seed=1": [], "seed=2": ["--signal=USR2"]}
+
+        def signal_runs_with_a_checkpoint() -> bool:  # each as soon as it has one (the jobs may run one by one)
+            for run in [run for run in signals if list((sweep_dir / run / "checkpoints").glob("*.pt"))]:
+                pack = next(i for i, p in enumerate(json.loads((sweep_dir / "plan.json").read_text())["packs"])
+                            if p["runs"][0]["name"] == run)
+                subprocess.run(["scancel", *signals.pop(run), f"{array_jobs(sweep_dir)[0]}_{pack}"], check=True)
+            return not signals
+
+        wait_for(signal_runs_with_a_checkpoint, SWEEP_TIMEOUT_S, "a checkpoint of every run")
         code, err = finish(first)
         assert code == 1, err
         assert "a pack job failed: pack " in err and "was stopped by a signal" in err, err
