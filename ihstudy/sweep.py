@@ -309,6 +309,10 @@ class PackJobError(Exception):
     """A pack job stopped with an error (its runs stay resumable); the message is one line."""
 
 
+class PackInterrupted(Exception):
+    """A pack job outside the sweep's process was stopped by a signal; its runs are resumable."""
+
+
 def launch_packs(sweep: Sweep) -> None:
     """One Hydra multirun over the pack index; the launcher decides where the pack jobs run."""
     packs = ",".join(str(i) for i in range(len(sweep.packs)))
@@ -343,7 +347,13 @@ def train_pack_job(job_cfg: DictConfig) -> list[str]:
         for lock in locks:
             lock.release()
     if any(r.status == "interrupted" for r in results):
-        raise KeyboardInterrupt  # stop the whole sweep, not just this pack
+        if HydraConfig.get().launcher._target_.endswith("BasicLauncher"):  # Ctrl-C in the sweep's own process
+            raise KeyboardInterrupt  # stop the whole sweep, not just this pack
+        # A job stopped by a signal (scancel, time limit, preemption): an error the launcher hands back
+        # once every job has ended. A KeyboardInterrupt would end a submitit job without a result file,
+        # and the sweep would wait for it as long as Slurm keeps no accounting (sacct).
+        raise PackInterrupted(f"pack {job_cfg.pack} was stopped by a signal (scancel, time limit or preemption) "
+                              f"after a checkpoint; run the same sweep command again to continue it")
     return [r.status for r in results]
 
 

@@ -214,10 +214,11 @@ class Pack(Runs):
 
 
 class StopRequest:
-    """Within `with`, a first SIGINT (Ctrl-C) or SIGTERM (e.g. Slurm) only records a request to stop,
-    which the loop honours between two steps; a second one acts as usual (KeyboardInterrupt / exit)."""
+    """Within `with`, a first SIGINT (Ctrl-C), SIGTERM (scancel) or SIGUSR2 (the warning submitit has
+    Slurm send before a job's time limit) only records a request to stop, which the loop honours
+    between two steps; a second one acts as usual (KeyboardInterrupt / exit / submitit's handler)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
     def __init__(self):
         self.signal: int | None = None
