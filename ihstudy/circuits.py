@@ -78,7 +78,10 @@ class Subject:
     """A run's model shape, task, config and checkpoints, for analyses of one or many checkpoints."""
 
     def __init__(self, run_dir: Path, step: int | None = None):
-        pack = pack_from_checkpoint(run_dir, step)  # validates the config and loads one checkpoint
+        try:
+            pack = pack_from_checkpoint(run_dir, step)  # validates the config and loads one checkpoint
+        except ValueError:  # the checkpoint's tensors do not fit the model config.yaml describes
+            raise ConfigError(f"{run_dir}: the checkpoint holds a model of another shape than config.yaml") from None
         self.dir, self.files = Path(run_dir), RunFiles(run_dir)
         self.shape: ModelShape = pack.shape
         self.task: FewShotTask = pack.tasks[0]
