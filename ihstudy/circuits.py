@@ -32,7 +32,7 @@ from ihstudy.run_files import RunFiles
 from ihstudy.train import pack_from_checkpoint
 
 DISTRIBUTION_LIMIT = 100_000  # enumerate the training distribution up to this size, else sample this many
-PROGRESS_SEQUENCES = 2_000  # fixed sample per checkpoint for the progress measures
+PROGRESS_SEQUENCES = 1_000  # fixed sample per checkpoint for the progress measures (as many as an evaluator)
 CHUNK_ELEMENTS = 16_384  # runs x sequences per forward pass: keeps activations small
 PREV_TOKEN_HEAD = 0.3  # a first-layer head with a previous-token score above this counts as a PT head
 
@@ -268,45 +268,46 @@ def composition_scores(subject: Subject) -> dict[str, pd.DataFrame]:
 # --- progress measures over checkpoints (finding 9, Figs 10/12) -------------------------------------------
 
 
-def direct_path_hooks(model: Transformer, layer: int, last: int) -> list:
-    """Remove `layer`'s attention output from the final residual only (its effect through later
-    layers stays): the direct-path ablation."""
+def direct_path_hooks(layer: int, last: int, runs: torch.Tensor) -> list:
+    """For the runs where `runs` [R] is true: remove `layer`'s attention output from the final
+    residual only (its effect through later layers stays), the direct-path ablation."""
     recorded = {}
 
     def record(attn_out, _):
         recorded["out"] = attn_out[..., -1:, :]
 
     def remove(resid, _):  # a query-only pass: the last residual holds the query row
-        return resid - recorded["out"]
+        return resid - recorded["out"] * runs.view(-1, 1, 1, 1)
 
     return [(f"blocks.{layer}.hook_attn_out", record), (f"blocks.{last}.hook_resid_post", remove)]
 
 
-def progress_measures(subject: Subject, sequences: int = PROGRESS_SEQUENCES, batch_checkpoints: int = 64,
+def progress_measures(subject: Subject, sequences: int = PROGRESS_SEQUENCES, batch_checkpoints: int = 32,
                       progress=None) -> pd.DataFrame:
     """Per checkpoint: loss and accuracy unclamped (the run's own clamps), loss with a post-hoc
     perfect match (all last-layer heads) and a perfect previous-token pattern (all first-layer
-    heads), and the loss change when each layer's direct path to the logits is ablated."""
+    heads), and the loss change when each layer's direct path to the logits is ablated. All
+    conditions of `batch_checkpoints` checkpoints run as one stacked model."""
     steps = subject.files.checkpoint_steps()
     if not steps:
         raise ConfigError(f"{subject.dir} has no checkpoints")
     batch, _ = training_distribution(subject.task, sequences)
+    layers = range(subject.shape.n_layers)
     conditions = [{}, perfect_match(subject),
                   {"perfect_pt": {"kind": "prev_token_pattern", "heads": subject.heads(0), "strength": 1.0}}]
+    conditions += [{} for _ in layers]  # direct-path ablations: the run's own clamps plus the hooks below
     C, L, rows = len(conditions), subject.shape.n_labels, []
     for start in range(0, len(steps), batch_checkpoints):
         chunk = steps[start:start + batch_checkpoints]
         model = subject.model(chunk, C)
-        result = evaluate(model, subject.clamp_set(conditions, len(chunk)), batch, L)
-        single = subject.model(chunk)
-        base = subject.clamp_set([{}], len(chunk))
-        direct = {layer: evaluate(single, base, batch, L, direct_path_hooks(single, layer, subject.last))["loss"]
-                  for layer in range(subject.shape.n_layers)}
+        condition = torch.arange(model.n_runs) % C
+        hooks = [h for layer in layers for h in direct_path_hooks(layer, subject.last, (condition == 3 + layer).float())]
+        result = evaluate(model, subject.clamp_set(conditions, len(chunk)), batch, L, hooks)
         for k, step in enumerate(chunk):
             loss = result["loss"][k * C:(k + 1) * C]
             rows.append({"step": step, "sequences": step * subject.batch_size, "loss": loss[0],
                          "acc": result["acc"][k * C], "loss_perfect_match": loss[1], "loss_perfect_prev_token": loss[2],
-                         **{f"direct_path_L{layer}": d[k] - loss[0] for layer, d in direct.items()}})
+                         **{f"direct_path_L{layer}": loss[3 + layer] - loss[0] for layer in layers}})
         if progress is not None:
             progress(start + len(chunk), len(steps))
     return pd.DataFrame(rows)

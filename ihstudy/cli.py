@@ -305,9 +305,7 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
         limits = parse_thresholds(thresholds)
         if metric not in limits:
             raise ConfigError(f"--metric '{metric}' is not one of --thresholds ({', '.join(limits)})")
-        runs, warnings = timing.find_runs(paths)
-        for line in warnings:
-            console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+        runs = timing.find_runs(paths)
         usable = [r for r in runs if r.evals is not None]
         for run in runs:
             for note in run.notes:

@@ -53,7 +53,7 @@ def write_report(report: Report, out_dir: Path, fmt: str = "png") -> Path:
         for name, fig, caption in report.figures:
             fig.savefig(build / f"{name}.{fmt}", dpi=120, bbox_inches="tight")
             plt.close(fig)
-            lines += [f"## {name}", "", caption, "", f"![{name}]({name}.{fmt})", ""]
+            lines += [f"## Figure: {name}", "", caption, "", f"![{name}]({name}.{fmt})", ""]
         (build / "report.md").write_text("\n".join(lines))
         os.chmod(build, 0o777 & ~os.umask(os.umask(0)))  # mkdtemp gives 0700
         swap_in(build, out_dir)

@@ -10,8 +10,9 @@ Detector conventions (tested in tests/test_timing.py):
     crossing (the paper's definition) and is flagged in `*_recrossed`.
   - plateau: the longest stretch of consecutive eval points with |loss - ln 2| <= band; start, end
     and length (end - start) in sequences; NaN and length 0 when no eval point lies in the band.
-  - steepest descent: the midpoint of the pair of consecutive eval points over which log-loss falls
-    fastest per sequence.
+  - steepest descent: the midpoint of the pair of consecutive eval points over which log-loss
+    (moving average of 5 eval points) falls fastest per sequence, from the first eval point at or
+    below ln 2 + band on: the phase change's drop, not the early fall from ln(n_labels).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ihstudy.run_files import RunFiles
 THRESHOLDS = {"ln2": LN2, "0.4ln2": PHASE_CHANGE_THRESHOLD, "0.1": 0.1}
 PHASE_CHANGE = "0.4ln2"  # the default phase-change time (the paper's criterion)
 PLATEAU_BAND = 0.1
+STEEPEST_WINDOW = 5  # eval points averaged before the steepest descent is found (noise)
 SWEEP_INDEX = "sweep.parquet"
 SEED_FIELDS = ("seed", "data_seed", "eval_seed")
 
@@ -56,26 +58,20 @@ class Run:
 # --- finding runs ---------------------------------------------------------------------------------
 
 
-def find_runs(paths) -> tuple[list[Run], list[str]]:
-    """Every run folder (run.json + config.yaml) at or below `paths`, and one warning line per run
-    that cannot be read. Runs still running, failed or interrupted are returned as they are."""
-    dirs: dict[Path, Path] = {}
+def find_runs(paths) -> list[Run]:
+    """Every run folder (run.json + config.yaml) at or below `paths`, named by its path below their
+    common folder. Runs still running, failed or interrupted are returned as they are; a run that
+    cannot be analysed has `evals` None and says why in `notes`."""
+    dirs: dict[Path, None] = {}
     for path in map(Path, paths):
         if not path.is_dir():
             raise ConfigError(f"{path} is not a folder")
         found = [path] if is_run_dir(path) else sorted(p.parent for p in path.rglob("run.json") if is_run_dir(p.parent))
-        for run_dir in found:
-            dirs.setdefault(run_dir.resolve(), path)
+        dirs |= dict.fromkeys(run_dir.resolve() for run_dir in found)
     if not dirs:
         raise ConfigError(f"no runs (folders with run.json and config.yaml) under {', '.join(map(str, paths))}")
     root = common_root(list(dirs))
-    runs, warnings = [], []
-    for run_dir in dirs:
-        try:
-            runs.append(load_run(run_dir, str(run_dir.relative_to(root)) if run_dir != root else run_dir.name))
-        except ConfigError as exc:
-            warnings.append(str(exc))
-    return runs, warnings
+    return [load_run(run_dir, str(run_dir.relative_to(root))) for run_dir in dirs]
 
 
 def is_run_dir(path: Path) -> bool:
@@ -93,20 +89,22 @@ def common_root(dirs: list[Path]) -> Path:
 
 def load_run(run_dir: Path, name: str) -> Run:
     files = RunFiles(run_dir)
+    status = files.read_status().get("status", "unknown")
     try:
         cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
-    except Exception as exc:  # a hand-edited or truncated config
-        raise ConfigError(f"{run_dir}: cannot read config.yaml ({type(exc).__name__})") from None
-    status = files.read_status().get("status", "unknown")
-    config = flatten(cfg, sweep_overrides(run_dir))
-    evals, notes = files.read_table("eval"), []
+        evals = files.read_table("eval")
+    except ConfigError as exc:
+        return Run(run_dir, name, status, {}, None, [str(exc)])
+    except Exception as exc:  # a hand-edited or truncated config.yaml
+        return Run(run_dir, name, status, {}, None, [f"cannot read config.yaml ({type(exc).__name__})"])
+    notes = []
     if evals is None or evals.empty:
         notes.append("no eval rows yet")
         evals = None
     elif missing := {"sequences", "evaluator", "loss"} - set(evals.columns):
         notes.append(f"eval.parquet lacks column(s) {', '.join(sorted(missing))}")
         evals = None
-    return Run(run_dir, name, status, config, evals, notes)
+    return Run(run_dir, name, status, flatten(cfg, sweep_overrides(run_dir)), evals, notes)
 
 
 def sweep_overrides(run_dir: Path) -> dict[str, str]:
@@ -184,12 +182,17 @@ def plateau(sequences: np.ndarray, loss: np.ndarray, band: float = PLATEAU_BAND)
             "length": float(sequences[best[1]] - sequences[best[0]])}
 
 
-def steepest_descent(sequences: np.ndarray, loss: np.ndarray) -> float:
-    """Midpoint (sequences) of the eval interval with the fastest fall of log-loss per sequence."""
-    if len(loss) < 2:
+def steepest_descent(sequences: np.ndarray, loss: np.ndarray, band: float = PLATEAU_BAND,
+                     window: int = STEEPEST_WINDOW) -> float:
+    """Midpoint (sequences) of the eval interval over which log-loss, smoothed by a centred moving
+    average of `window` eval points, falls fastest per sequence, counting only intervals from the
+    first eval point at or below ln 2 + band on (the phase change, not the early fall from ln L)."""
+    reached = np.flatnonzero(loss <= LN2 + band)
+    if len(loss) < 2 or not len(reached) or reached[0] >= len(loss) - 1:
         return np.nan
-    slope = np.diff(np.log(np.maximum(loss, 1e-12))) / np.maximum(np.diff(sequences), 1)
-    i = int(np.argmin(slope))
+    smooth = pd.Series(np.log(np.maximum(loss, 1e-12))).rolling(window, center=True, min_periods=1).mean().to_numpy()
+    slope = np.diff(smooth) / np.maximum(np.diff(sequences), 1)
+    i = reached[0] + int(np.argmin(slope[reached[0]:]))
     return float((sequences[i] + sequences[i + 1]) / 2) if slope[i] < 0 else np.nan
 
 
@@ -200,7 +203,7 @@ def curve_timing(sequences, loss, thresholds: dict[str, float] = THRESHOLDS, ban
     for name, threshold in thresholds.items():
         row |= {f"{name}_{key}": value for key, value in crossing(sequences, loss, threshold).items()}
     row |= {f"plateau_{key}": value for key, value in plateau(sequences, loss, band).items()}
-    return row | {"steepest_descent": steepest_descent(sequences, loss)}
+    return row | {"steepest_descent": steepest_descent(sequences, loss, band)}
 
 
 # --- runs and groups ----------------------------------------------------------------------------------
