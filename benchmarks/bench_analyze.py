@@ -4,8 +4,8 @@
 
 RUN_DIR: a run trained with dense checkpoints, e.g.
     ihstudy train train.sequences=200000 train.ckpt_every=1000 hydra.run.dir=outputs/dense
-Prints the wall time of each analysis; the progress measures also per checkpoint and extrapolated
-to 1,000 checkpoints (a 1e6-sequence run with a checkpoint every 1000 sequences).
+Prints the wall and CPU time of each analysis; the progress measures also per checkpoint and
+extrapolated to 1,000 checkpoints (a 1e6-sequence run with a checkpoint every 1000 sequences).
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from ihstudy.report import timing_report
 
 
 def timed(label: str, fn):
-    start = time.perf_counter()
+    """Run fn; print wall time and CPU time (all threads: on a shared machine, CPU time / cores
+    estimates the wall time the machine would take alone). Returns (result, wall seconds)."""
+    start, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    seconds = time.perf_counter() - start
-    print(f"{label}: {seconds:.1f} s", flush=True)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(f"{label}: {seconds:.1f} s wall, {cpu:.1f} s CPU", flush=True)
     return result, seconds
 
 

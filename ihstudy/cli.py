@@ -246,6 +246,8 @@ def analyze(
     if fmt not in ("png", "svg", "pdf"):
         fail(f"--format must be png, svg or pdf, not '{fmt}'")
     what = args.pop(0) if args[0] in ANALYSES else "timing"
+    if what == "timing" and len(args) > 1 and all("=" in a and not Path(a).exists() for a in args[1:]):
+        what = "eval"  # `ihstudy analyze RUN clamp=...`: the earlier syntax of analyze eval
     if what == "eval":
         return analyze_eval(args, step)
     if what == "timing":
