@@ -121,14 +121,16 @@ def plot_timing(points: pd.DataFrame, summary: pd.DataFrame, by_label: str, metr
         jitter = np.linspace(-0.12, 0.12, len(mine)) if len(mine) > 1 else np.zeros(1)
         crossed = ~mine.censored.to_numpy()
         ax.scatter(x + jitter[crossed], mine.time[crossed], color="C0", zorder=3, s=18)
-        ax.scatter(x + jitter[~crossed], mine.last_sequences[~crossed], marker="^", facecolors="none",
-                   edgecolors="C3", zorder=3, s=30, label="never crossed (last eval)" if x == 0 or not crossed.all() else None)
+        if not crossed.all():
+            ax.scatter(x + jitter[~crossed], mine.last_sequences[~crossed], marker="^", facecolors="none",
+                       edgecolors="C3", zorder=3, s=30, label="never crossed (at its last eval)")
         median = summary.loc[summary.group == group, "median"].iloc[0]
         if not np.isnan(median):
             ax.hlines(median, x - 0.3, x + 0.3, color="black", lw=1.5)
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
     ax.set_xlabel(by_label)
     ax.set_ylabel(f"sequences to loss < {metric}")
+    ax.set_ylim(bottom=0)
     handles, labels = ax.get_legend_handles_labels()
     if labels:
         unique = dict(zip(labels, handles))
