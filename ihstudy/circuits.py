@@ -15,7 +15,6 @@ Head names are "layer:head", 0-based (the paper's layer 1 is layer 0 here).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np

@@ -16,11 +16,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD  # noqa: E402
+from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 
 FORMATS = ("png", "svg", "pdf")
 

@@ -104,8 +104,14 @@ def test_first_layer_roles_and_wiring_match_separate_evaluations(run, subject):
         assert roles.loc["0:2", column] == pytest.approx(direct["loss"], abs=1e-5)
     eval_rows = evaluate_checkpoint(run).set_index("evaluator").loc["fsl_train"]
     assert roles.loc["0:1", "prev_token"] == pytest.approx(eval_rows["prev_token.L0H1"], abs=1e-5)
-    assert roles.prev_token_head.sum() >= 0 and any(name.startswith("other heads") or name.startswith("PT heads")
-                                                    for name in roles.index)
+    singles = roles.iloc[:4]
+    assert singles.prev_token_head.tolist() == (singles.prev_token > circuits.PREV_TOKEN_HEAD).tolist()
+    pt = [h for h in singles.index if singles.loc[h, "prev_token_head"]]
+    others = [h for h in singles.index if h not in pt]
+    group = roles.iloc[4 if not pt else 5]  # the group rows follow the single heads: PT heads (if any), then the others
+    assert group.name == f"other heads ({' '.join(others)})"
+    direct = ablated_loss(run, {"x": {"kind": "ablate", "heads": others, "preserve": ["patterns"]}})
+    assert group.pattern_preserved_acc == pytest.approx(direct["acc"], abs=1e-6)
     grid = circuits.wiring_grid(subject, batch)
     direct = ablated_loss(run, {"x": {"kind": "keep_only", "heads": ["0:3", "1:1"]}})
     assert grid.shape == (4, 4) and grid.loc["0:3", "1:1"] == pytest.approx(direct["acc"], abs=1e-6)

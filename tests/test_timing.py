@@ -98,6 +98,20 @@ def test_unknown_grouping_field_names_the_nearest():
         timing.group_summary(timing_rows([("none", 5, 1, 2)]), "task.nlabels")
 
 
+def test_a_clamp_mapping_is_named_by_its_override_or_preset():
+    from omegaconf import OmegaConf
+
+    from ihstudy.config import compose_config
+
+    copy = OmegaConf.to_container(compose_config(["clamp=only_l2h3"])[0].clamp)
+    assert timing.flatten({"clamp": copy}, {}) == {"clamp": "only_l2h3"}  # a run trained with clamp=only_l2h3
+    assert timing.flatten({"clamp": copy}, {"clamp": "mine"}) == {"clamp": "mine"}  # a sweep's override value
+    assert timing.flatten({"clamp": {}, "task": {"n_labels": 5, "split": [1, 2]}}, {}) == \
+        {"clamp": "none", "task.n_labels": 5, "task.split": "[1,2]"}
+    odd = {"x": {"kind": "ablate", "heads": ["0:1"]}}
+    assert timing.flatten({"clamp": odd}, {}) == {"clamp": "{x:{heads:[0:1],kind:ablate}}"}
+
+
 def test_mixed_tasks_are_reported():
     table = timing_rows([("none", 5, 1, 2), ("copy", 5, 1, 2)])
     table.loc[1, "config.task.n_labels"] = 10
