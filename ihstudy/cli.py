@@ -374,7 +374,8 @@ def analyze_checkpoint(what: str, run_dir: Path, step: Optional[int], sequences:
         else:
             batch, enumerated = circuits.training_distribution(subject.task, sequences)
             build = report.heads_report if what == "heads" else report.wiring_report
-            result, tables = build(subject, batch, enumerated)
+            with console.status(f"{what}: {len(batch.target):,} sequences, every condition in one stacked model"):
+                result, tables = build(subject, batch, enumerated)
     except ConfigError as exc:
         fail(str(exc))
     for name, frame in tables.items():

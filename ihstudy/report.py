@@ -192,7 +192,7 @@ def plot_head_ablations(heads: pd.DataFrame) -> plt.Figure:
     ax.scatter(heads.induction, heads.keep_one_acc, label="only this head kept")
     ax.scatter(heads.induction, heads.remove_one_acc, marker="x", label="this head removed")
     for _, row in heads.iterrows():
-        ax.annotate(row.head, (row.induction, row.keep_one_acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(row["head"], (row.induction, row.keep_one_acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("induction strength")
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=8)
