@@ -190,7 +190,19 @@ def test_unreadable_runs_are_listed_and_the_rest_analysed(sweep, tmp_path):
     shutil.copytree(sweep, root)
     evals = pd.read_parquet(root / "clamp=copy,seed=5/eval.parquet")
     evals.drop(columns=["loss"]).to_parquet(root / "clamp=copy,seed=5/eval.parquet")
+    status = json.loads((root / "clamp=none,seed=6/run.json").read_text()) | {"status": "interrupted"}
+    (root / "clamp=none,seed=6/run.json").write_text(json.dumps(status))
     result = CliRunner().invoke(app, ["analyze", str(root), "--by", "task.n_labels"])
     assert result.exit_code == 0, result.output
     assert "lacks column(s) loss" in result.output
-    assert len(pd.read_csv(root / "analysis/timing/timing.csv").query("evaluator == 'fsl_train'")) == 3
+    table = pd.read_csv(root / "analysis/timing/timing.csv").query("evaluator == 'fsl_train'").set_index("run")
+    assert len(table) == 3 and table.loc["clamp=none,seed=6", "status"] == "interrupted"
+    report = (root / "analysis/timing/report.md").read_text()
+    assert "clamp=none,seed=6 is interrupted" in report and "lacks column(s) loss" in report
+
+
+def test_help_shows_every_analysis_with_an_example():
+    result = CliRunner().invoke(app, ["analyze", "--help"], env={"COLUMNS": "160"})
+    for example in ("ihstudy analyze outputs/sweeps/fig5b --by clamp", "ihstudy analyze eval RUN clamp=",
+                    "ihstudy analyze heads RUN", "ihstudy analyze wiring RUN", "ihstudy analyze progress RUN"):
+        assert example in result.output
