@@ -24,10 +24,11 @@ from omegaconf import OmegaConf
 
 from ihstudy.clamps import ClampSet, build_clamps
 from ihstudy.data import Batch, FewShotTask
-from ihstudy.errors import ConfigError
+from ihstudy.errors import CheckpointError, ConfigError
 from ihstudy.evaluate import induction_strength, previous_token_score
 from ihstudy.model import ModelShape, Transformer, cross_entropy
 from ihstudy.run_files import RunFiles
+from ihstudy.timing import is_run_dir
 from ihstudy.train import pack_from_checkpoint
 
 DISTRIBUTION_LIMIT = 100_000  # enumerate the training distribution up to this size, else sample this many
@@ -77,10 +78,11 @@ class Subject:
     """A run's model shape, task, config and checkpoints, for analyses of one or many checkpoints."""
 
     def __init__(self, run_dir: Path, step: int | None = None):
+        require_run_dir(run_dir)
         try:
             pack = pack_from_checkpoint(run_dir, step)  # validates the config and loads one checkpoint
         except ValueError:  # the checkpoint's tensors do not fit the model config.yaml describes
-            raise ConfigError(f"{run_dir}: the checkpoint holds a model of another shape than config.yaml") from None
+            raise CheckpointError(f"{run_dir}: the checkpoint holds a model of another shape than config.yaml") from None
         self.dir, self.files = Path(run_dir), RunFiles(run_dir)
         self.shape: ModelShape = pack.shape
         self.task: FewShotTask = pack.tasks[0]
@@ -106,7 +108,8 @@ class Subject:
                 for c in range(copies):
                     model.load_state_dict(state, k * copies + c)
             except ValueError:
-                raise ConfigError(f"{self.dir}: checkpoint step {step} holds a model of another shape than config.yaml") from None
+                raise CheckpointError(f"{self.dir}: checkpoint step {step} holds a model of another shape "
+                                      "than config.yaml") from None
         return model
 
     def clamp_set(self, conditions: list[dict], n_checkpoints: int = 1) -> ClampSet:
@@ -116,6 +119,11 @@ class Subject:
             merged = self.run_clamps | {f"analysis_{name}": spec for name, spec in extra.items()}
             per_condition.append(build_clamps(merged, self.shape))
         return ClampSet(per_condition * n_checkpoints)
+
+
+def require_run_dir(run_dir: Path) -> None:
+    if not is_run_dir(Path(run_dir)):
+        raise ConfigError(f"{run_dir} is not a run folder (it needs run.json and config.yaml)")
 
 
 def expand_runs(batch: Batch, runs: int) -> Batch:
@@ -188,7 +196,7 @@ def last_layer_heads(subject: Subject, batch: Batch) -> dict[str, pd.DataFrame]:
                           "remove_one_loss": result["loss"][remove], "remove_one_acc": result["acc"][remove]})
     add_back = pd.DataFrame({"n_heads": range(1, H + 1), "added_head": [heads[i] for i in order],
                              "loss": result["loss"][added], "acc": result["acc"][added]})
-    labels = [f"label {l}" for l in range(L)]
+    labels = [f"label {label}" for label in range(L)]
     complementarity = pd.DataFrame(result["label_acc"][keep], columns=labels).assign(head=heads)
     complementarity_match = pd.DataFrame(result["label_acc"][matched], columns=labels).assign(head=heads)
     full = pd.DataFrame({"condition": ["all heads"], "loss": result["loss"][:1], "acc": result["acc"][:1]})

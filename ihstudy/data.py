@@ -105,13 +105,16 @@ def _check_feature_array(file: Path, shape: tuple, dtype: np.dtype) -> None:
 # --- labels ---------------------------------------------------------------------------------------
 
 
-def label_pair_split(n_labels: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def label_pair_split(n_labels: int, val_fraction: float, seed: int, val_pairs=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the unordered label pairs {i<j} into train and val pairs ([P, 2] long tensors).
 
-    The permutation is seeded; if some label would never occur in a train pair, the next seed is
-    tried, so every label is seen in training.
+    val_pairs: the held-out pairs given explicitly (e.g. the authors' split); otherwise a seeded
+    permutation holds out val_fraction of them, and if some label would never occur in a train
+    pair, the next seed is tried, so every label is seen in training.
     """
     pairs = torch.tensor([(i, j) for i in range(n_labels) for j in range(i + 1, n_labels)], dtype=torch.long)
+    if val_pairs is not None:
+        return _explicit_split(pairs, n_labels, val_pairs)
     n_val = round(len(pairs) * val_fraction)
     if n_labels < 2 or len(pairs) - n_val < math.ceil(n_labels / 2):
         raise ConfigError(f"task.n_labels={n_labels} gives too few label pairs for a train/val split")
@@ -121,6 +124,22 @@ def label_pair_split(n_labels: int, val_fraction: float, seed: int) -> tuple[tor
         if len(train.unique()) == n_labels:
             return train, val
     raise ConfigError(f"no label-pair split with every label in training for n_labels={n_labels}")
+
+
+def _explicit_split(pairs: torch.Tensor, n_labels: int, val_pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train pairs = every pair but the given held-out ones (in the order of the enumeration)."""
+    try:
+        held_out = {tuple(sorted((int(i), int(j)))) for i, j in val_pairs}
+    except (TypeError, ValueError):
+        raise ConfigError(f"task.val_pairs must be a list of label pairs [i, j], got {val_pairs}") from None
+    known = {tuple(p) for p in pairs.tolist()}
+    if not held_out <= known:
+        raise ConfigError(f"task.val_pairs holds {sorted(held_out - known)}: not pairs of distinct labels below {n_labels}")
+    is_val = torch.tensor([tuple(p) in held_out for p in pairs.tolist()])
+    train, val = pairs[~is_val], pairs[is_val]
+    if len(train.unique()) != n_labels:
+        raise ConfigError("task.val_pairs leaves some label out of every training pair")
+    return train, val
 
 
 # --- the sampler ----------------------------------------------------------------------------------
@@ -216,18 +235,22 @@ class FewShotTask:
         self.cfg, self.features = task_cfg, features
         self.class_ids = _split_ranges(task_cfg.class_split)
         self.exemplar_ids = _split_ranges(task_cfg.exemplar_split)
-        train_pairs, val_pairs = label_pair_split(task_cfg.n_labels, task_cfg.val_pair_fraction, task_cfg.pair_seed)
+        train_pairs, val_pairs = label_pair_split(task_cfg.n_labels, task_cfg.val_pair_fraction, task_cfg.pair_seed,
+                                                  task_cfg.get("val_pairs"))
         self.pairs = {"train": train_pairs, "val": val_pairs}
 
-    def sampler(self, classes: str = "train", exemplars: str = "train", pairs: str = "train") -> FewShotSampler:
+    def sampler(self, classes: str = "train", exemplars: str = "train", pairs: str = "train",
+                zipf_alpha: float | None = None) -> FewShotSampler:
         c = self.cfg
+        alpha = c.zipf_alpha if zipf_alpha is None else zipf_alpha
         return FewShotSampler(self.features, self.class_ids[classes], self.exemplar_ids[exemplars], self.pairs[pairs],
-                              c.n_labels, c.context_len, c.burstiness, c.zipf_alpha, c.exemplar_noise)
+                              c.n_labels, c.context_len, c.burstiness, alpha, c.exemplar_noise)
 
     def eval_set(self, name: str, n_sequences: int, eval_seed: int) -> Batch:
-        """The fixed sequences of evaluator `name`, drawn once from the eval seed."""
+        """The fixed sequences of evaluator `name`, drawn once from the eval seed. Classes are drawn
+        uniformly whatever task.zipf_alpha says (as the authors' evaluators do): Zipf shapes training only."""
         index = list(EVALUATORS).index(name)
-        return self.sampler(*EVALUATORS[name]).sample(n_sequences, chunk_generator(eval_seed, index))
+        return self.sampler(*EVALUATORS[name], zipf_alpha=0.0).sample(n_sequences, chunk_generator(eval_seed, index))
 
 
 def _split_ranges(counts) -> dict[str, torch.Tensor]:

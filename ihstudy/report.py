@@ -282,7 +282,8 @@ def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl
     if not train.empty:
         points = pd.DataFrame({"group": groups, "time": train[f"{metric}_interp"], "censored": train[f"{metric}_censored"],
                                "last_sequences": train.last_sequences})
-        order_summary = pd.DataFrame({"group": order, "median": (summary["median"] if fields else train[f"{metric}_interp"]).values})
+        medians = summary["median"] if fields else train[f"{metric}_interp"]
+        order_summary = pd.DataFrame({"group": order, "median": medians.values})
         report.figure("timing", plot_timing(points, order_summary, label, metric),
                       f"Sequences until the {evaluator} loss falls below {metric} per {label}: dots are runs, bars the median.")
         by_run = {run.name: run for run in runs}

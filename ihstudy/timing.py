@@ -147,16 +147,16 @@ def flatten(cfg: dict, overrides: dict[str, str], prefix: str = "") -> dict:
 
 @functools.cache
 def clamp_presets() -> dict[str, str]:
-    """canonical(clamp config) -> preset name, for every preset in conf/clamp/."""
-    from ihstudy.config import CONF_DIR, compose_with_hydra
+    """canonical(clamp config) -> preset name, for every preset of the `clamp` config group."""
+    from ihstudy.config import compose_with_hydra, config_groups
 
     presets = {}
-    for path in sorted((CONF_DIR / "clamp").glob("*.yaml")):
+    for name in dict(config_groups()).get("clamp", []):
         try:
-            cfg = compose_with_hydra([f"clamp={path.stem}"]).clamp
+            cfg = compose_with_hydra([f"clamp={name}"]).clamp
         except ConfigError:
             continue
-        presets[canonical(OmegaConf.to_container(cfg, resolve=True))] = path.stem  # only_l2h3 over its twin keep_only
+        presets[canonical(OmegaConf.to_container(cfg, resolve=True))] = name  # only_l2h3 over its twin keep_only
     return presets
 
 

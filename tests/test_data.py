@@ -1,4 +1,4 @@
-"""The sampler of paper-notes §1: burstiness, distractor, label pairs, splits, streams."""
+"""The sampler of docs/science.md §1: burstiness, distractor, label pairs, splits, streams."""
 
 import math
 
@@ -144,3 +144,30 @@ def test_gaussian_features_shape_norm_and_structure():
     same_class = torch.cosine_similarity(features[:, 0], features[:, 1], dim=-1).mean()
     other_class = torch.cosine_similarity(features[:-1, 0], features[1:, 0], dim=-1).mean()
     assert same_class > other_class + 0.3
+
+
+def test_explicit_val_pairs_give_the_authors_split():
+    train, val = label_pair_split(5, 0.2, 0, val_pairs=[[3, 1], [0, 2]])
+    assert sorted(map(tuple, val.tolist())) == [(0, 2), (1, 3)]
+    assert len(train) == 8 and not {(0, 2), (1, 3)} & set(map(tuple, train.tolist()))
+    with pytest.raises(ConfigError, match="leaves some label"):
+        label_pair_split(3, 0.2, 0, val_pairs=[[0, 1], [0, 2]])
+    with pytest.raises(ConfigError, match="not pairs of distinct labels"):
+        label_pair_split(5, 0.2, 0, val_pairs=[[1, 1]])
+
+
+def test_evaluators_draw_classes_uniformly_under_zipf():
+    from omegaconf import OmegaConf
+
+    from ihstudy.config import compose_config
+    from ihstudy.data import FewShotTask
+
+    cfg, _ = compose_config(["task.zipf_alpha=1.0", "data.n_classes=200", "data.dim=8", "data.latent_dim=4",
+                             "task.class_split=[50,50,100]"])
+    task = FewShotTask(cfg.task, torch.randn(200, 5, 8))
+    queries = task.eval_set("fsl_train", 5000, 1).exemplars[:, -1]
+    first_class = (queries == task.features[0, 0]).all(-1).float().mean().item()
+    assert first_class < 0.05  # uniform: 1/50; Zipf(1) over 50 classes would give ~0.22
+    training = task.sampler().sample(5000, torch.Generator().manual_seed(0)).exemplars[:, -1]
+    assert (training == task.features[0, 0]).all(-1).float().mean().item() > 0.15
+    assert OmegaConf.select(cfg, "task.val_pairs") is None

@@ -149,7 +149,7 @@ def test_crossings_match_run_json_and_a_hand_computation(sweep):
         threshold = float(evals[evals.evaluator == "fsl_train"]["loss"].median())
         row = timing.crossings(run, {"t": threshold}).set_index("evaluator").loc["fsl_train"]
         train = evals[evals.evaluator == "fsl_train"].sort_values("sequences")
-        by_hand = next(s for s, l in zip(train.sequences, train["loss"]) if l < threshold)
+        by_hand = next(s for s, loss in zip(train.sequences, train["loss"]) if loss < threshold)
         assert row["t_eval"] == by_hand == phase_change_sequences(evals, threshold)
 
 
