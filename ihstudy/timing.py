@@ -210,7 +210,7 @@ def steepest_descent(sequences: np.ndarray, loss: np.ndarray, band: float = PLAT
     if len(loss) < 2 or not len(reached) or reached[0] >= len(loss) - 1:
         return np.nan
     smooth = pd.Series(np.log(np.maximum(loss, 1e-12))).rolling(window, center=True, min_periods=1).mean().to_numpy()
-    slope = np.diff(smooth) / np.maximum(np.diff(sequences), 1)
+    slope = np.nan_to_num(np.diff(smooth) / np.maximum(np.diff(sequences), 1), nan=np.inf)  # a failed run's NaN losses
     i = reached[0] + int(np.argmin(slope[reached[0]:]))
     return float((sequences[i] + sequences[i + 1]) / 2) if slope[i] < 0 else np.nan
 

@@ -67,6 +67,15 @@ def test_a_curve_with_no_plateau():
     assert not row["0.4ln2_censored"] and row["0.4ln2_eval"] > 0
 
 
+def test_a_failed_run_with_nan_losses_keeps_what_it_reached():
+    loss = sigmoid_drop()
+    loss[100:] = np.nan  # the run failed at 500,000 sequences
+    row = timing.curve_timing(SEQ, loss)
+    clean = timing.curve_timing(SEQ, sigmoid_drop())
+    assert row["0.4ln2_eval"] == clean["0.4ln2_eval"] and row["0.1_censored"] == clean["0.1_censored"]
+    assert row["steepest_descent"] == pytest.approx(clean["steepest_descent"], abs=10_000)
+
+
 def test_a_curve_starting_below_the_threshold_crosses_at_its_first_point():
     row = timing.curve_timing([0, 1000], [0.1, 0.05], {"t": 0.5})
     assert row["t_eval"] == 0 and row["t_interp"] == 0
