@@ -303,8 +303,10 @@ def analyze(
     args = list(args or [])
     if not args:
         fail("give run or sweep folders to time, or one of: " + ", ".join(ANALYSES) + " and a run folder")
-    if fmt not in ("png", "svg", "pdf"):
-        fail(f"--format must be png, svg or pdf, not '{fmt}'")
+    from ihstudy.report import FORMATS
+
+    if fmt not in FORMATS:
+        fail(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'")
     what = args.pop(0) if args[0] in ANALYSES else "timing"
     if what == "timing" and len(args) > 1 and all("=" in a and not Path(a).exists() for a in args[1:]):
         what = "eval"  # `ihstudy analyze RUN clamp=...`: the earlier syntax of analyze eval

@@ -173,7 +173,7 @@ def test_cli_timing_writes_tables_figures_and_report(sweep, tmp_path):
     report = (out / "report.md").read_text()
     assert "![curves](curves.svg)" in report and "| run |" in report
     before = {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file() and "analysis" not in p.parts}
-    again = CliRunner().invoke(app, ["analyze", str(sweep), "--report", str(out)])  # overwrites the report as a whole
+    again = CliRunner().invoke(app, ["analyze", str(sweep / "clamp=copy,seed=5"), "--report", str(out)])  # replaces it whole
     assert again.exit_code == 0 and not (out / "groups.csv").exists()
     assert before == {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file() and "analysis" not in p.parts}
 
