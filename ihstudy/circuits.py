@@ -34,7 +34,7 @@ from ihstudy.train import pack_from_checkpoint
 DISTRIBUTION_LIMIT = 100_000  # enumerate the training distribution up to this size, else sample this many
 PROGRESS_SEQUENCES = 1_000  # fixed sample per checkpoint for the progress measures (as many as an evaluator)
 CHUNK_ELEMENTS = 16_384  # runs x sequences per forward pass: keeps activations small
-PREV_TOKEN_HEAD = 0.3  # a first-layer head with a previous-token score above this counts as a PT head
+PREV_TOKEN_MARGIN = 0.1  # a PT head's previous-token score exceeds uniform attention's by at least this
 
 
 # --- sequences ------------------------------------------------------------------------------------------
@@ -208,15 +208,22 @@ def last_layer_heads(subject: Subject, batch: Batch) -> dict[str, pd.DataFrame]:
 # --- first-layer heads (finding 5, Table 1, Fig 11) -----------------------------------------------------
 
 
+def prev_token_threshold(n_tokens: int) -> float:
+    """The previous-token score of uniform causal attention (row t spreads 1/(t+1) over its keys),
+    plus PREV_TOKEN_MARGIN: a head above it attends to the previous token more than by chance."""
+    return float(np.mean([1 / (t + 1) for t in range(1, n_tokens)])) + PREV_TOKEN_MARGIN
+
+
 def first_layer_roles(subject: Subject, batch: Batch) -> pd.DataFrame:
     """Per first-layer head: previous-token score, and accuracy/loss with the head ablated while its
     attention patterns are preserved (what it writes through V-composition is removed) or while its
     values are preserved (only its Q/K-composition role is removed); then the same for the group of
-    previous-token heads and the group of the others (docs/science.md §5 finding 5)."""
+    previous-token heads (prev_token_threshold) and the group of the others (docs/science.md §5
+    finding 5)."""
     heads = subject.heads(0)
     model = subject.model([subject.step])
     prev = head_scores(subject, model, batch)[1][0]
-    pt = [h for h, s in zip(heads, prev) if s > PREV_TOKEN_HEAD]
+    pt = [h for h, s in zip(heads, prev) if s > prev_token_threshold(subject.shape.n_tokens)]
     other = [h for h in heads if h not in pt]
     groups = [(h, [h]) for h in heads] + [(f"PT heads ({' '.join(pt) or 'none'})", pt),
                                           (f"other heads ({' '.join(other) or 'none'})", other)]

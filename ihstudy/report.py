@@ -337,9 +337,10 @@ def heads_report(subject, batch, enumerated: bool) -> tuple[Report, dict[str, pd
         "complementarity": "Accuracy per query label with only one last-layer head kept: which heads carry which labels.",
         "complementarity_match": "The same under a perfect match (strength-1 induction pattern on every last-layer head), "
                                  "isolating each head's copy circuit.",
-        "layer1_roles": f"Per first-layer head (then the previous-token heads, score > {circuits.PREV_TOKEN_HEAD}, and the "
-                        "others as groups): accuracy when ablated with patterns preserved (its V-composition role removed) "
-                        "or values preserved (its Q/K-composition role removed).",
+        "layer1_roles": f"Per first-layer head (then the previous-token heads, score > "
+                        f"{circuits.prev_token_threshold(subject.shape.n_tokens):.3f} = uniform attention's + "
+                        f"{circuits.PREV_TOKEN_MARGIN}, and the others as groups): accuracy when ablated with patterns "
+                        "preserved (its V-composition role removed) or values preserved (its Q/K-composition role removed).",
     }
     for name, sentence in sentences.items():
         report.table(name, tables[name], sentence)

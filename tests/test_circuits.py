@@ -105,7 +105,8 @@ def test_first_layer_roles_and_wiring_match_separate_evaluations(run, subject):
     eval_rows = evaluate_checkpoint(run).set_index("evaluator").loc["fsl_train"]
     assert roles.loc["0:1", "prev_token"] == pytest.approx(eval_rows["prev_token.L0H1"], abs=1e-5)
     singles = roles.iloc[:4]
-    assert singles.prev_token_head.tolist() == (singles.prev_token > circuits.PREV_TOKEN_HEAD).tolist()
+    assert circuits.prev_token_threshold(5) == pytest.approx((1 / 2 + 1 / 3 + 1 / 4 + 1 / 5) / 4 + 0.1)
+    assert singles.prev_token_head.tolist() == (singles.prev_token > circuits.prev_token_threshold(5)).tolist()
     pt = [h for h in singles.index if singles.loc[h, "prev_token_head"]]
     others = [h for h in singles.index if h not in pt]
     group = roles.iloc[4 if not pt else 5]  # the group rows follow the single heads: PT heads (if any), then the others
