@@ -303,13 +303,12 @@ def toy(
     out: Optional[Path] = typer.Option(None, help="A new output folder inside the outputs folder (default: outputs/toy/<date>_<time>)."),
 ) -> None:
     """The paper's toy model (Figs. 5a, 9): fit a rank-1 3-tensor a*⊗b*⊗c* by a⊗b⊗c, with vectors clamped."""
-    from ihstudy.toy import default_folder, run_conditions, write_toy
+    from ihstudy.toy import run_conditions, write_toy
 
     settings = {"dim": dim, "lr": lr, "iterations": iterations, "seed": seed, "conditions": conditions.split(",")}
     try:
         table = run_conditions(settings["conditions"], dim, lr, iterations, seed)
-        folder = out or default_folder()
-        fits = write_toy(table, folder, settings)
+        folder, fits = write_toy(table, out, settings)
     except ConfigError as exc:
         fail(str(exc))
     for condition, fit in fits.items():
