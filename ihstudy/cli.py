@@ -299,8 +299,10 @@ def toy(
     lr: float = typer.Option(1.0, help="Gradient-descent learning rate."),
     iterations: int = typer.Option(1000, help="Gradient-descent steps per condition."),
     seed: int = typer.Option(17, min=0, help="Seed of the true and initial vectors."),
-    conditions: str = typer.Option("none,c,bc", help="Comma-separated: none, or the vectors clamped to their true values (c, bc, ...)."),
-    out: Optional[Path] = typer.Option(None, help="A new output folder inside the outputs folder (default: outputs/toy/<date>_<time>)."),
+    conditions: str = typer.Option("none,c,bc", help="Comma-separated: none, or the vectors clamped to their true values "
+                                                      "(c, bc, ...)."),
+    out: Path | None = typer.Option(None, help="A new output folder inside the outputs folder "
+                                               "(default: outputs/toy/<date>_<time>)."),
 ) -> None:
     """The paper's toy model (Figs. 5a, 9): fit a rank-1 3-tensor a*⊗b*⊗c* by a⊗b⊗c, with vectors clamped."""
     from ihstudy.toy import run_conditions, write_toy
@@ -309,11 +311,11 @@ def toy(
     try:
         table = run_conditions(settings["conditions"], dim, lr, iterations, seed)
         folder, fits = write_toy(table, out, settings)
-    except ConfigError as exc:
+    except UserError as exc:  # a bad setting, a used or outside folder, a folder in use
         fail(str(exc))
     for condition, fit in fits.items():
-        console.print(f"{condition}: loss below 1% of the zero-prediction loss at iteration {fit if fit is not None else 'never'}",
-                      highlight=False)
+        when = "never" if fit is None else f"at iteration {fit}"
+        console.print(f"{condition}: loss below 1% of the zero-prediction loss {when}", highlight=False)
     console.print(f"wrote {folder}/toy.parquet, toy.png, toy.json", highlight=False, soft_wrap=True)
 
 

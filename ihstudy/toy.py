@@ -1,4 +1,4 @@
-"""The toy model of the paper's Figs. 5a and 9 (docs/science.md §5, finding 7): three interacting
+"""The toy model of the paper's Figs. 5a and 9 (docs/science.md §5.7): three interacting
 vectors fit a rank-1 3-tensor, and clamping some of them shortens or removes the loss plateau.
 
 The target is T* = a* ⊗ b* ⊗ c* (dimension `dim` each, entries standard normal); the model a ⊗ b ⊗ c
@@ -46,7 +46,7 @@ class ToyProblem:
     init: torch.Tensor  # [3, dim]: the starting a, b, c
 
     @classmethod
-    def sample(cls, dim: int, seed: int) -> "ToyProblem":
+    def sample(cls, dim: int, seed: int) -> ToyProblem:
         g = torch.Generator().manual_seed(seed)
         true = torch.randn(3, dim, generator=g, dtype=torch.float64)
         return cls(true, torch.randn(3, dim, generator=g, dtype=torch.float64))

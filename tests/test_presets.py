@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from ihstudy.cli import app
 from ihstudy.clamps import AblateHeads, InductionPattern, PrevTokenPattern, build_clamps
+from ihstudy.cli import app
 from ihstudy.sweep import plan_sweep
 from ihstudy.train import model_shape
 
@@ -85,7 +85,8 @@ def test_fig15_sweeps_the_induction_strength_with_every_head_active():
     runs = plan("fig15").runs
     clamps = [clamps_of(r) for r in runs]
     assert all(len(c) == 1 and isinstance(c[0], InductionPattern) and c[0].heads == ((1, 3),) for c in clamps)
-    assert [c[0].strength for c in clamps] == [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
+    strengths = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
+    assert [c[0].strength for c in clamps] == strengths
 
 
 def test_fig6_varies_classes_at_5_labels_and_labels_at_50_classes():

@@ -1,4 +1,4 @@
-"""The toy model (`ihstudy toy`, docs/science.md §5 finding 7): gradients, the closed-form linear
+"""The toy model (`ihstudy toy`, docs/science.md §5.7): gradients, the closed-form linear
 case, the plateau ordering and the command's files and refusals."""
 
 import json
