@@ -2,6 +2,7 @@
 train), the clamps each run gets, and tiny real sweeps of a few of them."""
 
 import functools
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -113,13 +114,23 @@ def test_dry_run_of_a_preset_writes_nothing(outputs_root):
     assert not any(outputs_root.iterdir())
 
 
+@pytest.fixture
+def keep_logging():
+    """An in-process sweep lets Hydra configure logging onto the test's captured streams, which
+    close after the test: later tests' warnings would fail to print. Restore the root logger."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
 def tiny_sweep(tmp_path, *args) -> pd.DataFrame:
     result = CliRunner().invoke(app, ["sweep", "-q", *args, *TINY, f"hydra.sweep.dir={tmp_path}/s"])
     assert result.exit_code == 0, result.output
     return pd.read_parquet(tmp_path / "s" / "sweep.parquet")
 
 
-def test_tiny_fig15_clamps_the_induction_strength_it_names(tmp_path):
+def test_tiny_fig15_clamps_the_induction_strength_it_names(tmp_path, keep_logging):
     """With two context pairs the clamped head's induction strength is 2s-1 at every eval."""
     index = tiny_sweep(tmp_path, "experiment=fig15", "clamp.match.strength=1.0,0.25")
     assert (index.status == "completed").all()
@@ -128,7 +139,7 @@ def test_tiny_fig15_clamps_the_induction_strength_it_names(tmp_path):
         assert evals["induction.L1H3"].to_numpy() == pytest.approx(2 * strength - 1, abs=1e-5)
 
 
-def test_tiny_fig6_clamps_trains_every_variant_in_packs_by_label_count(tmp_path):
+def test_tiny_fig6_clamps_trains_every_variant_in_packs_by_label_count(tmp_path, keep_logging):
     index = tiny_sweep(tmp_path, "experiment=fig6_clamps", "task=fsl_100classes,fsl_10labels", "clamp=layer1_copy,match")
     assert (index.status == "completed").all() and len(index) == 4
     assert index.pack.nunique() == 2
