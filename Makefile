@@ -1,5 +1,5 @@
 # `make setup`: install into .venv (CPU build of torch, see constraints.txt) and run the default experiment.
-# `make test`: install if needed, then run the test suite.
+# `make test`: install if needed, then lint, run the test suite and check the built wheel.
 VENV ?= .venv
 PYTHON ?= python3
 
@@ -14,4 +14,6 @@ setup: $(VENV)/.installed
 	$(VENV)/bin/ihstudy train
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
+	PYTHON=$(VENV)/bin/python .ci/wheel-check

@@ -228,6 +228,28 @@ def _check_split(key: str, split, available: int, what: str) -> None:
     _require(sum(split) <= available, f"{key}={list(split)} needs {sum(split)} {what}, the data has {available}")
 
 
+# Groups whose keys mean the same whatever option is chosen: a key added to them later has a default
+# that reproduces what runs saved before it did (e.g. train.chunk_batches, task.val_pairs).
+STABLE_GROUPS = ("model", "task", "train", "eval")
+
+
+def with_later_defaults(saved: DictConfig) -> DictConfig:
+    """A saved run config in today's schema, so that older runs stay analysable: keys added to ihstudy
+    since the run was made get their defaults, optimizer keys its optimizer no longer has are dropped
+    (an analysis reads no optimizer); no value that defines the run changes."""
+    with config_errors(), hydra_initialized(job_name="ihstudy"):
+        defaults = compose("config")
+    completed = OmegaConf.merge(saved, {k: v for k, v in defaults.items() if k not in saved and k != "hydra"})
+    for group in STABLE_GROUPS:
+        if isinstance(saved.get(group), DictConfig):
+            completed[group] = OmegaConf.merge(defaults[group], saved[group])
+    optim = completed.get("optim")
+    if isinstance(optim, DictConfig) and optim.get("name") in OPTIMIZER_KEYS:
+        kept = {"name", "lr", *SCHEDULE_KEYS, *OPTIMIZER_KEYS[optim.name]}
+        completed.optim = {k: v for k, v in optim.items() if k in kept}
+    return completed
+
+
 def check_values(cfg: DictConfig) -> None:
     """Types and sane ranges of every value, checked before anything is loaded or allocated: a word
     where a count belongs, a negative seed or a billion-wide model ends here in one line, not in a traceback."""

@@ -32,19 +32,19 @@ class Batch:
         return self.labels.shape[-1]
 
     @staticmethod
-    def stack(batches: list["Batch"]) -> "Batch":
+    def stack(batches: list[Batch]) -> Batch:
         """Stack per-run batches along a new leading run axis."""
         return Batch(*(torch.stack([getattr(b, f) for b in batches]) for f in ("exemplars", "labels", "target")))
 
     @staticmethod
-    def concat(batches: list["Batch"]) -> "Batch":
+    def concat(batches: list[Batch]) -> Batch:
         """Concatenate batches along the (first) sequence axis."""
         return Batch(*(torch.cat([getattr(b, f) for b in batches]) for f in ("exemplars", "labels", "target")))
 
-    def __getitem__(self, index) -> "Batch":
+    def __getitem__(self, index) -> Batch:
         return Batch(self.exemplars[index], self.labels[index], self.target[index])
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(self.exemplars.to(device), self.labels.to(device), self.target.to(device))
 
 

@@ -21,8 +21,23 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ihstudy.model import (ModelShape, Transformer, attention_scores, attention_z, embed, layer_norm, linear,
-                           log_softmax, mlp, project_out, project_qkv, rows, softmax, stack_runs, unembed)
+from ihstudy.model import (
+    ModelShape,
+    Transformer,
+    attention_scores,
+    attention_z,
+    embed,
+    layer_norm,
+    linear,
+    log_softmax,
+    mlp,
+    project_out,
+    project_qkv,
+    rows,
+    softmax,
+    stack_runs,
+    unembed,
+)
 
 LAYER_NORM_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
 

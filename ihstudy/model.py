@@ -77,7 +77,7 @@ class ModelShape:
     mlp_ratio: float = 0.0  # 0: attention-only
 
     @classmethod
-    def of_config(cls, cfg, n_features: int) -> "ModelShape":
+    def of_config(cls, cfg, n_features: int) -> ModelShape:
         """The shape a run config (a DictConfig, or a checkpoint's saved dict) gives `n_features`-dim exemplars."""
         m, t = cfg["model"], cfg["task"]
         return cls(n_layers=m["n_layers"], n_heads=m["n_heads"], d_model=m["d_model"], n_features=n_features,
@@ -202,7 +202,7 @@ class Transformer:
 
     # --- parameters ---------------------------------------------------------------------------
 
-    def init_(self, seeds: list[int], scheme: str = "lecun_normal") -> "Transformer":
+    def init_(self, seeds: list[int], scheme: str = "lecun_normal") -> Transformer:
         """Initialise run r from its own generator seeded with seeds[r] (schemes: init_param)."""
         with torch.no_grad():
             for run, seed in enumerate(seeds):
@@ -335,7 +335,8 @@ class Transformer:
 
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every parameter as a view into `buffer` [R, P], laid out like flat."""
-        return {name: buffer[:, start:end].view(p.shape) for (name, p), (start, end) in zip(self.params.items(), self._offsets.values())}
+        spans = zip(self.params.items(), self._offsets.values())
+        return {name: buffer[:, start:end].view(p.shape) for (name, p), (start, end) in spans}
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The inverse of `views`: one tensor per parameter -> [R, P]."""
@@ -360,7 +361,8 @@ class Transformer:
         H, dh, D = s.n_heads, s.d_head, s.d_model
         qkv = self._qkv(layer, resid)  # [3, R, B, H, T, d_head]: head-major, as the matmuls want it
         queries = slice(-1, None) if query_only else slice(None)  # the rows this pass computes
-        q, k, v = (self._head_major_site(b + "attn.hook_" + n, t) for n, t in zip("qkv", (qkv[0][..., queries, :], qkv[1], qkv[2])))
+        q, k, v = (self._head_major_site(b + "attn.hook_" + n, t)
+                   for n, t in zip("qkv", (qkv[0][..., queries, :], qkv[1], qkv[2])))
         if s.positional == "rotary":  # q and k in one go; qkv[:2] saves a copy unless a hook replaced them
             if query_only:
                 q, k = self.rotate(q, rows=queries), self.rotate(k)

@@ -25,7 +25,7 @@ from ihstudy.model import Transformer
 log = logging.getLogger(__name__)
 
 
-def choose_path(model: Transformer, clamps: ClampSet) -> "FastPath | HookedPath":
+def choose_path(model: Transformer, clamps: ClampSet) -> FastPath | HookedPath:
     if clamps.groups:
         return HookedPath(model, clamps)
     reason = unsupported(model.shape)

@@ -38,13 +38,31 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.clamps import build_clamps
-from ihstudy.config import (check_added_keys, compose_config, compose_with_hydra, config_errors, hydra_initialized,
-                            literal_folders, quote, validate)
+from ihstudy.config import (
+    check_added_keys,
+    compose_config,
+    compose_with_hydra,
+    config_errors,
+    hydra_initialized,
+    literal_folders,
+    quote,
+    validate,
+)
 from ihstudy.errors import ConfigError
 from ihstudy.memory import check_fits, fits
 from ihstudy.model import ModelShape
-from ihstudy.run_files import (LOCK_NAME, TEMPORARY_NAME, RunFiles, atomic_write_parquet, atomic_write_text,
-                               check_folder_path, first_line, foreign_entries, lock_run_dir, outputs_root)
+from ihstudy.run_files import (
+    LOCK_NAME,
+    TEMPORARY_NAME,
+    RunFiles,
+    atomic_write_parquet,
+    atomic_write_text,
+    check_folder_path,
+    first_line,
+    foreign_entries,
+    lock_run_dir,
+    outputs_root,
+)
 from ihstudy.train import Pack, RunResult, RunSpec, exemplar_shape, resolve_device
 
 log = logging.getLogger(__name__)

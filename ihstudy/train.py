@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from ihstudy.clamps import ClampSet, build_clamps
 from ihstudy.compiled import use_compile
-from ihstudy.config import check_values, config_errors, validate
+from ihstudy.config import check_values, config_errors, validate, with_later_defaults
 from ihstudy.data import FewShotTask, PackStream, TrainStream, load_features
 from ihstudy.errors import CheckpointError, ConfigError
 from ihstudy.evaluate import Evaluator
@@ -140,7 +140,7 @@ class Pack(Runs):
         """Compile the step and evaluation functions of this pack's path (compiled.py)."""
         self.path.compile()
 
-    def run_loop(self, stop: "StopRequest", progress) -> None:
+    def run_loop(self, stop: StopRequest, progress) -> None:
         self.recorder.start(self.step)
         while self.step < self.n_steps and self.active.any() and stop.signal is None:
             if self.step in self.eval_steps:
@@ -224,7 +224,7 @@ class StopRequest:
         self.signal: int | None = None
         self.previous: dict = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # only there can handlers be set
             self.previous = {s: signal.signal(s, self.request) for s in self.SIGNALS}
         return self
@@ -246,7 +246,7 @@ def pack_from_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> 
     """The runs of one saved run at a checkpoint (default: the newest): its model, task, eval sequences
     and clamps, or another clamp config (for post-hoc ablations). Nothing is written."""
     files = RunFiles(run_dir)
-    cfg = files.read_config()
+    cfg = with_later_defaults(files.read_config())
     if clamp is not None:
         cfg.clamp = clamp
     steps = files.checkpoint_steps()

@@ -6,9 +6,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ihstudy.clamps import (AblateEmbedding, AblateHeads, ClampSet, GraftIn, GraftOut, HeadTemperature,
-                            InductionPattern, Layer1Input, MatchPattern, NoPrevToken, PerfectCopy,
-                            PrevTokenPattern, SilenceNonLabel, build_clamps)
+from ihstudy.clamps import (
+    AblateEmbedding,
+    AblateHeads,
+    ClampSet,
+    HeadTemperature,
+    InductionPattern,
+    Layer1Input,
+    MatchPattern,
+    NoPrevToken,
+    PerfectCopy,
+    PrevTokenPattern,
+    SilenceNonLabel,
+    build_clamps,
+)
 from ihstudy.cli import app
 from ihstudy.data import Batch
 from ihstudy.errors import CheckpointError, ConfigError
@@ -349,7 +360,8 @@ def test_presets_build_the_fig5b_conditions():
 def every_kind(checkpoint):
     """One clamp set per kind, aimed at the last layer where a kind can act there."""
     graft = {"kind": "graft_in", "checkpoint": checkpoint}
-    specs = [{"kind": "ablate", "heads": ["1:0", "0:2"]}, {"kind": "ablate", "heads": ["0:1"], "preserve": ["values", "patterns"]},
+    specs = [{"kind": "ablate", "heads": ["1:0", "0:2"]},
+             {"kind": "ablate", "heads": ["0:1"], "preserve": ["values", "patterns"]},
              {"kind": "keep_only", "heads": "1:3"}, {"kind": "prev_token_pattern", "heads": ["0:2", "1:1"], "strength": 0.7},
              {"kind": "no_prev_token", "heads": ["1:2"]}, {"kind": "induction_pattern", "heads": ["1:1"], "strength": 0.8},
              {"kind": "match_pattern", "heads": ["1:3"]}, {"kind": "perfect_copy", "head": "1:3"}, {"kind": "layer1_input"},

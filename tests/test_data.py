@@ -1,8 +1,6 @@
 """The sampler of docs/science.md §1: burstiness, distractor, label pairs, splits, streams."""
 
-import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -66,7 +66,11 @@ class OneBatch:
         return self.chunk[:, step]
 
 
-@pytest.mark.parametrize("shape", OPTION_GRID[::7], ids=lambda s: f"{s.positional}-mlp{s.mlp_ratio:g}-L{s.n_layers}-N{s.context_len}")
+def shape_id(s) -> str:
+    return f"{s.positional}-mlp{s.mlp_ratio:g}-L{s.n_layers}-N{s.context_len}"
+
+
+@pytest.mark.parametrize("shape", OPTION_GRID[::7], ids=shape_id)
 def test_both_paths_take_the_same_step(shape):
     """steps.FastPath and steps.HookedPath (what clamped packs use) on the same stream: equal log rows and gradients."""
     batch = random_batch(runs=2, n=7, shape=shape)

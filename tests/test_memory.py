@@ -18,6 +18,7 @@ from ihstudy.memory import check_fits, estimate
 from ihstudy.sweep import plan_sweep
 from ihstudy.train import Pack, RunSpec, exemplar_shape
 
+
 def peak_growth(overrides: list[str]) -> int:
     """In a forked child (whose peak memory starts at its current memory): how far building the
     pack, one training step and one evaluation raise the peak (bytes)."""

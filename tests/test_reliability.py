@@ -338,7 +338,8 @@ def test_a_crash_marks_the_run_failed_and_frees_it(tmp_path, monkeypatch, where)
         patch.setattr(Pack, where, crash)
         result = train(run_dir, *args)
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    assert result.output.strip().splitlines() == [f"error: {run_dir}: stopped by RuntimeError: boom at step {101 if where == 'train_step' else 1}"]
+    step = 101 if where == "train_step" else 1
+    assert result.output.strip().splitlines() == [f"error: {run_dir}: stopped by RuntimeError: boom at step {step}"]
     assert status(run_dir)["status"] == "failed" and "RuntimeError: boom" in status(run_dir)["error"]
     assert lock_is_free(run_dir)
     assert train(run_dir, *args[:1], "--resume").exit_code == 0

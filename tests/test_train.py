@@ -5,6 +5,7 @@ import math
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
 from ihstudy.cli import app
@@ -120,6 +121,14 @@ def test_analyze_reevaluates_a_checkpoint_through_the_training_code_path(tmp_pat
         assert result.exit_code == 0 and "fsl_test_class" in result.output, result.output
     bad = CliRunner().invoke(app, ["analyze", "eval", str(tmp_path / "run"), "model.n_heads=4"])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+
+    # a run saved before keys were added to ihstudy (and with an optimizer key since removed) stays analysable
+    config = tmp_path / "run" / "config.yaml"
+    old = OmegaConf.load(config)
+    del old.task["val_pairs"], old.train["chunk_batches"]
+    old.optim.momentum = 0.0
+    config.write_text(OmegaConf.to_yaml(old))
+    pd.testing.assert_frame_equal(evaluate_checkpoint(tmp_path / "run")[final.columns], final)
 
 
 # --- the loop's pieces, each alone ------------------------------------------------------------------
