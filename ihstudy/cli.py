@@ -207,18 +207,64 @@ def print_plan(plan) -> None:
     Console().print(table)
 
 
+ANALYSES = {"eval": "re-evaluate a checkpoint, optionally under clamps (post-hoc ablation)",
+            "heads": "last-layer head ablations, complementarity and first-layer roles of a checkpoint",
+            "wiring": "single-head wiring grid and Q/K/V composition scores of a checkpoint",
+            "progress": "progress measures over every checkpoint of a run"}
+
+
 @app.command(context_settings=EXTRA)
 def analyze(
-    run_dir: Path = typer.Argument(..., help="A run folder with checkpoints."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Clamp overrides, e.g. clamp=keep_only clamp.keep.heads=1:5"),
+    args: Optional[List[str]] = typer.Argument(None, metavar="[eval|heads|wiring|progress] PATH...",
+                                               help="Run or sweep folders (timing), or an analysis and one run folder."),
+    by: str = typer.Option("", "--by", help="Group runs by config field(s), e.g. clamp, task.n_labels or clamp,seed."),
+    evaluator: str = typer.Option("fsl_train", "--evaluator", help="Evaluator whose loss is timed."),
+    thresholds: str = typer.Option("ln2,0.4ln2,0.1", "--thresholds", help="Loss thresholds to time (numbers or Xln2)."),
+    metric: str = typer.Option("0.4ln2", "--metric", help="The threshold summarised over groups (the phase change)."),
+    band: float = typer.Option(0.1, "--band", help="Plateau: the loss within ln 2 ± band."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Report folder (default: analysis/<analysis> next to the runs)."),
+    fmt: str = typer.Option("png", "--format", help="Figure format: png, svg or pdf."),
     step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the newest)."),
+    sequences: int = typer.Option(100_000, "--sequences", min=1,
+                                  help="heads/wiring: enumerate the training distribution up to this size, else sample this many."),
 ) -> None:
-    """Evaluate a saved checkpoint, optionally under clamps (post-hoc ablation), with the training code path."""
+    """Analyse runs: phase-change timing (default), or a checkpoint's heads and circuits.
+
+    \b
+    ihstudy analyze outputs/sweeps/fig5b --by clamp        timing of every run, grouped by clamp
+    ihstudy analyze outputs/sweeps outputs/2026-11-29 --by task.n_labels,seed
+    ihstudy analyze eval RUN clamp=keep_only clamp.keep.heads=1:5 [--step N]   post-hoc clamp evaluation
+    ihstudy analyze heads RUN [--step N]      keep-one/remove-one head, add-back, complementarity, layer-1 roles
+    ihstudy analyze wiring RUN [--step N]     one layer-1 x one layer-2 head kept; Q/K/V composition scores
+    ihstudy analyze progress RUN              perfect-match / previous-token / direct-path measures per checkpoint
+
+    Timing writes tables (CSV), figures and report.md to --report (default: analysis/timing next to
+    the runs); the checkpoint analyses to analysis/<analysis>-<run>. Run folders are never changed."""
+    args = list(args or [])
+    if not args:
+        fail("give run or sweep folders to time, or one of: " + ", ".join(ANALYSES) + " and a run folder")
+    if fmt not in ("png", "svg", "pdf"):
+        fail(f"--format must be png, svg or pdf, not '{fmt}'")
+    what = args.pop(0) if args[0] in ANALYSES else "timing"
+    if what == "eval":
+        return analyze_eval(args, step)
+    if what == "timing":
+        return analyze_timing([Path(a) for a in args], by, evaluator, thresholds, metric, band, report, fmt)
+    if len(args) != 1:
+        fail(f"analyze {what} takes one run folder")
+    analyze_checkpoint(what, Path(args[0]), step, sequences, report, fmt)
+
+
+def analyze_eval(args: list[str], step: Optional[int]) -> None:
+    """Today's post-hoc evaluation: a checkpoint's eval rows under optional clamp overrides."""
     from ihstudy.config import compose_config
     from ihstudy.train import evaluate_checkpoint
 
+    if not args:
+        fail("analyze eval takes a run folder")
+    run_dir, overrides = Path(args[0]), args[1:]
     try:
-        if any(not o.lstrip("+~").startswith("clamp") for o in overrides or []):
+        if any(not o.lstrip("+~").startswith("clamp") for o in overrides):
             raise ConfigError("analyze takes only clamp overrides (clamp=..., clamp.NAME.FIELD=...)")
         clamp = compose_config(overrides)[0].clamp if overrides else None
         rows = evaluate_checkpoint(run_dir, step, clamp)
@@ -231,6 +277,139 @@ def analyze(
     for _, row in rows.iterrows():
         table.add_row(row.evaluator, *(f"{row[c]:.4f}" for c in columns))
     Console().print(table)
+
+
+def parse_thresholds(text: str) -> dict[str, float]:
+    """'ln2,0.4ln2,0.1' -> {name: value}."""
+    import math
+
+    values = {}
+    for name in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            values[name] = float(name.removesuffix("ln2") or 1) * math.log(2) if name.endswith("ln2") else float(name)
+        except ValueError:
+            raise ConfigError(f"--thresholds: '{name}' is not a number or Xln2") from None
+        if not values[name] > 0:
+            raise ConfigError(f"--thresholds: '{name}' must be positive")
+    if not values:
+        raise ConfigError("--thresholds is empty")
+    return values
+
+
+def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, metric: str, band: float,
+                   report_dir: Optional[Path], fmt: str) -> None:
+    from ihstudy import timing
+    from ihstudy.report import timing_report, write_report
+
+    try:
+        limits = parse_thresholds(thresholds)
+        if metric not in limits:
+            raise ConfigError(f"--metric '{metric}' is not one of --thresholds ({', '.join(limits)})")
+        runs = timing.find_runs(paths)
+        usable = [r for r in runs if r.evals is not None]
+        for run in runs:
+            for note in run.notes:
+                console.print(f"[yellow]warning:[/] {run.dir}: {note}", highlight=False, soft_wrap=True)
+        if not usable:
+            raise ConfigError("none of the runs found has eval rows to analyse")
+        if evaluator not in {e for r in usable for e in r.evaluators}:
+            raise ConfigError(f"no run has evaluator '{evaluator}' (found: {', '.join(sorted({e for r in usable for e in r.evaluators}))})")
+        result, table, summary = timing_report(runs, by or None, evaluator, metric, limits, band)
+    except ConfigError as exc:
+        fail(str(exc))
+    for note in result.notes:
+        if "different tasks" in note:
+            console.print(f"[yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
+    print_timing(table, summary, evaluator, metric)
+    out = report_dir or default_report_dir(paths, "timing")
+    write_report(result, out, fmt)
+    console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True)
+
+
+def default_report_dir(paths: list[Path], name: str) -> Path:
+    """analysis/<name> in the folder given (a sweep or a folder of runs), else next to the run folders."""
+    from ihstudy.timing import common_root, is_run_dir
+
+    if len(paths) == 1 and not is_run_dir(paths[0]):
+        return paths[0] / "analysis" / name
+    return common_root([p.resolve() for p in paths]) / "analysis" / name
+
+
+def print_timing(table, summary, evaluator: str, metric: str) -> None:
+    from ihstudy.timing import format_sequences
+
+    rows = table[table.evaluator == evaluator]
+    out = Table(title=f"{evaluator} loss: sequences to each threshold (first eval point / interpolated); "
+                      f"-: never crossed (censored at the last eval)")
+    names = [c.removesuffix("_eval") for c in rows.columns if c.endswith("_eval")]
+    for column in ["run", "status", *names, "plateau", "final loss"]:
+        out.add_column(column, overflow="fold")
+    for _, r in rows.iterrows():
+        cells = [f"{format_sequences(r[f'{n}_eval'])} / {format_sequences(r[f'{n}_interp'])}"
+                 + (" (recrossed)" if r[f"{n}_recrossed"] else "") for n in names]
+        plateau = "-" if not r.plateau_length else f"{format_sequences(r.plateau_start)}-{format_sequences(r.plateau_end)}"
+        out.add_row(r.run, r.status, *cells, plateau, f"{r.final_loss:.4f}")
+    Console().print(out)
+    if summary is not None and not summary.empty:
+        groups = Table(title=f"time to {evaluator} loss < {metric} by group, ordered by median (interpolated)")
+        for column in summary.columns:
+            groups.add_column(str(column))
+        for _, r in summary.iterrows():
+            groups.add_row(*(format_sequences(v) if isinstance(v, float) else str(v) for v in r))
+        Console().print(groups)
+
+
+def analyze_checkpoint(what: str, run_dir: Path, step: Optional[int], sequences: int, report_dir: Optional[Path],
+                       fmt: str) -> None:
+    from ihstudy import circuits, report
+
+    try:
+        subject = circuits.Subject(run_dir, step)
+        if what == "progress":
+            with progress_display() as bars:
+                task = bars.add_task("checkpoints", total=len(subject.files.checkpoint_steps()), loss="-", rate="-")
+                result, tables = report.progress_report(subject, lambda done, total: bars.update(task, completed=done))
+        else:
+            batch, enumerated = circuits.training_distribution(subject.task, sequences)
+            build = report.heads_report if what == "heads" else report.wiring_report
+            result, tables = build(subject, batch, enumerated)
+    except ConfigError as exc:
+        fail(str(exc))
+    for name, frame in tables.items():
+        out = Table(title=name)
+        for column in frame.columns:
+            out.add_column(str(column))
+        for row in frame.head(40).itertuples(index=False):
+            out.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+        Console().print(out)
+    out = report_dir or default_report_dir([run_dir], f"{what}-{run_dir.resolve().name}")
+    report.write_report(result, out, fmt)
+    console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def toy(
+    dim: int = typer.Option(20, help="Length of each of the three vectors (the tensor has dim³ entries)."),
+    lr: float = typer.Option(1.0, help="Gradient-descent learning rate."),
+    iterations: int = typer.Option(1000, help="Gradient-descent steps per condition."),
+    seed: int = typer.Option(17, min=0, help="Seed of the true and initial vectors."),
+    conditions: str = typer.Option("none,c,bc", help="Comma-separated: none, or the vectors clamped to their true values (c, bc, ...)."),
+    out: Optional[Path] = typer.Option(None, help="A new output folder inside the outputs folder (default: outputs/toy/<date>_<time>)."),
+) -> None:
+    """The paper's toy model (Figs. 5a, 9): fit a rank-1 3-tensor a*⊗b*⊗c* by a⊗b⊗c, with vectors clamped."""
+    from ihstudy.toy import default_folder, run_conditions, write_toy
+
+    settings = {"dim": dim, "lr": lr, "iterations": iterations, "seed": seed, "conditions": conditions.split(",")}
+    try:
+        table = run_conditions(settings["conditions"], dim, lr, iterations, seed)
+        folder = out or default_folder()
+        fits = write_toy(table, folder, settings)
+    except ConfigError as exc:
+        fail(str(exc))
+    for condition, fit in fits.items():
+        console.print(f"{condition}: loss below 1% of the zero-prediction loss at iteration {fit if fit is not None else 'never'}",
+                      highlight=False)
+    console.print(f"wrote {folder}/toy.parquet, toy.png, toy.json", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""How long `ihstudy analyze` takes on a run with dense checkpoints (not a test).
+
+    python benchmarks/bench_analyze.py RUN_DIR [--threads N] [--skip heads,wiring]
+
+RUN_DIR: a run trained with dense checkpoints, e.g.
+    ihstudy train train.sequences=200000 train.ckpt_every=1000 hydra.run.dir=outputs/dense
+Prints the wall time of each analysis; the progress measures also per checkpoint and extrapolated
+to 1,000 checkpoints (a 1e6-sequence run with a checkpoint every 1000 sequences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ihstudy import circuits, timing
+from ihstudy.report import timing_report
+
+
+def timed(label: str, fn):
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    print(f"{label}: {seconds:.1f} s", flush=True)
+    return result, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--skip", default="", help="comma-separated: timing, progress, heads, wiring")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    skip = set(args.skip.split(","))
+    print(f"torch threads: {torch.get_num_threads()}")
+    if "timing" not in skip:
+        runs = timing.find_runs([args.run_dir])
+        timed("timing analysis (tables and figures)", lambda: timing_report(runs, "seed"))
+    subject = circuits.Subject(args.run_dir)
+    n = len(subject.files.checkpoint_steps())
+    if "progress" not in skip:
+        _, seconds = timed(f"progress measures, {n} checkpoints x {circuits.PROGRESS_SEQUENCES} sequences",
+                           lambda: circuits.progress_measures(subject))
+        print(f"  {seconds / n * 1000:.1f} ms per checkpoint; 1,000 checkpoints: {seconds / n * 1000:.0f} s")
+    batch, enumerated = circuits.training_distribution(subject.task)
+    print(f"sequences: {len(batch.target):,} ({'whole training distribution' if enumerated else 'sample'})")
+    if "heads" not in skip:
+        timed("heads (last-layer ablations, add-back, complementarity)", lambda: circuits.last_layer_heads(subject, batch))
+        timed("layer-1 roles", lambda: circuits.first_layer_roles(subject, batch))
+    if "wiring" not in skip:
+        timed("wiring grid", lambda: circuits.wiring_grid(subject, batch))
+        timed("composition scores", lambda: circuits.composition_scores(subject))
+
+
+if __name__ == "__main__":
+    main()
