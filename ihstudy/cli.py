@@ -207,6 +207,65 @@ def print_plan(plan) -> None:
     Console().print(table)
 
 
+@app.command(context_settings=EXTRA)
+def reproduce(
+    args: Optional[List[str]] = typer.Argument(None, metavar="[FIGURE...] [OVERRIDES...]",
+                                               help="Figures 3 4b 5b 6 8 15 17 toy (default: all) and Hydra overrides for every preset."),
+    scale: float = typer.Option(1.0, "--scale", help="Shorten every run by this factor (a quick look; own folder)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Reproduction folder inside the outputs folder (default: outputs/reproduce)."),
+    max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, packs and estimated times; train nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train the paper's figure presets as sweeps and write report.md judging every finding.
+
+    \b
+    ihstudy reproduce                         all figures at full length (outputs/reproduce/full)
+    ihstudy reproduce 3 5b --scale 0.1        a quick look at two figures
+    ihstudy reproduce seed=5,6,7 data=features_file data.path=omniglot.h5
+    Running the same command again skips finished runs and resumes interrupted ones."""
+    from ihstudy import reproduce as rep
+    from ihstudy.sweep import PackJobError, run_sweep
+
+    try:
+        plan = rep.plan_reproduction(args or [], scale, out, max_pack_runs)
+    except ConfigError as exc:
+        fail(str(exc))
+    for preset, sweep in plan.sweeps.items():
+        todo = sum(map(len, sweep.packs))
+        console.print(f"{preset}: {len(sweep.runs)} runs, {len(sweep.runs) - todo} finished, {todo} to train in "
+                      f"{len(sweep.packs)} pack(s), estimated {rep.estimate_seconds(sweep) / 60:.1f} min", highlight=False)
+    if dry_run:
+        for sweep in plan.sweeps.values():
+            print_plan(sweep)
+        total = sum(map(rep.estimate_seconds, plan.sweeps.values())) / 60
+        console.print(f"estimated {total:.0f} min in all (packs one after another), an estimate from the throughput "
+                      f"measured on a 2-core CPU (README: Speed), not a measurement", highlight=False)
+        return
+    for preset, sweep in plan.sweeps.items():
+        try:
+            with sweep_progress(sweep, quiet) as on_progress:
+                run_sweep(sweep, on_progress)
+        except ConfigError as exc:  # another command holds the sweep folder
+            fail(str(exc))
+        except KeyboardInterrupt:
+            console.print("interrupted; run the same command again to continue")
+            raise typer.Exit(130)
+        except PackJobError as exc:
+            console.print(f"[bold red]error:[/] {preset}: a pack job failed: {exc}", highlight=False, soft_wrap=True)
+    rep.run_toy(plan)
+    folder, table = rep.write_reproduction_report(plan)
+    findings = Table(title="findings (docs/science.md §5)")
+    for column in ("finding", "ihstudy", "holds"):
+        findings.add_column(column, overflow="fold")
+    for row in table.itertuples():
+        findings.add_row(row.finding, row.ihstudy, row.holds)
+    Console().print(findings)
+    console.print(f"report: {folder / 'report.md'}", highlight=False, soft_wrap=True)
+    if any(run.files.read_status().get("status") != "completed" for sweep in plan.sweeps.values() for run in sweep.runs):
+        raise typer.Exit(1)
+
+
 ANALYSES = {"eval": "re-evaluate a checkpoint, optionally under clamps (post-hoc ablation)",
             "heads": "last-layer head ablations, complementarity and first-layer roles of a checkpoint",
             "wiring": "single-head wiring grid and Q/K/V composition scores of a checkpoint",
