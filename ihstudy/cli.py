@@ -154,7 +154,7 @@ def sweep(
     Runs of equal tensor shapes train together as one batched pack; packs run through a Hydra
     launcher (hydra/launcher=joblib, submitit_local or submitit_slurm; default: in this process).
     Running the same command again skips finished runs and resumes the others."""
-    from ihstudy.sweep import PackJobError, collect_results, plan_sweep, run_sweep
+    from ihstudy.sweep import plan_sweep
 
     try:
         plan = plan_sweep(overrides or [], max_pack_runs)
@@ -166,17 +166,7 @@ def sweep(
     if dry_run:
         print_plan(plan)
         return
-    try:
-        with sweep_progress(plan, quiet) as on_progress:
-            results = run_sweep(plan, on_progress)
-    except ConfigError as exc:  # another sweep holds the folder
-        fail(str(exc))
-    except KeyboardInterrupt:
-        console.print("interrupted; run the same command again to continue")
-        raise typer.Exit(130)
-    except PackJobError as exc:
-        console.print(f"[bold red]error:[/] a pack job failed: {exc}", highlight=False, soft_wrap=True)
-        results = collect_results(plan)
+    results = train_sweep(plan, quiet)
     if not quiet:
         print_summary(results, plan.dir)
     for r in results:
@@ -184,6 +174,24 @@ def sweep(
             console.print(f"[bold red]failed:[/] {r.name}: {r.summary.get('error')}", highlight=False, soft_wrap=True)
     if any(r.status != "completed" for r in results):
         raise typer.Exit(1)
+
+
+def train_sweep(plan, quiet: bool, label: str = "") -> list:
+    """Train a planned sweep with progress bars; the state of every run. A failed pack job is said
+    on stderr (its runs stay resumable); an interrupt exits 130, a sweep folder in use exits 2."""
+    from ihstudy.sweep import PackJobError, collect_results, run_sweep
+
+    try:
+        with sweep_progress(plan, quiet) as on_progress:
+            return run_sweep(plan, on_progress)
+    except ConfigError as exc:  # another command holds the sweep folder
+        fail(str(exc))
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to continue")
+        raise typer.Exit(130)
+    except PackJobError as exc:
+        console.print(f"[bold red]error:[/] {label}a pack job failed: {exc}", highlight=False, soft_wrap=True)
+        return collect_results(plan)
 
 
 @contextmanager
@@ -225,7 +233,6 @@ def reproduce(
     ihstudy reproduce seed=5,6,7 data=features_file data.path=omniglot.h5
     Running the same command again skips finished runs and resumes interrupted ones."""
     from ihstudy import reproduce as rep
-    from ihstudy.sweep import PackJobError, run_sweep
 
     try:
         plan = rep.plan_reproduction(args or [], scale, out, max_pack_runs)
@@ -243,16 +250,7 @@ def reproduce(
                       f"measured on a 2-core CPU (README: Speed), not a measurement", highlight=False)
         return
     for preset, sweep in plan.sweeps.items():
-        try:
-            with sweep_progress(sweep, quiet) as on_progress:
-                run_sweep(sweep, on_progress)
-        except ConfigError as exc:  # another command holds the sweep folder
-            fail(str(exc))
-        except KeyboardInterrupt:
-            console.print("interrupted; run the same command again to continue")
-            raise typer.Exit(130)
-        except PackJobError as exc:
-            console.print(f"[bold red]error:[/] {preset}: a pack job failed: {exc}", highlight=False, soft_wrap=True)
+        train_sweep(sweep, quiet, f"{preset}: ")
     rep.run_toy(plan)
     folder, table = rep.write_reproduction_report(plan)
     findings = Table(title="findings (docs/science.md §5)")

@@ -42,7 +42,7 @@ FIGURES = {"3": ["fig3"], "4b": ["fig4b"], "5b": ["fig5b"], "6": ["fig6_long", "
 TOY = {"dim": 20, "lr": 1.0, "iterations": 1000, "seed": 17, "conditions": ["none", "c", "bc"]}
 MIN_TOY_ITERATIONS = 300  # enough for the clamped conditions to fit
 QUICK_CHECKPOINTS = 20
-MIN_ANALYSIS_SEQUENCES = 512  # sequences for the checkpoint analyses at small scales
+MIN_ANALYSIS_SEQUENCES = 256  # sequences for the checkpoint analyses at small scales
 CROSSING = "0.4ln2"  # the phase change: fsl_train loss below 0.4·ln 2 (timing.THRESHOLDS)
 
 # Throughput measured end to end on this project's 2-core CPU (README "Speed": the default run,
@@ -120,9 +120,9 @@ def scaled_overrides(preset: str, fixed: list[str], scale: float, given: set[str
 def estimate_seconds(sweep: Sweep) -> float:
     """Training time of a sweep's packs one after another, from the measured throughput."""
     total = 0.0
-    for pack in sweep.packs:
+    for i, pack in enumerate(sweep.packs):
         kind = "clamped" if any(OmegaConf.to_container(run.cfg.clamp) for run in pack) else "unclamped"
-        total += len(pack) * sweep.pack_total(sweep.packs.index(pack)) / SEQUENCES_PER_SECOND[kind]
+        total += len(pack) * sweep.pack_total(i) / SEQUENCES_PER_SECOND[kind]
     return total
 
 
@@ -213,7 +213,7 @@ def seq(value: float) -> str:
         return "never"
     if value <= 0:
         return "0"
-    exponent = int(math.floor(math.log10(value)))
+    exponent = math.floor(math.log10(value))
     return f"{value / 10 ** exponent:.2g}e{exponent}"
 
 
@@ -445,7 +445,8 @@ def finding_8(r: Results) -> Finding:
     parts, monotone = [], []
     for name, s in series.items():
         present = s.dropna()
-        rising = len(present) >= 2 and bool((np.diff(present.to_numpy()) > 0).all())
+        values = present.to_numpy()
+        rising = len(values) >= 2 and all(a < b for a, b in zip(values, values[1:]))  # never crossed: +inf
         monotone.append(rising)
         parts.append(f"{name} {'/'.join(seq(v) if not np.isnan(v) else 'not run' for v in s)}{'' if rising else ' (not rising)'}")
     f.ihstudy = "; ".join(parts)
@@ -537,14 +538,14 @@ def run_toy(repro: Reproduction) -> None:
     toy.write_toy(table, folder, settings)
 
 
-def findings(repro: Reproduction) -> list[Finding]:
-    r = Results(repro)
-    return [judge(r) for judge in FINDINGS] + [judge(r) for preset, judge in APPENDIX.items() if preset in repro.sweeps]
+def findings(r: Results) -> list[Finding]:
+    return [judge(r) for judge in FINDINGS] + [judge(r) for preset, judge in APPENDIX.items() if preset in r.repro.sweeps]
 
 
 def build_report(repro: Reproduction) -> tuple[report.Report, pd.DataFrame]:
     """The findings table (one row per finding), each finding's details, and the main figures."""
-    found = findings(repro)
+    r = Results(repro)
+    found = findings(r)
     table = pd.DataFrame([f.row() for f in found])
     out = report.Report("Reproducing Singh et al. (ICML 2024): the findings of docs/science.md §5")
     if repro.scale != 1:
@@ -552,7 +553,7 @@ def build_report(repro: Reproduction) -> tuple[report.Report, pd.DataFrame]:
                          f"(evals and checkpoints scaled alike), so the phase changes may not happen and the verdicts "
                          f"need not hold; run without --scale to reproduce.")
     out.notes.append(f"figures: {' '.join(repro.figures)}; presets: {' '.join(repro.presets) or 'none'} (sweeps in {repro.folder})")
-    runs = [run for preset in repro.presets for run in (Results(repro).runs(preset) or [])]
+    runs = [run for preset in repro.presets for run in (r.runs(preset) or [])]
     if unfinished := [f"{run.dir.parent.name}/{run.name} ({run.status})" for run in runs if run.status != "completed"]:
         out.notes.append(f"not completed, analysed up to their last eval point: {', '.join(unfinished)}")
     out.notes.append("'holds' is computed from the runs (the judging rules are in ihstudy/reproduce.py); 'not run': "
@@ -562,15 +563,17 @@ def build_report(repro: Reproduction) -> tuple[report.Report, pd.DataFrame]:
                                  "and whether the qualitative claim holds.")
     for f in found:
         if f.details is not None:
-            out.table("finding_" + folder_name(f.finding.split(":")[-1].strip().split(" ")[0].replace(".", "")), f.details, f.claim)
-    add_figures(out, Results(repro))
+            key = f.finding.split()[0] if f.finding[0].isdigit() else "fig" + f.finding.split()[-1]  # 1..8, fig8, fig15, fig17
+            out.table(f"finding_{key}", f.details, f.claim)
+    add_figures(out, r)
     return out, table
 
 
 def add_figures(out: report.Report, r: Results) -> None:
     if runs := r.runs("fig3"):
         t = r.timing("fig3")
-        out.figure("fig3", report.plot_run(runs[0].evals, runs[0].name, float(t.crossing.iloc[0])),
+        crossing = float(t.crossing.iloc[0])
+        out.figure("fig3", report.plot_run(runs[0].evals, runs[0].name, crossing if np.isfinite(crossing) else None),
                    "Fig. 3: loss per evaluator, last-layer induction strengths, first-layer previous-token scores.")
     for preset, key, order in (("fig5b", "config.clamp", FIG5B_ORDER), ("fig6_long", "config.task", LABELS + CLASSES[1:])):
         if (t := r.timing(preset)) is not None:

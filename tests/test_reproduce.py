@@ -140,6 +140,17 @@ def test_tiny_reproduction_on_a_features_file(outputs_root):
     assert (run / "eval.parquet").stat().st_mtime_ns == stamp
     assert pd.read_csv(folder / "report" / "findings.csv").equals(findings)
 
+    # an interrupted run resumes from its newest checkpoint and ends as it would have
+    newest = max((run / "checkpoints").glob("step_*.pt"))
+    newest.unlink()
+    newest.with_suffix(".pt.sha256").unlink(missing_ok=True)
+    status = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(status | {"status": "interrupted"}))
+    resumed = CliRunner().invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert "fig3: 1 runs, 0 finished, 1 to train" in resumed.output
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "eval.parquet"), evals)
+
 
 @pytest.mark.slow
 def test_every_preset_end_to_end_at_a_tiny_scale(outputs_root):
