@@ -166,14 +166,14 @@ class Results:
         return OmegaConf.load(self.repro.folder / preset / run_name / "config.yaml")
 
     @functools.cache
-    def fig3_subject(self) -> tuple[circuits.Subject, object] | None:
-        """The first fig3 run's newest checkpoint and the training sequences its analyses use."""
+    def fig3_subject(self) -> tuple[circuits.Subject, object, bool] | None:
+        """The first fig3 run's newest checkpoint, the training sequences its analyses use and
+        whether they are the whole training distribution."""
         runs = self.runs("fig3")
         if runs is None:
             return None
         subject = circuits.Subject(runs[0].dir)
-        batch, _ = circuits.training_distribution(subject.task, self.repro.analysis_sequences)
-        return subject, batch
+        return subject, *circuits.training_distribution(subject.task, self.repro.analysis_sequences)
 
     def toy(self) -> pd.DataFrame | None:
         path = self.repro.folder / "toy" / "toy.parquet"
@@ -310,7 +310,7 @@ def finding_3(r: Results) -> Finding:
     loaded = r.fig3_subject()
     if loaded is None:
         return f
-    tables = circuits.last_layer_heads(*loaded)
+    tables = circuits.last_layer_heads(*loaded[:2])
     heads, added, full = tables["heads"], tables["add_back"], float(tables["full_model"].acc.iloc[0])
     rho = spearman(heads.induction, heads.keep_one_acc)
     falling = spearman(added.n_heads, added["loss"])
@@ -353,7 +353,7 @@ def finding_5(r: Results) -> Finding:
     loaded = r.fig3_subject()
     if loaded is None:
         return f
-    subject, batch = loaded
+    subject, batch, _ = loaded
     roles = circuits.first_layer_roles(subject, batch)
     model = subject.model([subject.step], 2)  # run 0 as trained, run 1 without layer 1's direct path
     hooks = circuits.direct_path_hooks(0, subject.last, torch.tensor([0.0, 1.0]))
@@ -378,8 +378,9 @@ PAPER_5B = {"only_l2h3": "3.3e5", "pt_attention": "2.2e5", "layer1": "0.8e5", "c
 
 
 def medians(t: pd.DataFrame, keys) -> pd.DataFrame:
-    """Median crossing time and plateau fraction per group (never crossed: +inf)."""
-    return t.groupby(keys).agg(crossing=("crossing", "median"), plateau_fraction=("plateau_fraction", "median"),
+    """Median crossing time (and its range over seeds) and plateau fraction per group (never crossed: +inf)."""
+    return t.groupby(keys).agg(crossing=("crossing", "median"), crossing_min=("crossing", "min"),
+                               crossing_max=("crossing", "max"), plateau_fraction=("plateau_fraction", "median"),
                                runs=("run", "size"))
 
 
@@ -559,6 +560,10 @@ def build_report(repro: Reproduction) -> tuple[report.Report, pd.DataFrame]:
     out.notes.append("'holds' is computed from the runs (the judging rules are in ihstudy/reproduce.py); 'not run': "
                      "the figure needed was not chosen or has no eval rows yet. Times are sequences until the fsl_train "
                      "loss falls below 0.4·ln 2 (interpolated), medians over seeds.")
+    if (loaded := r.fig3_subject()) is not None:
+        subject, batch, enumerated = loaded
+        out.notes.append(f"findings 3 and 5 analyse {subject.dir.name}'s checkpoint at {subject.step * subject.batch_size:,} "
+                         f"sequences, {report.sequences_note(batch, enumerated)}")
     out.table("findings", table, "One row per finding: the paper's claim and numbers (Omniglot), what these runs give, "
                                  "and whether the qualitative claim holds.")
     for f in found:
