@@ -97,6 +97,19 @@ def test_dry_run_lists_runs_packs_and_estimates_and_writes_nothing(outputs_root)
     assert not any(outputs_root.iterdir())
 
 
+def test_overrides_pass_to_every_preset_and_each_scale_has_its_own_folder(outputs_root):
+    args = ["3", "toy", "seed=5,6", "hydra/launcher=joblib", "data.dim=16"]
+    full, quick = reproduce.plan_reproduction(args), reproduce.plan_reproduction(args, scale=0.1)
+    assert full.folder == outputs_root / "reproduce" / "full_seed=5,6,data.dim=16"
+    assert quick.folder == outputs_root / "reproduce" / "scale-0.1_seed=5,6,data.dim=16"
+    for plan, sequences in ((full, 1_000_000), (quick, 100_000)):
+        sweep = plan.sweeps["fig3"]
+        assert sweep.launcher_overrides == ["hydra/launcher=joblib"] and sweep.dir == plan.folder / "fig3"
+        assert sorted((r.cfg.seed, r.cfg.data.dim, r.cfg.train.sequences) for r in sweep.runs) == [(5, 16, sequences), (6, 16, sequences)]
+    assert (full.toy_iterations, quick.toy_iterations) == (1000, 300)
+    assert not any(outputs_root.iterdir())
+
+
 @pytest.mark.parametrize("args", [["fig9"], ["3", "--scale", "2"], ["3", "experiment=fig3"], ["3", "model.n_heads=3"]])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(outputs_root, args):
     result = CliRunner().invoke(app, ["reproduce", *args, "--dry-run"])
