@@ -280,7 +280,9 @@ def finding_2(r: Results) -> Finding:
     if t is None:
         return f
     rows = []
-    for run, (_, timed) in zip(r.runs("fig3"), t.iterrows()):
+    by_run = t.set_index("run")
+    for run in r.runs("fig3"):
+        timed = by_run.loc[run.name]
         train = run.evals[run.evals.evaluator == "fsl_train"].sort_values("sequences")
         strengths = last_layer_induction(train)
         # the drop: from the plateau's end to the loss below 0.1 (or the run's end), one eval interval slack
