@@ -246,8 +246,9 @@ def reproduce(
         for sweep in plan.sweeps.values():
             print_plan(sweep)
         total = sum(map(rep.estimate_seconds, plan.sweeps.values())) / 60
-        console.print(f"estimated {total:.0f} min in all (packs one after another), an estimate from the throughput "
-                      f"measured on a 2-core CPU (README: Speed), not a measurement", highlight=False)
+        console.print(f"estimated {total:.0f} min in all (packs one after another): an estimate from the end-to-end "
+                      f"throughput of full-length runs on an idle 2-core CPU (README: Speed), not a measurement; a loaded "
+                      f"machine takes longer, and so do --scale runs (their evals do not shrink)", highlight=False)
         return
     for preset, sweep in plan.sweeps.items():
         train_sweep(sweep, quiet, f"{preset}: ")
