@@ -70,8 +70,9 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}; runs under {outputs}", flush=True)
 
     sweep_dir = outputs / "sweep"
-    seconds = timed(["sweep", "-q", "experiment=fig5b", f"train.sequences={args.sequences}", f"--max-pack-runs={args.max_pack_runs}",
-                     f"hydra/launcher={args.launcher}", f"hydra.sweep.dir={sweep_dir}"], outputs, args.threads)
+    seconds = timed(["sweep", "-q", "experiment=fig5b", f"train.sequences={args.sequences}",
+                     f"--max-pack-runs={args.max_pack_runs}", f"hydra/launcher={args.launcher}",
+                     f"hydra.sweep.dir={sweep_dir}"], outputs, args.threads)
     print(f"sweep ({args.launcher}, max {args.max_pack_runs or 'all'} runs per pack): {seconds:.0f} s, "
           f"{total / seconds:,.0f} sequences/s", flush=True)
     index = pd.read_parquet(sweep_dir / "sweep.parquet")

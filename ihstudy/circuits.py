@@ -15,7 +15,6 @@ Head names are "layer:head", 0-based (the paper's layer 1 is layer 0 here).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +24,17 @@ from omegaconf import OmegaConf
 
 from ihstudy.clamps import ClampSet, build_clamps
 from ihstudy.data import Batch, FewShotTask
-from ihstudy.errors import ConfigError
+from ihstudy.errors import CheckpointError, ConfigError
 from ihstudy.evaluate import induction_strength, previous_token_score
 from ihstudy.model import ModelShape, Transformer, cross_entropy
 from ihstudy.run_files import RunFiles
+from ihstudy.timing import is_run_dir
 from ihstudy.train import pack_from_checkpoint
 
 DISTRIBUTION_LIMIT = 100_000  # enumerate the training distribution up to this size, else sample this many
 PROGRESS_SEQUENCES = 1_000  # fixed sample per checkpoint for the progress measures (as many as an evaluator)
 CHUNK_ELEMENTS = 16_384  # runs x sequences per forward pass: keeps activations small
-PREV_TOKEN_HEAD = 0.3  # a first-layer head with a previous-token score above this counts as a PT head
+PREV_TOKEN_MARGIN = 0.1  # a PT head's previous-token score exceeds uniform attention's by at least this
 
 
 # --- sequences ------------------------------------------------------------------------------------------
@@ -78,10 +78,11 @@ class Subject:
     """A run's model shape, task, config and checkpoints, for analyses of one or many checkpoints."""
 
     def __init__(self, run_dir: Path, step: int | None = None):
+        require_run_dir(run_dir)
         try:
             pack = pack_from_checkpoint(run_dir, step)  # validates the config and loads one checkpoint
         except ValueError:  # the checkpoint's tensors do not fit the model config.yaml describes
-            raise ConfigError(f"{run_dir}: the checkpoint holds a model of another shape than config.yaml") from None
+            raise CheckpointError(f"{run_dir}: the checkpoint holds a model of another shape than config.yaml") from None
         self.dir, self.files = Path(run_dir), RunFiles(run_dir)
         self.shape: ModelShape = pack.shape
         self.task: FewShotTask = pack.tasks[0]
@@ -107,7 +108,8 @@ class Subject:
                 for c in range(copies):
                     model.load_state_dict(state, k * copies + c)
             except ValueError:
-                raise ConfigError(f"{self.dir}: checkpoint step {step} holds a model of another shape than config.yaml") from None
+                raise CheckpointError(f"{self.dir}: checkpoint step {step} holds a model of another shape "
+                                      "than config.yaml") from None
         return model
 
     def clamp_set(self, conditions: list[dict], n_checkpoints: int = 1) -> ClampSet:
@@ -117,6 +119,11 @@ class Subject:
             merged = self.run_clamps | {f"analysis_{name}": spec for name, spec in extra.items()}
             per_condition.append(build_clamps(merged, self.shape))
         return ClampSet(per_condition * n_checkpoints)
+
+
+def require_run_dir(run_dir: Path) -> None:
+    if not is_run_dir(Path(run_dir)):
+        raise ConfigError(f"{run_dir} is not a run folder (it needs run.json and config.yaml)")
 
 
 def expand_runs(batch: Batch, runs: int) -> Batch:
@@ -189,7 +196,7 @@ def last_layer_heads(subject: Subject, batch: Batch) -> dict[str, pd.DataFrame]:
                           "remove_one_loss": result["loss"][remove], "remove_one_acc": result["acc"][remove]})
     add_back = pd.DataFrame({"n_heads": range(1, H + 1), "added_head": [heads[i] for i in order],
                              "loss": result["loss"][added], "acc": result["acc"][added]})
-    labels = [f"label {l}" for l in range(L)]
+    labels = [f"label {label}" for label in range(L)]
     complementarity = pd.DataFrame(result["label_acc"][keep], columns=labels).assign(head=heads)
     complementarity_match = pd.DataFrame(result["label_acc"][matched], columns=labels).assign(head=heads)
     full = pd.DataFrame({"condition": ["all heads"], "loss": result["loss"][:1], "acc": result["acc"][:1]})
@@ -201,15 +208,22 @@ def last_layer_heads(subject: Subject, batch: Batch) -> dict[str, pd.DataFrame]:
 # --- first-layer heads (finding 5, Table 1, Fig 11) -----------------------------------------------------
 
 
+def prev_token_threshold(n_tokens: int) -> float:
+    """The previous-token score of uniform causal attention (row t spreads 1/(t+1) over its keys),
+    plus PREV_TOKEN_MARGIN: a head above it attends to the previous token more than by chance."""
+    return float(np.mean([1 / (t + 1) for t in range(1, n_tokens)])) + PREV_TOKEN_MARGIN
+
+
 def first_layer_roles(subject: Subject, batch: Batch) -> pd.DataFrame:
     """Per first-layer head: previous-token score, and accuracy/loss with the head ablated while its
     attention patterns are preserved (what it writes through V-composition is removed) or while its
     values are preserved (only its Q/K-composition role is removed); then the same for the group of
-    previous-token heads and the group of the others (docs/science.md §5 finding 5)."""
+    previous-token heads (prev_token_threshold) and the group of the others (docs/science.md §5
+    finding 5)."""
     heads = subject.heads(0)
     model = subject.model([subject.step])
     prev = head_scores(subject, model, batch)[1][0]
-    pt = [h for h, s in zip(heads, prev) if s > PREV_TOKEN_HEAD]
+    pt = [h for h, s in zip(heads, prev) if s > prev_token_threshold(subject.shape.n_tokens)]
     other = [h for h in heads if h not in pt]
     groups = [(h, [h]) for h in heads] + [(f"PT heads ({' '.join(pt) or 'none'})", pt),
                                           (f"other heads ({' '.join(other) or 'none'})", other)]

@@ -1,4 +1,4 @@
-"""Clamps ("artificial optogenetics", paper-notes §4): named overrides of activation sites.
+"""Clamps ("artificial optogenetics", docs/science.md §4): named overrides of activation sites.
 
 A clamp writes a value into a named activation site (see ihstudy/model.py) wherever a boolean mask
 is true: `torch.where(mask, value, activation)`. Where a value is written, nothing upstream gets
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.data import Batch
-from ihstudy.errors import ConfigError
+from ihstudy.errors import ConfigError, UserError
 from ihstudy.model import ModelShape, Transformer
 from ihstudy.run_files import load_checkpoint_file
 
@@ -497,8 +497,8 @@ def _build(name: str, spec, shape: ModelShape) -> Clamp:
             kwargs["heads"] = _complement(kwargs["heads"], shape)
         clamp = cls(name=name, **kwargs)
         clamp.check(shape)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    except UserError as exc:  # a bad field, or a graft checkpoint that cannot be loaded (CheckpointError)
+        raise type(exc)(f"{where}: {exc}") from None
     return clamp
 
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import shlex
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
-from ihstudy.errors import ConfigError
+from ihstudy.errors import ConfigError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, clamp, sweep and analyse small transformers that form induction heads.")
@@ -30,16 +31,44 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command(context_settings=EXTRA)
+class WithConfigGroups(TyperCommand):
+    """A command whose --help ends with the config groups and their options, as a Hydra app's help does."""
+
+    hydra_groups: tuple[str, ...] = ()  # Hydra's own groups to list too
+
+    def format_help(self, ctx, formatter) -> None:
+        from ihstudy.config import config_groups
+
+        self.epilog = "Config groups (choose with group=option):\n\n" + "\n\n".join(
+            f"{group}: {', '.join(options)}" for group, options in config_groups(self.hydra_groups))
+        super().format_help(ctx, formatter)
+
+
+class WithLauncherGroups(WithConfigGroups):
+    hydra_groups = ("hydra/launcher",)
+
+
+class ConfigPart(str, Enum):
+    job = "job"
+    hydra = "hydra"
+    all = "all"
+
+
+PRINT_CONFIG = typer.Option(None, "--cfg", "-c", help="Print the composed config (job: the run's, hydra: Hydra's, "
+                                                      "all: both) and exit without running, as Hydra's --cfg.")
+
+
+@app.command(context_settings=EXTRA, cls=WithConfigGroups)
 def train(
-    overrides: Optional[List[str]] = OVERRIDES,
+    overrides: list[str] | None = OVERRIDES,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in hydra.run.dir from its newest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run already in hydra.run.dir and start afresh."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
+    print_config: ConfigPart | None = PRINT_CONFIG,
 ) -> None:
-    """Train one model (paper-notes §1-2 by default) and write its run folder under outputs/."""
+    """Train one model (the paper's base setup by default) and write its run folder under outputs/."""
     from ihstudy.compiled import use_compile
-    from ihstudy.config import compose_config
+    from ihstudy.config import compose_config, compose_hydra_node
     from ihstudy.run_files import RunFiles, claim_run_dir
     from ihstudy.train import Pack, RunSpec
 
@@ -47,10 +76,14 @@ def train(
     try:
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        cfg, run_dir = compose_config(overrides)
+        cfg, run_dir = compose_config(overrides, single_run=True)
+        if print_config:
+            parts = {"job": cfg, "hydra": compose_hydra_node(overrides)}
+            print_yaml(*(v for k, v in parts.items() if print_config.value in (k, "all")))
+            return
         pack = Pack([RunSpec(cfg, run_dir, run_dir.name)])  # validates everything before a file is written
         run_dir, lock = claim_run_dir(run_dir, resume, overwrite, rename_on_collision=not sets_run_dir(overrides))
-    except ConfigError as exc:
+    except UserError as exc:
         fail(str(exc))
     try:  # the lock keeps other processes out of the run folder until we are done
         pack.specs[0].run_dir = run_dir  # a taken default folder name may have got a suffix
@@ -61,7 +94,7 @@ def train(
             if resume and pack.restore():
                 console.print(f"resuming {run_dir} at {pack.step * pack.batch_size:,} sequences", highlight=False,
                               soft_wrap=True)
-        except ConfigError as exc:
+        except UserError as exc:
             fail(str(exc))
         if not quiet and use_compile(cfg.train.compile, pack.n_steps, pack.device):
             console.print("compiling the training step first (train.compile: ~30 s the first time on a machine, "
@@ -73,6 +106,12 @@ def train(
     if not quiet:
         print_summary(results)
     report_unfinished(results, overrides)
+
+
+def print_yaml(*configs) -> None:
+    from omegaconf import OmegaConf
+
+    print("\n".join(OmegaConf.to_yaml(c) for c in configs), end="")
 
 
 def sets_run_dir(overrides: list[str]) -> bool:
@@ -137,17 +176,19 @@ def print_summary(results, root: Path | None = None) -> None:
         table.add_column(column)
     for r in results:
         change = r.summary.get("phase_change_sequences")
-        table.add_row(str(r.run_dir if root is None else r.run_dir.relative_to(root)), r.status, "-" if change is None else f"{change:,}",
+        name = r.run_dir if root is None else r.run_dir.relative_to(root)
+        table.add_row(str(name), r.status, "-" if change is None else f"{change:,}",
                       *(f"{r.summary[k]:.4f}" if k in r.summary else "-" for k in keys))
     Console().print(table)
 
 
-@app.command(context_settings=EXTRA)
+@app.command(context_settings=EXTRA, cls=WithLauncherGroups)
 def sweep(
-    overrides: Optional[List[str]] = OVERRIDES,
+    overrides: list[str] | None = OVERRIDES,
     max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their packs; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary table."),
+    print_config: ConfigPart | None = PRINT_CONFIG,
 ) -> None:
     """Train many runs: Hydra multirun overrides (clamp=none,copy seed=5,6) or a preset (experiment=fig5b).
 
@@ -158,8 +199,11 @@ def sweep(
 
     try:
         plan = plan_sweep(overrides or [], max_pack_runs)
-    except ConfigError as exc:
+    except UserError as exc:
         fail(str(exc))
+    if print_config:
+        print_sweep_configs(plan, print_config.value)
+        return
     n_todo = sum(map(len, plan.packs))
     console.print(f"sweep {plan.dir}: {len(plan.runs)} runs, {len(plan.runs) - n_todo} already finished, "
                   f"{n_todo} to train in {len(plan.packs)} pack(s)", highlight=False, soft_wrap=True)
@@ -184,11 +228,11 @@ def train_sweep(plan, quiet: bool, label: str = "") -> list:
     try:
         with sweep_progress(plan, quiet) as on_progress:
             return run_sweep(plan, on_progress)
-    except ConfigError as exc:  # another command holds the sweep folder
+    except UserError as exc:  # another command holds the sweep folder
         fail(str(exc))
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to continue")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except PackJobError as exc:
         console.print(f"[bold red]error:[/] {label}a pack job failed: {exc}", highlight=False, soft_wrap=True)
         return collect_results(plan)
@@ -205,6 +249,21 @@ def sweep_progress(plan, quiet: bool):
         yield lambda pack, sequences, losses: updates[pack](sequences, losses)
 
 
+def print_sweep_configs(plan, part: str) -> None:
+    """The first run's config in full, then every run's overrides (what differs between the runs), as YAML."""
+    from omegaconf import OmegaConf
+
+    from ihstudy.sweep import compose_pack_job
+
+    configs = []
+    if part in ("job", "all"):
+        configs.append(OmegaConf.create({"runs": {run.name: run.overrides for run in plan.runs}}))
+        configs.append(OmegaConf.create({"first_run": plan.runs[0].cfg}))
+    if part in ("hydra", "all"):
+        configs.append(OmegaConf.create({"pack_job": compose_pack_job(plan.launcher_overrides).hydra}))
+    print_yaml(*configs)
+
+
 def print_plan(plan) -> None:
     pack_of = {run.name: i for i, runs in enumerate(plan.packs) for run in runs}
     table = Table(title=str(plan.dir))
@@ -217,10 +276,10 @@ def print_plan(plan) -> None:
 
 @app.command(context_settings=EXTRA)
 def reproduce(
-    args: Optional[List[str]] = typer.Argument(None, metavar="[FIGURE...] [OVERRIDES...]",
+    args: list[str] | None = typer.Argument(None, metavar="[FIGURE...] [OVERRIDES...]",
                                                help="Figures 3 4b 5b 6 8 15 17 toy (default: all) and Hydra overrides for every preset."),
     scale: float = typer.Option(1.0, "--scale", help="Shorten every run by this factor (a quick look; own folder)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Reproduction folder inside the outputs folder (default: outputs/reproduce)."),
+    out: Path | None = typer.Option(None, "--out", help="Reproduction folder inside the outputs folder (default: outputs/reproduce)."),
     max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, packs and estimated times; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -236,7 +295,7 @@ def reproduce(
 
     try:
         plan = rep.plan_reproduction(args or [], scale, out, max_pack_runs)
-    except ConfigError as exc:
+    except UserError as exc:
         fail(str(exc))
     for preset, sweep in plan.sweeps.items():
         todo = sum(map(len, sweep.packs))
@@ -273,18 +332,19 @@ ANALYSES = {"eval": "re-evaluate a checkpoint, optionally under clamps (post-hoc
 
 @app.command(context_settings=EXTRA)
 def analyze(
-    args: Optional[List[str]] = typer.Argument(None, metavar="[eval|heads|wiring|progress] PATH...",
+    args: list[str] | None = typer.Argument(None, metavar="[eval|heads|wiring|progress] PATH...",
                                                help="Run or sweep folders (timing), or an analysis and one run folder."),
     by: str = typer.Option("", "--by", help="Group runs by config field(s), e.g. clamp, task.n_labels or clamp,seed."),
     evaluator: str = typer.Option("fsl_train", "--evaluator", help="Evaluator whose loss is timed."),
     thresholds: str = typer.Option("ln2,0.4ln2,0.1", "--thresholds", help="Loss thresholds to time (numbers or Xln2)."),
     metric: str = typer.Option("0.4ln2", "--metric", help="The threshold summarised over groups (the phase change)."),
     band: float = typer.Option(0.1, "--band", help="Plateau: the loss within ln 2 ± band."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Report folder (default: analysis/<analysis> next to the runs)."),
+    report: Path | None = typer.Option(None, "--report", help="Report folder (default: analysis/<analysis> next to the runs)."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png, svg or pdf."),
-    step: Optional[int] = typer.Option(None, help="Checkpoint step (default: the newest)."),
+    step: int | None = typer.Option(None, help="Checkpoint step (default: the newest)."),
     sequences: int = typer.Option(100_000, "--sequences", min=1,
-                                  help="heads/wiring: enumerate the training distribution up to this size, else sample this many."),
+                                  help="heads/wiring: enumerate the training distribution up to this size, "
+                                       "else sample this many."),
 ) -> None:
     """Analyse runs: phase-change timing (default), or a checkpoint's heads and circuits.
 
@@ -301,9 +361,13 @@ def analyze(
     args = list(args or [])
     if not args:
         fail("give run or sweep folders to time, or one of: " + ", ".join(ANALYSES) + " and a run folder")
-    if fmt not in ("png", "svg", "pdf"):
-        fail(f"--format must be png, svg or pdf, not '{fmt}'")
+    from ihstudy.report import FORMATS
+
+    if fmt not in FORMATS:
+        fail(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'")
     what = args.pop(0) if args[0] in ANALYSES else "timing"
+    if what == "timing" and len(args) > 1 and all("=" in a and not Path(a).exists() for a in args[1:]):
+        what = "eval"  # `ihstudy analyze RUN clamp=...`: the earlier syntax of analyze eval
     if what == "eval":
         return analyze_eval(args, step)
     if what == "timing":
@@ -313,8 +377,9 @@ def analyze(
     analyze_checkpoint(what, Path(args[0]), step, sequences, report, fmt)
 
 
-def analyze_eval(args: list[str], step: Optional[int]) -> None:
+def analyze_eval(args: list[str], step: int | None) -> None:
     """Today's post-hoc evaluation: a checkpoint's eval rows under optional clamp overrides."""
+    from ihstudy.circuits import require_run_dir
     from ihstudy.config import compose_config
     from ihstudy.train import evaluate_checkpoint
 
@@ -322,13 +387,15 @@ def analyze_eval(args: list[str], step: Optional[int]) -> None:
         fail("analyze eval takes a run folder")
     run_dir, overrides = Path(args[0]), args[1:]
     try:
+        require_run_dir(run_dir)
         if any(not o.lstrip("+~").startswith("clamp") for o in overrides):
             raise ConfigError("analyze takes only clamp overrides (clamp=..., clamp.NAME.FIELD=...)")
         clamp = compose_config(overrides)[0].clamp if overrides else None
         rows = evaluate_checkpoint(run_dir, step, clamp)
-    except ConfigError as exc:
+    except UserError as exc:
         fail(str(exc))
-    table = Table(title=f"{run_dir} at {int(rows.sequences.iloc[0]):,} sequences" + (f" with {' '.join(overrides)}" if overrides else ""))
+    clamped = f" with {' '.join(overrides)}" if overrides else ""
+    table = Table(title=f"{run_dir} at {int(rows.sequences.iloc[0]):,} sequences{clamped}")
     columns = ["loss", "acc", "icl_acc", "in_context_mass"]
     for column in ["evaluator", *columns]:
         table.add_column(column)
@@ -355,7 +422,7 @@ def parse_thresholds(text: str) -> dict[str, float]:
 
 
 def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, metric: str, band: float,
-                   report_dir: Optional[Path], fmt: str) -> None:
+                   report_dir: Path | None, fmt: str) -> None:
     from ihstudy import timing
     from ihstudy.report import timing_report, write_report
 
@@ -371,9 +438,10 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
         if not usable:
             raise ConfigError("none of the runs found has eval rows to analyse")
         if evaluator not in {e for r in usable for e in r.evaluators}:
-            raise ConfigError(f"no run has evaluator '{evaluator}' (found: {', '.join(sorted({e for r in usable for e in r.evaluators}))})")
+            found = sorted({e for r in usable for e in r.evaluators})
+            raise ConfigError(f"no run has evaluator '{evaluator}' (found: {', '.join(found)})")
         result, table, summary = timing_report(runs, by or None, evaluator, metric, limits, band)
-    except ConfigError as exc:
+    except UserError as exc:
         fail(str(exc))
     for note in result.notes:
         if "different tasks" in note:
@@ -417,7 +485,7 @@ def print_timing(table, summary, evaluator: str, metric: str) -> None:
         Console().print(groups)
 
 
-def analyze_checkpoint(what: str, run_dir: Path, step: Optional[int], sequences: int, report_dir: Optional[Path],
+def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: int, report_dir: Path | None,
                        fmt: str) -> None:
     from ihstudy import circuits, report
 
@@ -430,8 +498,9 @@ def analyze_checkpoint(what: str, run_dir: Path, step: Optional[int], sequences:
         else:
             batch, enumerated = circuits.training_distribution(subject.task, sequences)
             build = report.heads_report if what == "heads" else report.wiring_report
-            result, tables = build(subject, batch, enumerated)
-    except ConfigError as exc:
+            with console.status(f"{what}: {len(batch.target):,} sequences, every condition in one stacked model"):
+                result, tables = build(subject, batch, enumerated)
+    except UserError as exc:
         fail(str(exc))
     for name, frame in tables.items():
         out = Table(title=name)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -20,18 +22,28 @@ from ihstudy.errors import ConfigError
 from ihstudy.model import INIT_SCHEMES
 from ihstudy.run_files import check_inside_outputs
 
-CONF_DIR = Path(os.environ.get("IHSTUDY_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+CONF_DIR_ENV = "IHSTUDY_CONF_DIR"  # a config tree of the user's own, in place of ihstudy's
+CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"  # conf/ beside the code in a source checkout
+CONF_MODULE = "ihstudy.conf"  # where an installed wheel holds the same tree (pyproject.toml maps conf/ there)
 POSITIONALS = ("rotary", "learned", "sinusoidal")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZER_KEYS = {"adam": ("betas", "eps"), "sgd": ("momentum",)}  # besides name, lr and the schedule's keys
+SCHEDULE_KEYS = ("schedule", "warmup_sequences", "min_lr_fraction")
 SCHEDULES = ("constant", "warmup_decay", "cosine")
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 10**8  # the per-step log alone holds 16 bytes per step and run
 
 
-def compose_config(overrides: list[str]) -> tuple[DictConfig, Path]:
-    """The resolved run config (without the `hydra` node) and the run folder it names."""
+def compose_config(overrides: list[str], single_run: bool = False) -> tuple[DictConfig, Path]:
+    """The resolved run config (without the `hydra` node) and the run folder it names.
+
+    `single_run`: refuse an experiment preset that sweeps a key the overrides leave open (train
+    would silently run only one of its runs)."""
     with config_errors():
+        if single_run:
+            check_no_sweep(overrides)
         cfg = compose_with_hydra(overrides)
+        if single_run:
+            check_single_run(cfg.hydra.sweeper.params, overrides)
         run_dir = Path(str(cfg.hydra.run.dir))
         with open_dict(cfg):
             del cfg["hydra"]
@@ -44,10 +56,50 @@ def compose_config(overrides: list[str]) -> tuple[DictConfig, Path]:
     return cfg, run_dir
 
 
-def compose_with_hydra(overrides: list[str]) -> DictConfig:
-    """The unresolved run config with Hydra's own node (run folder, sweeper params of experiments)."""
-    with config_errors(), initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="ihstudy"):
-        return compose("config", overrides=list(overrides), return_hydra_config=True)
+def compose_with_hydra(overrides: list[str], config_name: str = "config") -> DictConfig:
+    """The unresolved config with Hydra's own node (run folder, sweeper params of experiments)."""
+    with config_errors(), hydra_initialized(job_name="ihstudy"):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+
+
+def check_no_sweep(overrides: list[str]) -> None:
+    sweeps = [o.input_line for o in OverridesParser.create().parse_overrides(list(overrides)) if o.is_sweep_override()]
+    if sweeps:
+        raise ConfigError(f"{sweeps[0]} gives several values: run a sweep with `{shlex.join(['ihstudy', 'sweep', *overrides])}`")
+
+
+def check_single_run(swept: DictConfig | None, overrides: list[str]) -> None:
+    """The keys an experiment preset sweeps (hydra.sweeper.params) must be fixed by the overrides."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    open_keys = [key for key in (swept or {}) if key not in given]
+    if open_keys:
+        preset = next((o for o in overrides if o.lstrip("+~").startswith("experiment=")), "the experiment preset")
+        raise ConfigError(f"{preset} is a sweep over {', '.join(open_keys)}: run it with `ihstudy sweep {preset}`, "
+                          f"or choose one run with {open_keys[0]}=...")
+
+
+def compose_hydra_node(overrides: list[str], config_name: str = "config") -> DictConfig:
+    """Hydra's own settings (run and sweep folders, launcher, sweeper) for these overrides."""
+    return OmegaConf.create({"hydra": compose_with_hydra(overrides, config_name).hydra})
+
+
+def config_groups(hydra_groups: tuple[str, ...] = ()) -> list[tuple[str, list[str]]]:
+    """(group, its options) for every config group of a run, and those of Hydra's own groups named
+    (e.g. hydra/launcher), as `ihstudy train --help` lists them."""
+    with hydra_initialized(job_name="ihstudy"):
+        hydra = GlobalHydra.instance().hydra
+        groups = [g for g in hydra.list_all_config_groups() if not g.startswith("hydra") or g in hydra_groups]
+        return [(g, sorted(hydra.config_loader.get_group_options(g))) for g in sorted(groups)]
+
+
+def hydra_initialized(job_name: str):
+    """Hydra's global state for composing (or launching) from ihstudy's config tree: $IHSTUDY_CONF_DIR,
+    else the conf/ of a source checkout, else the tree installed with the package (pkg://ihstudy.conf)."""
+    own = os.environ.get(CONF_DIR_ENV)
+    if own or (CHECKOUT_CONF / "pack_job.yaml").is_file():  # pack_job.yaml: ihstudy's tree, not any conf/
+        return initialize_config_dir(config_dir=str(Path(own or CHECKOUT_CONF).resolve()), version_base="1.3",
+                                     job_name=job_name)
+    return initialize_config_module(CONF_MODULE, version_base="1.3", job_name=job_name)
 
 
 @contextmanager
@@ -88,7 +140,6 @@ def validate(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
     _require(t.class_split[0] >= per_sequence, f"task.class_split gives {t.class_split[0]} train classes; "
                                                f"each sequence needs {per_sequence} distinct classes")
     _require(t.exemplar_split[0] >= 1, "task.exemplar_split needs at least one train exemplar")
-    _require(o.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}")
     _require(o.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}")
     _require(o.lr > 0, f"optim.lr={o.lr} must be positive")
     _require(tr.sequences >= tr.batch_size, "train.sequences must be at least one batch")
@@ -132,11 +183,7 @@ def check_values(cfg: DictConfig) -> None:
             _numbers(cfg, f"task.val_pairs.{i}", int, 0, cfg.task.n_labels - 1, length=2)
     _numbers(cfg, "task.class_split", int, 0, MAX_FEATURE_ELEMENTS, length=3)
     _numbers(cfg, "task.exemplar_split", int, 0, MAX_FEATURE_ELEMENTS, length=3)
-    for key in ("optim.lr", "optim.eps", "optim.warmup_sequences"):
-        _number(cfg, key, float, 0)
-    _number(cfg, "optim.momentum", float, 0, 1)
-    _number(cfg, "optim.min_lr_fraction", float, 0, 1)
-    _numbers(cfg, "optim.betas", float, 0, 1, length=2)
+    _check_optim(cfg)
     _number(cfg, "train.batch_size", int, 1, 2**20)
     _number(cfg, "train.sequences", int, 1, MAX_STEPS * cfg.train.batch_size)
     _number(cfg, "train.eval_every", int, 1)
@@ -152,6 +199,23 @@ def check_values(cfg: DictConfig) -> None:
              f"eval.evaluators must be a non-empty list of names, got {evaluators!r}")
     _check_device(str(OmegaConf.select(cfg, "device")))
     _check_data(cfg)
+
+
+def _check_optim(cfg: DictConfig) -> None:
+    """Each optimizer takes its own keys (conf/optim/NAME.yaml) plus the schedule's; any other key is refused."""
+    name = OmegaConf.select(cfg, "optim.name")
+    _require(name in OPTIMIZER_KEYS, f"optim.name must be one of {', '.join(OPTIMIZER_KEYS)}, got {name!r}")
+    foreign = sorted(set(cfg.optim) - {"name", "lr", *SCHEDULE_KEYS, *OPTIMIZER_KEYS[name]})
+    _require(not foreign, f"optim.{foreign[0] if foreign else ''} is not a setting of {name} "
+                          f"(its settings: lr, {', '.join([*OPTIMIZER_KEYS[name], *SCHEDULE_KEYS])})")
+    for key in ("optim.lr", "optim.warmup_sequences"):
+        _number(cfg, key, float, 0)
+    _number(cfg, "optim.min_lr_fraction", float, 0, 1)
+    if name == "adam":
+        _numbers(cfg, "optim.betas", float, 0, 1, length=2)
+        _number(cfg, "optim.eps", float, 0)
+    else:
+        _number(cfg, "optim.momentum", float, 0, 1)
 
 
 def _check_data(cfg: DictConfig) -> None:

@@ -36,9 +36,9 @@ class StackedOptimizer:
             raise ValueError("runs packed together must use the same optimizer")
         cfg = optim_cfgs[0]
         self.name, self.params, self.grads = cfg.name, params, grads
-        self.beta1, self.beta2 = cfg.betas
-        self.eps = cfg.eps
-        self.momentum = torch.tensor([float(c.momentum) for c in optim_cfgs], device=params.device)[:, None]
+        self.beta1, self.beta2 = cfg.get("betas", (0.9, 0.999))  # each optimizer's config holds only its own keys
+        self.eps = cfg.get("eps", 1e-8)
+        self.momentum = torch.tensor([float(c.get("momentum", 0.0)) for c in optim_cfgs], device=params.device)[:, None]
         self.exp_avg = torch.zeros_like(params)
         self.exp_avg_sq = torch.zeros_like(params) if self.name == "adam" else None
         self.step_count = torch.zeros((), device=params.device)  # Adam's bias correction reads it as a tensor
@@ -56,8 +56,9 @@ class StackedOptimizer:
         # It takes one learning rate per call, so runs with different rates are updated separately.
         runs = active.nonzero().flatten().tolist()
         self.step_count.fill_(self.steps_done)
+        adam = torch._fused_adam_ if hasattr(torch, "_fused_adam_") else plain_adam  # a private kernel may go away
         for rate, group in self.lr_groups(lr, runs):
-            torch._fused_adam_([self.params[r] for r in group], [self.grads[r] for r in group],
+            adam([self.params[r] for r in group], [self.grads[r] for r in group],
                                [self.exp_avg[r] for r in group], [self.exp_avg_sq[r] for r in group], [],
                                [self.step_count] * len(group), lr=rate, beta1=self.beta1, beta2=self.beta2,
                                weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
@@ -81,3 +82,15 @@ class StackedOptimizer:
         self.exp_avg[run] = state["exp_avg"]
         if self.exp_avg_sq is not None:
             self.exp_avg_sq[run] = state["exp_avg_sq"]
+
+
+def plain_adam(params, grads, exp_avgs, exp_avg_sqs, _max_exp_avg_sqs, steps, *, lr, beta1, beta2, weight_decay, eps,
+               amsgrad, maximize) -> None:
+    """torch.optim.Adam's update in plain ops, with `torch._fused_adam_`'s signature (no weight decay,
+    amsgrad or maximize: StackedOptimizer uses none of them)."""
+    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        t = float(step)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))

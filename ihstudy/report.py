@@ -1,4 +1,4 @@
-"""Figures (matplotlib, Agg) and the markdown report of `ihstudy analyze`.
+"""Figures (matplotlib) and the markdown report of `ihstudy analyze`.
 
 A report is a list of tables (name, DataFrame, one sentence saying what it shows) and figures
 (name, matplotlib Figure, caption); `write_report` writes them as CSV, image files and report.md
@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD  # noqa: E402
+from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 
 FORMATS = ("png", "svg", "pdf")
 
@@ -29,14 +28,22 @@ FORMATS = ("png", "svg", "pdf")
 class Report:
     title: str
     tables: list[tuple[str, pd.DataFrame, str]] = field(default_factory=list)
-    figures: list[tuple[str, plt.Figure, str]] = field(default_factory=list)
+    figures: list[tuple[str, Figure, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def table(self, name: str, frame: pd.DataFrame, sentence: str) -> None:
         self.tables.append((name, frame, sentence))
 
-    def figure(self, name: str, fig: plt.Figure, caption: str) -> None:
+    def figure(self, name: str, fig: Figure, caption: str) -> None:
         self.figures.append((name, fig, caption))
+
+
+def subplots(*args, **kwargs):
+    """pyplot.subplots without pyplot: an Agg figure outside pyplot's global state (no backend
+    switch in the user's session, nothing to close)."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def write_report(report: Report, out_dir: Path, fmt: str = "png") -> Path:
@@ -52,7 +59,6 @@ def write_report(report: Report, out_dir: Path, fmt: str = "png") -> Path:
             lines += [f"## {name}", "", sentence, "", markdown_table(frame), "", f"([{name}.csv]({name}.csv))", ""]
         for name, fig, caption in report.figures:
             fig.savefig(build / f"{name}.{fmt}", dpi=120, bbox_inches="tight")
-            plt.close(fig)
             lines += [f"## Figure: {name}", "", caption, "", f"![{name}]({name}.{fmt})", ""]
         (build / "report.md").write_text("\n".join(lines))
         os.chmod(build, 0o777 & ~os.umask(os.umask(0)))  # mkdtemp gives 0700
@@ -107,28 +113,30 @@ def loss_lines(ax) -> None:
 
 
 def group_colors(groups: list[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "viridis")
+    cmap = matplotlib.colormaps["tab10" if len(groups) <= 10 else "viridis"]
     return {g: cmap(i if len(groups) <= 10 else i / max(len(groups) - 1, 1)) for i, g in enumerate(groups)}
 
 
-def plot_timing(points: pd.DataFrame, summary: pd.DataFrame, by_label: str, metric: str) -> plt.Figure:
+def plot_timing(points: pd.DataFrame, summary: pd.DataFrame, by_label: str, metric: str) -> Figure:
     """Crossing time per group (ordered by median): one dot per run, a bar at the median, censored
     runs as open triangles at their last eval point. `points`: group, time, censored, last_sequences."""
-    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(summary) + 2), 3.6))
+    fig, ax = subplots(figsize=(max(4, 1.1 * len(summary) + 2), 3.6))
     order = list(summary["group"])
     for x, group in enumerate(order):
         mine = points[points.group == group]
         jitter = np.linspace(-0.12, 0.12, len(mine)) if len(mine) > 1 else np.zeros(1)
         crossed = ~mine.censored.to_numpy()
         ax.scatter(x + jitter[crossed], mine.time[crossed], color="C0", zorder=3, s=18)
-        ax.scatter(x + jitter[~crossed], mine.last_sequences[~crossed], marker="^", facecolors="none",
-                   edgecolors="C3", zorder=3, s=30, label="never crossed (last eval)" if x == 0 or not crossed.all() else None)
+        if not crossed.all():
+            ax.scatter(x + jitter[~crossed], mine.last_sequences[~crossed], marker="^", facecolors="none",
+                       edgecolors="C3", zorder=3, s=30, label="never crossed (at its last eval)")
         median = summary.loc[summary.group == group, "median"].iloc[0]
         if not np.isnan(median):
             ax.hlines(median, x - 0.3, x + 0.3, color="black", lw=1.5)
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
     ax.set_xlabel(by_label)
     ax.set_ylabel(f"sequences to loss < {metric}")
+    ax.set_ylim(bottom=0)
     handles, labels = ax.get_legend_handles_labels()
     if labels:
         unique = dict(zip(labels, handles))
@@ -137,9 +145,9 @@ def plot_timing(points: pd.DataFrame, summary: pd.DataFrame, by_label: str, metr
     return fig
 
 
-def plot_curves(curves: list[tuple[str, pd.DataFrame]], order: list[str], by_label: str) -> plt.Figure:
+def plot_curves(curves: list[tuple[str, pd.DataFrame]], order: list[str], by_label: str) -> Figure:
     """Loss curves of all runs [(group, frame with sequences, loss)], coloured by group (Fig 5b/6 style)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = subplots(figsize=(6.5, 4))
     colors = group_colors(order)
     seen = set()
     for group, curve in curves:
@@ -151,7 +159,7 @@ def plot_curves(curves: list[tuple[str, pd.DataFrame]], order: list[str], by_lab
     return fig
 
 
-def plot_run(evals: pd.DataFrame, name: str, change: float | None, evaluator: str = "fsl_train") -> plt.Figure:
+def plot_run(evals: pd.DataFrame, name: str, change: float | None, evaluator: str = "fsl_train") -> Figure:
     """One run (Fig 3a/3b): loss per evaluator; induction strength of every last-layer head and
     previous-token score of every first-layer head over training; the phase change marked."""
     heads = sorted(c for c in evals.columns if c.startswith("induction."))
@@ -159,7 +167,7 @@ def plot_run(evals: pd.DataFrame, name: str, change: float | None, evaluator: st
     induction = [c for c in heads if c.startswith(f"induction.L{last_layer}H")]
     prev = sorted(c for c in evals.columns if c.startswith("prev_token.L0H"))
     panels = 1 + bool(induction) + bool(prev)
-    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6), squeeze=False)
+    fig, axes = subplots(1, panels, figsize=(4.6 * panels, 3.6), squeeze=False)
     ax = axes[0, 0]
     for e, curve in evals.groupby("evaluator", sort=False):
         ax.plot(curve.sequences, curve["loss"], label=e, lw=1)
@@ -184,22 +192,22 @@ def plot_run(evals: pd.DataFrame, name: str, change: float | None, evaluator: st
 # --- circuit figures --------------------------------------------------------------------------------------
 
 
-def plot_head_ablations(heads: pd.DataFrame) -> plt.Figure:
+def plot_head_ablations(heads: pd.DataFrame) -> Figure:
     """Keep-one-head and remove-one-head accuracy against induction strength (Fig 4a / 13)."""
-    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    fig, ax = subplots(figsize=(4.8, 3.6))
     ax.scatter(heads.induction, heads.keep_one_acc, label="only this head kept")
     ax.scatter(heads.induction, heads.remove_one_acc, marker="x", label="this head removed")
     for _, row in heads.iterrows():
-        ax.annotate(row.head, (row.induction, row.keep_one_acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(row["head"], (row.induction, row.keep_one_acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("induction strength")
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=8)
     return fig
 
 
-def plot_add_back(added: pd.DataFrame) -> plt.Figure:
+def plot_add_back(added: pd.DataFrame) -> Figure:
     """Loss as last-layer heads are added back in order of induction strength (Fig 14)."""
-    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    fig, ax = subplots(figsize=(4.8, 3.6))
     ax.plot(added.n_heads, added["loss"], marker="o")
     ax.set_yscale("log")
     ax.set_xticks(added.n_heads, [f"{n}\n{h}" for n, h in zip(added.n_heads, added.added_head)], fontsize=7)
@@ -208,9 +216,9 @@ def plot_add_back(added: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def plot_grid(grid: pd.DataFrame, title: str) -> plt.Figure:
+def plot_grid(grid: pd.DataFrame, title: str) -> Figure:
     """A heat map of a table of layer-1 heads (rows) x layer-2 heads (columns)."""
-    fig, ax = plt.subplots(figsize=(5, 4.2))
+    fig, ax = subplots(figsize=(5, 4.2))
     image = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis")
     ax.set_xticks(range(grid.shape[1]), grid.columns, fontsize=7, rotation=90)
     ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=7)
@@ -219,10 +227,10 @@ def plot_grid(grid: pd.DataFrame, title: str) -> plt.Figure:
     return fig
 
 
-def plot_progress(progress: pd.DataFrame, change: float | None) -> plt.Figure:
+def plot_progress(progress: pd.DataFrame, change: float | None) -> Figure:
     """Progress measures over checkpoints (Figs 10, 12): loss unclamped and under post-hoc clamps;
     direct-path ablation deltas."""
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax, ax2) = subplots(1, 2, figsize=(10, 3.6))
     for column in [c for c in progress.columns if c.startswith("loss")]:
         ax.plot(progress.sequences, progress[column], label=column, lw=1)
     loss_lines(ax)
@@ -280,7 +288,8 @@ def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl
     if not train.empty:
         points = pd.DataFrame({"group": groups, "time": train[f"{metric}_interp"], "censored": train[f"{metric}_censored"],
                                "last_sequences": train.last_sequences})
-        order_summary = pd.DataFrame({"group": order, "median": (summary["median"] if fields else train[f"{metric}_interp"]).values})
+        medians = summary["median"] if fields else train[f"{metric}_interp"]
+        order_summary = pd.DataFrame({"group": order, "median": medians.values})
         report.figure("timing", plot_timing(points, order_summary, label, metric),
                       f"Sequences until the {evaluator} loss falls below {metric} per {label}: dots are runs, bars the median.")
         by_run = {run.name: run for run in runs}
@@ -328,9 +337,10 @@ def heads_report(subject, batch, enumerated: bool) -> tuple[Report, dict[str, pd
         "complementarity": "Accuracy per query label with only one last-layer head kept: which heads carry which labels.",
         "complementarity_match": "The same under a perfect match (strength-1 induction pattern on every last-layer head), "
                                  "isolating each head's copy circuit.",
-        "layer1_roles": f"Per first-layer head (then the previous-token heads, score > {circuits.PREV_TOKEN_HEAD}, and the "
-                        "others as groups): accuracy when ablated with patterns preserved (its V-composition role removed) "
-                        "or values preserved (its Q/K-composition role removed).",
+        "layer1_roles": f"Per first-layer head (then the previous-token heads, score > "
+                        f"{circuits.prev_token_threshold(subject.shape.n_tokens):.3f} = uniform attention's + "
+                        f"{circuits.PREV_TOKEN_MARGIN}, and the others as groups): accuracy when ablated with patterns "
+                        "preserved (its V-composition role removed) or values preserved (its Q/K-composition role removed).",
     }
     for name, sentence in sentences.items():
         report.table(name, tables[name], sentence)

@@ -31,7 +31,7 @@ import torch
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
-from ihstudy.errors import ConfigError
+from ihstudy.errors import CheckpointError, ConfigError, RunInUseError
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = re.compile(r"step_(\d{8})\.pt")
@@ -211,7 +211,7 @@ def lock_run_dir(run_dir: Path) -> FileLock:
     try:
         lock.acquire()
     except Timeout:
-        raise ConfigError(f"{run_dir} is in use by another ihstudy process (it holds {run_dir / LOCK_NAME})") from None
+        raise RunInUseError(f"{run_dir} is in use by another ihstudy process (it holds {run_dir / LOCK_NAME})") from None
     return lock
 
 
@@ -221,14 +221,14 @@ def load_checkpoint_file(path: Path) -> dict:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
     sidecar = path.with_suffix(".pt.sha256")
     if sidecar.exists() and sidecar.read_text().strip() != hashlib.sha256(data).hexdigest():
-        raise ConfigError(f"checkpoint {path} is corrupt (checksum mismatch)")
+        raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch)")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, or a pickle that would execute code
-        raise ConfigError(f"cannot load checkpoint {path}: {first_line(exc)}") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {first_line(exc)}") from None
 
 
 def first_line(exc: Exception) -> str:

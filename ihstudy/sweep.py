@@ -31,18 +31,24 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.clamps import build_clamps
-from ihstudy.config import CONF_DIR, compose_config, compose_with_hydra, config_errors, validate
+from ihstudy.config import compose_config, compose_with_hydra, config_errors, hydra_initialized, validate
 from ihstudy.errors import ConfigError
-from ihstudy.run_files import (RunFiles, atomic_write_parquet, atomic_write_text, check_inside_outputs, first_line,
-                                lock_run_dir, outputs_root)
+from ihstudy.run_files import (
+    RunFiles,
+    atomic_write_parquet,
+    atomic_write_text,
+    check_inside_outputs,
+    first_line,
+    lock_run_dir,
+    outputs_root,
+)
 from ihstudy.train import Pack, RunResult, RunSpec, load_cached_features, model_shape
 
 log = logging.getLogger(__name__)
@@ -175,7 +181,7 @@ def pack_key(run: Run) -> str:
     keep the shapes are per run. A resumed run packs with runs stopped at the same checkpoint."""
     c = run.cfg
     shared = {"model": c.model, "train": c.train, "eval": c.eval, "device": c.device,
-              "optim": {k: c.optim[k] for k in ("name", "betas", "eps")},
+              "optim": {k: v for k, v in c.optim.items() if k in ("name", "betas", "eps")},
               "task": {k: c.task[k] for k in ("n_labels", "context_len")}}
     resume_step = max(run.files.checkpoint_steps(), default=0)
     return json.dumps([OmegaConf.to_container(OmegaConf.create(shared)), run.n_features, resume_step], sort_keys=True)
@@ -191,8 +197,7 @@ def group_into_packs(runs: list[Run], max_pack_runs: int) -> list[list[Run]]:
 
 def compose_pack_job(hydra_args: list[str]) -> DictConfig:
     """A pack job's config with Hydra's node: checks the launcher and its settings."""
-    with config_errors(), initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="pack"):
-        return compose("pack_job", overrides=[*hydra_args, "pack=0"], return_hydra_config=True)
+    return compose_with_hydra([*hydra_args, "pack=0"], config_name="pack_job")
 
 
 def jobs_per_machine(job_cfg: DictConfig, n_packs: int) -> int:
@@ -259,7 +264,7 @@ def launch_packs(sweep: Sweep) -> None:
     overrides = [*sweep.launcher_overrides, f"{SWEEP_DIR}={quoted(sweep.dir)}", f"pack={packs}",
                  f"jobs_per_machine={sweep.jobs_per_machine}"]
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="pack"):
+        with hydra_initialized(job_name="pack"):
             GlobalHydra.instance().hydra.multirun("pack_job", train_pack_job, overrides)
     except Exception as exc:  # Hydra re-raises the first failed job's error once the launcher returns
         raise PackJobError(f"{first_line(exc)} (pack logs: {sweep.dir}/packs/<i>/pack.log)") from exc

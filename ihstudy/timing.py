@@ -18,6 +18,7 @@ Detector conventions (tested in tests/test_timing.py):
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -126,12 +127,15 @@ def sweep_overrides(run_dir: Path) -> dict[str, str]:
 
 def flatten(cfg: dict, overrides: dict[str, str], prefix: str = "") -> dict:
     """Dotted keys -> scalars. A mapping or list becomes the sweep's override value for it (e.g. the
-    clamp preset name), else a short canonical string (`none` for an empty mapping)."""
+    clamp preset name), else for `clamp` the name of the preset it equals, else a short canonical
+    string (`none` for an empty mapping)."""
     flat = {}
     for key, value in cfg.items():
         dotted = f"{prefix}{key}"
         if dotted in overrides and isinstance(value, (dict, list)):
             flat[dotted] = overrides[dotted]
+        elif dotted == "clamp" and value and canonical(value) in clamp_presets():
+            flat[dotted] = clamp_presets()[canonical(value)]
         elif isinstance(value, dict) and dotted != "clamp":
             flat |= flatten(value, overrides, dotted + ".")
         elif isinstance(value, (dict, list)) or value is None:
@@ -139,6 +143,21 @@ def flatten(cfg: dict, overrides: dict[str, str], prefix: str = "") -> dict:
         else:
             flat[dotted] = value
     return flat
+
+
+@functools.cache
+def clamp_presets() -> dict[str, str]:
+    """canonical(clamp config) -> preset name, for every preset of the `clamp` config group."""
+    from ihstudy.config import compose_with_hydra, config_groups
+
+    presets = {}
+    for name in dict(config_groups()).get("clamp", []):
+        try:
+            cfg = compose_with_hydra([f"clamp={name}"]).clamp
+        except ConfigError:
+            continue
+        presets[canonical(OmegaConf.to_container(cfg, resolve=True))] = name  # only_l2h3 over its twin keep_only
+    return presets
 
 
 def canonical(value) -> str:
@@ -191,7 +210,7 @@ def steepest_descent(sequences: np.ndarray, loss: np.ndarray, band: float = PLAT
     if len(loss) < 2 or not len(reached) or reached[0] >= len(loss) - 1:
         return np.nan
     smooth = pd.Series(np.log(np.maximum(loss, 1e-12))).rolling(window, center=True, min_periods=1).mean().to_numpy()
-    slope = np.diff(smooth) / np.maximum(np.diff(sequences), 1)
+    slope = np.nan_to_num(np.diff(smooth) / np.maximum(np.diff(sequences), 1), nan=np.inf)  # a failed run's NaN losses
     i = reached[0] + int(np.argmin(slope[reached[0]:]))
     return float((sequences[i] + sequences[i + 1]) / 2) if slope[i] < 0 else np.nan
 

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.clamps import ClampSet, build_clamps
-from ihstudy.errors import ConfigError
+from ihstudy.errors import CheckpointError, ConfigError
 from ihstudy.config import validate
 from ihstudy.data import Batch, FewShotTask, TrainStream, load_features
 from ihstudy.compiled import Compiled, use_compile
@@ -266,7 +266,7 @@ class Pack:
         for step in sorted(common, reverse=True):
             try:
                 states = [f.load_checkpoint(step) for f in self.files]
-            except ConfigError as exc:
+            except CheckpointError as exc:
                 log.warning("%s; trying an older checkpoint", exc)
                 continue
             for r, state in enumerate(states):
@@ -286,7 +286,7 @@ class Pack:
             self.optimizer.load_state(state["optimizer"], r)
             torch.set_rng_state(state["rng"]["torch"])  # the same global state in every run's checkpoint
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a checksum-valid file with foreign content
-            raise ConfigError(f"checkpoint {step} of {files.dir} does not fit this model: {exc}") from None
+            raise CheckpointError(f"checkpoint {step} of {files.dir} does not fit this model: {exc}") from None
         metrics, evals = files.read_table("metrics"), files.read_table("eval")
         kept = None if metrics is None else metrics[metrics.step <= step]
         if kept is None or evals is None or kept.step.tolist() != list(range(1, step + 1)):

@@ -2,13 +2,13 @@ import pytest
 
 
 def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", help="also run long trainings marked slow")
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (long trainings, torch.compile)")
 
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--runslow"):
         return
-    skip = pytest.mark.skip(reason="long training: run with --runslow")
+    skip = pytest.mark.skip(reason="slow (long training or torch.compile): run with --runslow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

@@ -42,8 +42,8 @@ def fsl_train(subject) -> Batch:
 def test_the_enumerated_distribution_is_everything_the_sampler_draws(subject):
     batch, enumerated = circuits.training_distribution(subject.task, 10_000)
     assert enumerated and len(batch.target) == 10 * 9 * 16 * 2  # ordered class pairs x ordered train pairs x order
-    key = lambda b: {(tuple(x.flatten().round(decimals=5).tolist()), tuple(l.tolist()), int(t))
-                     for x, l, t in zip(b.exemplars, b.labels, b.target)}
+    key = lambda b: {(tuple(x.flatten().round(decimals=5).tolist()), tuple(labels.tolist()), int(t))
+                     for x, labels, t in zip(b.exemplars, b.labels, b.target)}
     everything = key(batch)
     assert len(everything) == len(batch.target)  # no duplicates
     sampled = subject.task.sampler().sample(2000, torch.Generator().manual_seed(3))
@@ -104,8 +104,15 @@ def test_first_layer_roles_and_wiring_match_separate_evaluations(run, subject):
         assert roles.loc["0:2", column] == pytest.approx(direct["loss"], abs=1e-5)
     eval_rows = evaluate_checkpoint(run).set_index("evaluator").loc["fsl_train"]
     assert roles.loc["0:1", "prev_token"] == pytest.approx(eval_rows["prev_token.L0H1"], abs=1e-5)
-    assert roles.prev_token_head.sum() >= 0 and any(name.startswith("other heads") or name.startswith("PT heads")
-                                                    for name in roles.index)
+    singles = roles.iloc[:4]
+    assert circuits.prev_token_threshold(5) == pytest.approx((1 / 2 + 1 / 3 + 1 / 4 + 1 / 5) / 4 + 0.1)
+    assert singles.prev_token_head.tolist() == (singles.prev_token > circuits.prev_token_threshold(5)).tolist()
+    pt = [h for h in singles.index if singles.loc[h, "prev_token_head"]]
+    others = [h for h in singles.index if h not in pt]
+    group = roles.iloc[4 if not pt else 5]  # the group rows follow the single heads: PT heads (if any), then the others
+    assert group.name == f"other heads ({' '.join(others)})"
+    direct = ablated_loss(run, {"x": {"kind": "ablate", "heads": others, "preserve": ["patterns"]}})
+    assert group.pattern_preserved_acc == pytest.approx(direct["acc"], abs=1e-6)
     grid = circuits.wiring_grid(subject, batch)
     direct = ablated_loss(run, {"x": {"kind": "keep_only", "heads": ["0:3", "1:1"]}})
     assert grid.shape == (4, 4) and grid.loc["0:3", "1:1"] == pytest.approx(direct["acc"], abs=1e-6)
@@ -147,7 +154,8 @@ def test_progress_measures_batched_over_checkpoints(subject):
     # the last layer's direct path is all it writes: without it the logits read the residual before it
     assert first["direct_path_L1"] == pytest.approx(loss(final(cache["blocks.1.hook_resid_pre"])) - first["loss"], abs=1e-5)
     resid = model.run_with_cache(x, ["blocks.1.hook_resid_post"])[1]["blocks.1.hook_resid_post"]
-    assert first["direct_path_L0"] == pytest.approx(loss(final(resid - cache["blocks.0.hook_attn_out"])) - first["loss"], abs=1e-5)
+    without_layer0 = loss(final(resid - cache["blocks.0.hook_attn_out"]))
+    assert first["direct_path_L0"] == pytest.approx(without_layer0 - first["loss"], abs=1e-5)
     assert (progress.loss_perfect_match != progress["loss"]).all()
 
 
@@ -172,3 +180,6 @@ def test_cli_checkpoint_bad_input(run, tmp_path):
     (other / "config.yaml").write_text(config)
     result = CliRunner().invoke(app, ["analyze", "wiring", str(other), "--report", str(tmp_path / "r")])
     assert result.exit_code == 2 and "shape" in result.output and "Traceback" not in result.output
+    for what in ("eval", "progress"):
+        result = CliRunner().invoke(app, ["analyze", what, str(tmp_path / "nowhere")])
+        assert result.exit_code == 2 and "is not a run folder" in result.output

@@ -11,7 +11,7 @@ from ihstudy.clamps import (AblateEmbedding, AblateHeads, ClampSet, GraftIn, Gra
                             PrevTokenPattern, SilenceNonLabel, build_clamps)
 from ihstudy.cli import app
 from ihstudy.data import Batch
-from ihstudy.errors import ConfigError
+from ihstudy.errors import CheckpointError, ConfigError
 from ihstudy.model import ModelShape, Transformer, query_loss
 from ihstudy.run_files import RunFiles
 
@@ -297,7 +297,7 @@ def test_depth_and_graft_shape_are_checked(tmp_path, checkpoint):
     wider = ModelShape(n_layers=2, n_heads=4, d_model=32, n_features=8, n_labels=5, context_len=2)
     with pytest.raises(ConfigError, match="another shape"):
         build_clamps({"g": {"kind": "graft_out", "layer": 0, "checkpoint": checkpoint}}, wider)
-    with pytest.raises(ConfigError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         build_clamps({"g": {"kind": "graft_in", "layer": 0, "checkpoint": str(tmp_path / "nope.pt")}}, SHAPE)
 
 

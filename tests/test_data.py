@@ -1,4 +1,4 @@
-"""The sampler of paper-notes §1: burstiness, distractor, label pairs, splits, streams."""
+"""The sampler of docs/science.md §1: burstiness, distractor, label pairs, splits, streams."""
 
 import math
 

@@ -68,6 +68,7 @@ def test_a_run_whose_loss_is_not_finite_leaves_its_pack_mates_alone():
     assert torch.allclose(grad[1], solo_grad[0], atol=1e-6)
 
 
+@pytest.mark.slow  # torch.compile: ~35 s of CPU with a cold compile cache (a fresh CI machine)
 def test_the_compiled_step_equals_the_plain_one():
     shape = ModelShape(2, 4, 16, 8, 5, 2)
     m, batch = model(shape, seeds=(1, 2)), random_batch(runs=2, n=4, shape=shape)

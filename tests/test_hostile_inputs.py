@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from ihstudy.cli import app
 from ihstudy.config import compose_config
 from ihstudy.data import load_feature_file
-from ihstudy.errors import ConfigError
+from ihstudy.errors import CheckpointError, ConfigError
 from ihstudy.run_files import RunFiles, load_checkpoint_file
 
 SHORT = ["train.threads=1", "train.batch_size=8", "train.sequences=240", "train.ckpt_every=80",
@@ -57,7 +57,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     torch.load(path, weights_only=False)  # the payload is real: a plain unpickler runs it
     assert marker.exists()
     marker.unlink()
-    with pytest.raises(ConfigError, match="cannot load checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
         load_checkpoint_file(path)
     assert not marker.exists()
 

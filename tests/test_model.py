@@ -1,4 +1,4 @@
-"""The transformer of paper-notes §2: causality, named sites, stacked runs, gradient blocking."""
+"""The transformer of docs/science.md §2: causality, named sites, stacked runs, gradient blocking."""
 
 import math
 

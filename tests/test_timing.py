@@ -67,6 +67,15 @@ def test_a_curve_with_no_plateau():
     assert not row["0.4ln2_censored"] and row["0.4ln2_eval"] > 0
 
 
+def test_a_failed_run_with_nan_losses_keeps_what_it_reached():
+    loss = sigmoid_drop()
+    loss[100:] = np.nan  # the run failed at 500,000 sequences
+    row = timing.curve_timing(SEQ, loss)
+    clean = timing.curve_timing(SEQ, sigmoid_drop())
+    assert row["0.4ln2_eval"] == clean["0.4ln2_eval"] and row["0.1_censored"] == clean["0.1_censored"]
+    assert row["steepest_descent"] == pytest.approx(clean["steepest_descent"], abs=10_000)
+
+
 def test_a_curve_starting_below_the_threshold_crosses_at_its_first_point():
     row = timing.curve_timing([0, 1000], [0.1, 0.05], {"t": 0.5})
     assert row["t_eval"] == 0 and row["t_interp"] == 0
@@ -96,6 +105,20 @@ def test_group_summary_orders_by_median_and_counts_censored_runs():
 def test_unknown_grouping_field_names_the_nearest():
     with pytest.raises(ConfigError, match="did you mean 'task.n_labels'"):
         timing.group_summary(timing_rows([("none", 5, 1, 2)]), "task.nlabels")
+
+
+def test_a_clamp_mapping_is_named_by_its_override_or_preset():
+    from omegaconf import OmegaConf
+
+    from ihstudy.config import compose_config
+
+    copy = OmegaConf.to_container(compose_config(["clamp=only_l2h3"])[0].clamp)
+    assert timing.flatten({"clamp": copy}, {}) == {"clamp": "only_l2h3"}  # a run trained with clamp=only_l2h3
+    assert timing.flatten({"clamp": copy}, {"clamp": "mine"}) == {"clamp": "mine"}  # a sweep's override value
+    assert timing.flatten({"clamp": {}, "task": {"n_labels": 5, "split": [1, 2]}}, {}) == \
+        {"clamp": "none", "task.n_labels": 5, "task.split": "[1,2]"}
+    odd = {"x": {"kind": "ablate", "heads": ["0:1"]}}
+    assert timing.flatten({"clamp": odd}, {}) == {"clamp": "{x:{heads:[0:1],kind:ablate}}"}
 
 
 def test_mixed_tasks_are_reported():
@@ -135,7 +158,7 @@ def test_crossings_match_run_json_and_a_hand_computation(sweep):
         threshold = float(evals[evals.evaluator == "fsl_train"]["loss"].median())
         row = timing.crossings(run, {"t": threshold}).set_index("evaluator").loc["fsl_train"]
         train = evals[evals.evaluator == "fsl_train"].sort_values("sequences")
-        by_hand = next(s for s, l in zip(train.sequences, train["loss"]) if l < threshold)
+        by_hand = next(s for s, loss in zip(train.sequences, train["loss"]) if loss < threshold)
         assert row["t_eval"] == by_hand == phase_change_sequences(evals, threshold)
 
 
@@ -150,7 +173,7 @@ def test_cli_timing_writes_tables_figures_and_report(sweep, tmp_path):
     report = (out / "report.md").read_text()
     assert "![curves](curves.svg)" in report and "| run |" in report
     before = {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file() and "analysis" not in p.parts}
-    again = CliRunner().invoke(app, ["analyze", str(sweep), "--report", str(out)])  # overwrites the report as a whole
+    again = CliRunner().invoke(app, ["analyze", str(sweep / "clamp=copy,seed=5"), "--report", str(out)])  # replaces it whole
     assert again.exit_code == 0 and not (out / "groups.csv").exists()
     assert before == {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file() and "analysis" not in p.parts}
 
@@ -176,7 +199,19 @@ def test_unreadable_runs_are_listed_and_the_rest_analysed(sweep, tmp_path):
     shutil.copytree(sweep, root)
     evals = pd.read_parquet(root / "clamp=copy,seed=5/eval.parquet")
     evals.drop(columns=["loss"]).to_parquet(root / "clamp=copy,seed=5/eval.parquet")
+    status = json.loads((root / "clamp=none,seed=6/run.json").read_text()) | {"status": "interrupted"}
+    (root / "clamp=none,seed=6/run.json").write_text(json.dumps(status))
     result = CliRunner().invoke(app, ["analyze", str(root), "--by", "task.n_labels"])
     assert result.exit_code == 0, result.output
     assert "lacks column(s) loss" in result.output
-    assert len(pd.read_csv(root / "analysis/timing/timing.csv").query("evaluator == 'fsl_train'")) == 3
+    table = pd.read_csv(root / "analysis/timing/timing.csv").query("evaluator == 'fsl_train'").set_index("run")
+    assert len(table) == 3 and table.loc["clamp=none,seed=6", "status"] == "interrupted"
+    report = (root / "analysis/timing/report.md").read_text()
+    assert "clamp=none,seed=6 is interrupted" in report and "lacks column(s) loss" in report
+
+
+def test_help_shows_every_analysis_with_an_example():
+    result = CliRunner().invoke(app, ["analyze", "--help"], env={"COLUMNS": "160"})
+    for example in ("ihstudy analyze outputs/sweeps/fig5b --by clamp", "ihstudy analyze eval RUN clamp=",
+                    "ihstudy analyze heads RUN", "ihstudy analyze wiring RUN", "ihstudy analyze progress RUN"):
+        assert example in result.output

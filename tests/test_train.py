@@ -115,7 +115,8 @@ def test_analyze_reevaluates_a_checkpoint_through_the_training_code_path(tmp_pat
     ablated = evaluate_checkpoint(tmp_path / "run", clamp={"all": {"kind": "ablate", "heads": [f"1:{h}" for h in range(8)]}})
     assert (ablated["induction.L1H0"] == final["induction.L1H0"]).all()  # value ablation leaves patterns alone
     assert not (ablated["loss"] == final["loss"]).any()
-    result = CliRunner().invoke(app, ["analyze", str(tmp_path / "run"), "clamp=only_l2h3"])
-    assert result.exit_code == 0 and "fsl_test_class" in result.output, result.output
-    bad = CliRunner().invoke(app, ["analyze", str(tmp_path / "run"), "model.n_heads=4"])
+    for command in (["analyze", "eval"], ["analyze"]):  # the second: the syntax before analyze had sub-analyses
+        result = CliRunner().invoke(app, [*command, str(tmp_path / "run"), "clamp=only_l2h3"])
+        assert result.exit_code == 0 and "fsl_test_class" in result.output, result.output
+    bad = CliRunner().invoke(app, ["analyze", "eval", str(tmp_path / "run"), "model.n_heads=4"])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
