@@ -53,7 +53,8 @@ def measure_pack(pack, steps: int, compile_setting: str) -> dict:
         for key in columns:
             columns[key] = columns[key] * max(1, n_evals // 2)
     (eval_wall, evaluate), (ckpt_wall, checkpoint) = timed(pack.evaluate, 3), timed(pack.checkpoint, 3)
-    return {"compiled": compiled, "first_steps": first - 5 * step_wall + first_eval - eval_wall, "step": step, "eval": evaluate, "ckpt": checkpoint,
+    return {"compiled": compiled, "first_steps": first - 5 * step_wall + first_eval - eval_wall,
+            "step": step, "eval": evaluate, "ckpt": checkpoint,
             "wall": {"step": step_wall, "eval": eval_wall, "ckpt": ckpt_wall},
             "n_steps": pack.n_steps, "n_evals": n_evals, "n_ckpts": n_ckpts}
 

@@ -311,8 +311,11 @@ def reproduce(
         return
     for preset, sweep in plan.sweeps.items():
         train_sweep(sweep, quiet, f"{preset}: ")
-    rep.run_toy(plan)
-    folder, table = rep.write_reproduction_report(plan)
+    try:
+        rep.run_toy(plan)
+        folder, table = rep.write_reproduction_report(plan)
+    except UserError as exc:  # a checkpoint that cannot be read, a toy folder in use
+        fail(str(exc))
     findings = Table(title="findings (docs/science.md §5)")
     for column in ("finding", "ihstudy", "holds"):
         findings.add_column(column, overflow="fold")
@@ -520,22 +523,23 @@ def toy(
     lr: float = typer.Option(1.0, help="Gradient-descent learning rate."),
     iterations: int = typer.Option(1000, help="Gradient-descent steps per condition."),
     seed: int = typer.Option(17, min=0, help="Seed of the true and initial vectors."),
-    conditions: str = typer.Option("none,c,bc", help="Comma-separated: none, or the vectors clamped to their true values (c, bc, ...)."),
-    out: Optional[Path] = typer.Option(None, help="A new output folder inside the outputs folder (default: outputs/toy/<date>_<time>)."),
+    conditions: str = typer.Option("none,c,bc", help="Comma-separated: none, or the vectors clamped to their true values "
+                                                      "(c, bc, ...)."),
+    out: Path | None = typer.Option(None, help="A new output folder inside the outputs folder "
+                                               "(default: outputs/toy/<date>_<time>)."),
 ) -> None:
     """The paper's toy model (Figs. 5a, 9): fit a rank-1 3-tensor a*⊗b*⊗c* by a⊗b⊗c, with vectors clamped."""
-    from ihstudy.toy import default_folder, run_conditions, write_toy
+    from ihstudy.toy import run_conditions, write_toy
 
     settings = {"dim": dim, "lr": lr, "iterations": iterations, "seed": seed, "conditions": conditions.split(",")}
     try:
         table = run_conditions(settings["conditions"], dim, lr, iterations, seed)
-        folder = out or default_folder()
-        fits = write_toy(table, folder, settings)
-    except ConfigError as exc:
+        folder, fits = write_toy(table, out, settings)
+    except UserError as exc:  # a bad setting, a used or outside folder, a folder in use
         fail(str(exc))
     for condition, fit in fits.items():
-        console.print(f"{condition}: loss below 1% of the zero-prediction loss at iteration {fit if fit is not None else 'never'}",
-                      highlight=False)
+        when = "never" if fit is None else f"at iteration {fit}"
+        console.print(f"{condition}: loss below 1% of the zero-prediction loss {when}", highlight=False)
     console.print(f"wrote {folder}/toy.parquet, toy.png, toy.json", highlight=False, soft_wrap=True)
 
 

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from ihstudy import circuits, report, timing, toy
 from ihstudy.config import compose_config
-from ihstudy.errors import ConfigError
+from ihstudy.errors import ConfigError, UserError
 from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 from ihstudy.run_files import check_inside_outputs, outputs_root
 from ihstudy.sweep import SWEEP_DIR, Sweep, folder_name, parse, plan_sweep, quoted
@@ -142,7 +142,7 @@ class Results:
             return None
         try:
             runs = [r for r in timing.find_runs([folder]) if r.evals is not None]
-        except ConfigError:
+        except UserError:
             return None
         return sorted(runs, key=lambda r: r.name) or None
 

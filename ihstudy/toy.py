@@ -1,4 +1,4 @@
-"""The toy model of the paper's Figs. 5a and 9 (docs/science.md §5, finding 7): three interacting
+"""The toy model of the paper's Figs. 5a and 9 (docs/science.md §5.7): three interacting
 vectors fit a rank-1 3-tensor, and clamping some of them shortens or removes the loss plateau.
 
 The target is T* = a* ⊗ b* ⊗ c* (dimension `dim` each, entries standard normal); the model a ⊗ b ⊗ c
@@ -7,22 +7,23 @@ starts from standard-normal vectors and follows plain gradient descent on
     loss = ½ · mean over the dim³ entries of (T* - a ⊗ b ⊗ c)²
 
 A condition names the vectors clamped to their true values, at the start and after every update
-(`c`: reset c each step; `bc`: reset b and c). Unclamped, the loss falls quickly onto a plateau and
-sits there for hundreds of steps, then drops suddenly: all three vectors must align together. Clamping c leaves two
-to co-align (a shorter plateau); clamping b and c makes the problem linear least squares in a,
-which decays geometrically from the first step (no plateau).
+(`c`: reset c each step; `bc`: reset b and c). Unclamped, the loss falls quickly onto a plateau,
+sits there for hundreds of steps, then drops suddenly: all three vectors must align together.
+Clamping c leaves two to co-align (a shorter plateau); clamping b and c makes the problem linear
+least squares in a, which decays geometrically from the first step (no plateau).
 
 Per iteration (before its update, as the authors record it) the loss and two progress measures of a:
     a_cos_error        1 - cos²(a, a*)
     a_loss_true_bc     the loss with b, c set to their true values (and a or -a, whichever fits better)
 
     ihstudy toy                                  # conditions none, c, bc; dim 20, lr 1, 1000 iterations
-    ihstudy toy --conditions none,bc --seed 3    # the paper's Fig. 9 pair
+    ihstudy toy --conditions none,bc             # the paper's Fig. 9 pair
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import json
 from dataclasses import dataclass
@@ -45,12 +46,12 @@ class ToyProblem:
     init: torch.Tensor  # [3, dim]: the starting a, b, c
 
     @classmethod
-    def sample(cls, dim: int, seed: int) -> "ToyProblem":
+    def sample(cls, dim: int, seed: int) -> ToyProblem:
         g = torch.Generator().manual_seed(seed)
         true = torch.randn(3, dim, generator=g, dtype=torch.float64)
         return cls(true, torch.randn(3, dim, generator=g, dtype=torch.float64))
 
-    @property
+    @functools.cached_property
     def target(self) -> torch.Tensor:
         return outer(self.true)
 
@@ -152,13 +153,15 @@ def figure_png(table: pd.DataFrame, title: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_toy(table: pd.DataFrame, folder: Path, settings: dict) -> dict[str, int | None]:
+def write_toy(table: pd.DataFrame, folder: Path | None, settings: dict) -> tuple[Path, dict[str, int | None]]:
     """toy.parquet (one row per condition and iteration), toy.png and toy.json (settings, fit
-    iterations) into a fresh `folder` inside the outputs folder; returns the fit iterations."""
+    iterations) into a new `folder` inside the outputs folder (None: outputs/toy/<date>_<time>, with a
+    suffix if taken); returns the folder and the fit iterations."""
     fits = fit_iterations(table)
-    if folder.is_dir() and any(folder.iterdir()):  # checked first: not even a lock file lands there
+    if folder is not None and folder.is_dir() and any(folder.iterdir()):  # before the lock file lands there
         raise ConfigError(f"{folder} is not empty; choose a new output folder")
-    folder, lock = claim_run_dir(folder)
+    default = outputs_root() / "toy" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    folder, lock = claim_run_dir(folder or default, rename_on_collision=folder is None)
     try:
         atomic_write_parquet(folder / "toy.parquet", table)
         title = f"rank-1 3-tensor, dim {settings['dim']}, lr {settings['lr']}, seed {settings['seed']}"
@@ -166,8 +169,4 @@ def write_toy(table: pd.DataFrame, folder: Path, settings: dict) -> dict[str, in
         atomic_write_text(folder / "toy.json", json.dumps(settings | {"fit_iteration": fits}, indent=2) + "\n")
     finally:
         lock.release()
-    return fits
-
-
-def default_folder() -> Path:
-    return outputs_root() / "toy" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return folder, fits

@@ -24,7 +24,8 @@ def invoke(*args):
 def test_help_lists_config_groups_and_their_options():
     train_help = invoke("train", "--help").output
     assert "clamp: copy, keep_only, layer1, layer1_copy, match" in train_help
-    assert "experiment: fig5b, n_labels" in train_help and "optim: adam, sgd" in train_help
+    assert "experiment: fig15, fig17, fig3, fig4b, fig5b," in train_help and "n_labels" in train_help
+    assert "optim: adam, sgd" in train_help
     assert "hydra/launcher" not in train_help
     assert "hydra/launcher: basic, joblib, submitit_local, submitit_slurm" in invoke("sweep", "--help").output
 

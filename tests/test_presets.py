@@ -2,14 +2,15 @@
 train), the clamps each run gets, and tiny real sweeps of a few of them."""
 
 import functools
+import logging
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from ihstudy.cli import app
 from ihstudy.clamps import AblateHeads, InductionPattern, PrevTokenPattern, build_clamps
+from ihstudy.cli import app
 from ihstudy.sweep import plan_sweep
 from ihstudy.train import model_shape
 
@@ -85,7 +86,8 @@ def test_fig15_sweeps_the_induction_strength_with_every_head_active():
     runs = plan("fig15").runs
     clamps = [clamps_of(r) for r in runs]
     assert all(len(c) == 1 and isinstance(c[0], InductionPattern) and c[0].heads == ((1, 3),) for c in clamps)
-    assert [c[0].strength for c in clamps] == [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
+    strengths = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
+    assert [c[0].strength for c in clamps] == strengths
 
 
 def test_fig6_varies_classes_at_5_labels_and_labels_at_50_classes():
@@ -112,13 +114,23 @@ def test_dry_run_of_a_preset_writes_nothing(outputs_root):
     assert not any(outputs_root.iterdir())
 
 
+@pytest.fixture
+def keep_logging():
+    """An in-process sweep lets Hydra configure logging onto the test's captured streams, which
+    close after the test: later tests' warnings would fail to print. Restore the root logger."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
 def tiny_sweep(tmp_path, *args) -> pd.DataFrame:
     result = CliRunner().invoke(app, ["sweep", "-q", *args, *TINY, f"hydra.sweep.dir={tmp_path}/s"])
     assert result.exit_code == 0, result.output
     return pd.read_parquet(tmp_path / "s" / "sweep.parquet")
 
 
-def test_tiny_fig15_clamps_the_induction_strength_it_names(tmp_path):
+def test_tiny_fig15_clamps_the_induction_strength_it_names(tmp_path, keep_logging):
     """With two context pairs the clamped head's induction strength is 2s-1 at every eval."""
     index = tiny_sweep(tmp_path, "experiment=fig15", "clamp.match.strength=1.0,0.25")
     assert (index.status == "completed").all()
@@ -127,7 +139,7 @@ def test_tiny_fig15_clamps_the_induction_strength_it_names(tmp_path):
         assert evals["induction.L1H3"].to_numpy() == pytest.approx(2 * strength - 1, abs=1e-5)
 
 
-def test_tiny_fig6_clamps_trains_every_variant_in_packs_by_label_count(tmp_path):
+def test_tiny_fig6_clamps_trains_every_variant_in_packs_by_label_count(tmp_path, keep_logging):
     index = tiny_sweep(tmp_path, "experiment=fig6_clamps", "task=fsl_100classes,fsl_10labels", "clamp=layer1_copy,match")
     assert (index.status == "completed").all() and len(index) == 4
     assert index.pack.nunique() == 2

@@ -1,4 +1,4 @@
-"""The toy model (`ihstudy toy`, docs/science.md §5 finding 7): gradients, the closed-form linear
+"""The toy model (`ihstudy toy`, docs/science.md §5.7): gradients, the closed-form linear
 case, the plateau ordering and the command's files and refusals."""
 
 import json
@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from ihstudy.cli import app
-from ihstudy.toy import ToyProblem, fit_iterations, loss, run_conditions, train
+from ihstudy.toy import ToyProblem, fit_iterations, loss, run_conditions, train, write_toy
 
 
 def closed_form_gradient(vectors: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
@@ -95,3 +95,8 @@ def test_toy_never_writes_into_a_folder_holding_files(outputs_root):
     result = CliRunner().invoke(app, ["toy", "--dim", "3", "--iterations", "5", "--out", str(outputs_root / "t")])
     assert result.exit_code == 2
     assert sorted(p.name for p in (outputs_root / "t").iterdir()) == ["mine.txt"]
+
+
+def test_toy_default_folders_never_collide(outputs_root):
+    folders = {write_toy(run_conditions(["bc"], 3, 1.0, 3, 0), None, {"dim": 3, "lr": 1.0, "seed": 0})[0] for _ in range(2)}
+    assert len(folders) == 2 and all(f.parent == outputs_root / "toy" for f in folders)
