@@ -277,9 +277,10 @@ def print_plan(plan) -> None:
 @app.command(context_settings=EXTRA)
 def reproduce(
     args: list[str] | None = typer.Argument(None, metavar="[FIGURE...] [OVERRIDES...]",
-                                               help="Figures 3 4b 5b 6 8 15 17 toy (default: all) and Hydra overrides for every preset."),
+                                      help="Figures 3 4b 5b 6 8 15 17 toy (default: all) and Hydra overrides for every preset."),
     scale: float = typer.Option(1.0, "--scale", help="Shorten every run by this factor (a quick look; own folder)."),
-    out: Path | None = typer.Option(None, "--out", help="Reproduction folder inside the outputs folder (default: outputs/reproduce)."),
+    out: Path | None = typer.Option(None, "--out",
+                                    help="Reproduction folder inside the outputs folder (default: outputs/reproduce)."),
     max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, packs and estimated times; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

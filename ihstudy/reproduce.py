@@ -135,7 +135,7 @@ class Results:
     def __init__(self, repro: Reproduction):
         self.repro = repro
 
-    @functools.cache
+    @functools.cache  # noqa: B019 (a Results lives for one report)
     def runs(self, preset: str) -> list[timing.Run] | None:
         folder = self.repro.folder / preset
         if preset not in self.repro.sweeps or not folder.is_dir():
@@ -146,7 +146,7 @@ class Results:
             return None
         return sorted(runs, key=lambda r: r.name) or None
 
-    @functools.cache
+    @functools.cache  # noqa: B019
     def timing(self, preset: str) -> pd.DataFrame | None:
         """fsl_train timing per run (timing.crossings), with a `plateau_fraction` column."""
         runs = self.runs(preset)
@@ -161,11 +161,11 @@ class Results:
         return pd.Series({r.name: float(r.evals[r.evals.evaluator == evaluator].sort_values("sequences")["loss"].iloc[-1])
                           for r in self.runs(preset) if evaluator in r.evaluators})
 
-    @functools.cache
+    @functools.cache  # noqa: B019
     def config(self, preset: str, run_name: str):
         return OmegaConf.load(self.repro.folder / preset / run_name / "config.yaml")
 
-    @functools.cache
+    @functools.cache  # noqa: B019
     def fig3_subject(self) -> tuple[circuits.Subject, object, bool] | None:
         """The first fig3 run's newest checkpoint, the training sequences its analyses use and
         whether they are the whole training distribution."""
@@ -408,7 +408,8 @@ def finding_6(r: Results) -> Finding:
 
 
 def finding_7(r: Results) -> Finding:
-    f = Finding("7 toy model", "a rank-1 3-tensor fit plateaus, then drops; clamping c shortens the plateau, clamping b and c removes it",
+    f = Finding("7 toy model", "a rank-1 3-tensor fit plateaus, then drops; clamping c shortens the plateau, "
+                "clamping b and c removes it",
                 "unclamped ~800 iterations; shorter with c clamped; none with b, c clamped")
     table = r.toy()
     if table is None:
@@ -555,7 +556,8 @@ def build_report(repro: Reproduction) -> tuple[report.Report, pd.DataFrame]:
         out.notes.append(f"**Quick look at scale {repro.scale:g}**: every run is {repro.scale:g}x the paper's length "
                          f"(evals and checkpoints scaled alike), so the phase changes may not happen and the verdicts "
                          f"need not hold; run without --scale to reproduce.")
-    out.notes.append(f"figures: {' '.join(repro.figures)}; presets: {' '.join(repro.presets) or 'none'} (sweeps in {repro.folder})")
+    out.notes.append(f"figures: {' '.join(repro.figures)}; presets: {' '.join(repro.presets) or 'none'} "
+                     f"(sweeps in {repro.folder})")
     runs = [run for preset in repro.presets for run in (r.runs(preset) or [])]
     if unfinished := [f"{run.dir.parent.name}/{run.name} ({run.status})" for run in runs if run.status != "completed"]:
         out.notes.append(f"not completed, analysed up to their last eval point: {', '.join(unfinished)}")

@@ -76,7 +76,8 @@ def test_fig5b_order_swaps_and_plateaus_judged_from_the_curves(tmp_path):
 
     centers["copy"], centers["layer1"] = centers["layer1"], centers["copy"]
     for clamp, center in centers.items():
-        fake_run(tmp_path / "swapped" / "fig5b" / f"clamp={clamp}", {"fsl_train": plateau_then_drop(center, clamp not in reproduce.SMOOTH)})
+        curve = plateau_then_drop(center, clamp not in reproduce.SMOOTH)
+        fake_run(tmp_path / "swapped" / "fig5b" / f"clamp={clamp}", {"fsl_train": curve})
     found = reproduce.finding_6(reproduce.Results(fake_reproduction(tmp_path / "swapped", ["fig5b"])))
     assert found.holds == "no" and "swapped pairs: layer1 < copy" in found.ihstudy
 
@@ -105,7 +106,8 @@ def test_overrides_pass_to_every_preset_and_each_scale_has_its_own_folder(output
     for plan, sequences in ((full, 1_000_000), (quick, 100_000)):
         sweep = plan.sweeps["fig3"]
         assert sweep.launcher_overrides == ["hydra/launcher=joblib"] and sweep.dir == plan.folder / "fig3"
-        assert sorted((r.cfg.seed, r.cfg.data.dim, r.cfg.train.sequences) for r in sweep.runs) == [(5, 16, sequences), (6, 16, sequences)]
+        runs = sorted((r.cfg.seed, r.cfg.data.dim, r.cfg.train.sequences) for r in sweep.runs)
+        assert runs == [(5, 16, sequences), (6, 16, sequences)]
     assert (full.toy_iterations, quick.toy_iterations) == (1000, 300)
     assert not any(outputs_root.iterdir())
 
