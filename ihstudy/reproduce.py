@@ -54,6 +54,8 @@ PLATEAU_FRACTION = 0.25  # a plateau: within ln 2 ± 0.1 for at least this fract
 INDUCTION_HEAD = 0.3  # a last-layer head with a final induction strength above this is an induction head
 REDUNDANT_ACC_DROP = 0.02  # redundancy: removing any one last-layer head costs at most this much accuracy
 DIRECT_PATH_ACC = 0.01  # layer 1 acts only through layer 2: its direct path changes accuracy by at most this
+LABEL_SPECIFIC = 0.2  # a head's copy circuit is label-specific if its accuracy differs this much between labels
+COMPLEMENTARY_GAIN = 0.05  # two heads are complementary if each label's better head beats the better head overall by this
 ROLE_ACC_DROP = 0.05  # a group of layer-1 heads matters through a path if ablating that path costs this much accuracy
 
 
@@ -503,25 +505,31 @@ def finding_fig15(r: Results) -> Finding:
 
 
 def finding_fig17(r: Results) -> Finding:
-    f = Finding("appendix: Fig. 17", "heads are additive: L2H3 with a second head learns faster than either head alone",
-                "pairs earlier than single heads")
-    t = r.timing("fig17")
-    if t is None:
+    f = Finding("appendix: Fig. 17", "copy circuits are label-specific and complementary across heads (L2H3 trained "
+                "with one other head)", "each head copies some labels well, its partner the others")
+    runs = r.runs("fig17")
+    if runs is None:
         return f
-    pairs = [tuple(map(str, r.config("fig17", run).clamp.keep.heads)) for run in t.run]
-    times = t.crossing.groupby(pd.Series([" + ".join(p) for p in pairs], index=t.index)).median()
-    f.ihstudy = f"pairs {seq(times.min())}–{seq(times.max())}"
-    f.details = pd.DataFrame({"heads": times.index, "crossing": times.values})
-    singles = r.timing("fig4b")
-    if singles is None:
-        f.ihstudy += "; single heads (figure 4b) not run"
-        return f
-    alone = singles.crossing.groupby(pd.Series([str(r.config("fig4b", run).clamp.keep.heads[0]) for run in singles.run],
-                                               index=singles.index)).median()
-    f.details["fastest_single"] = [min(alone.get(h, np.inf) for h in p.split(" + ")) for p in times.index]
-    faster = int((f.details.crossing < f.details.fastest_single).sum())
-    f.ihstudy += f"; {faster} of {len(times)} pairs earlier than both their heads alone"
-    f.holds = verdict(faster == len(times))
+    rows = []
+    for run in runs:  # per pair: per-label accuracy with one head kept, under a perfect match (its copy circuit alone)
+        subject = circuits.Subject(run.dir)
+        batch, _ = circuits.training_distribution(subject.task, r.repro.analysis_sequences)
+        heads = [str(h) for h in subject.cfg.clamp.keep.heads]
+        conditions = [{"keep": {"kind": "keep_only", "heads": [h]}} | circuits.perfect_match(subject) for h in heads]
+        result = circuits.evaluate(subject.model([subject.step], len(heads)), subject.clamp_set(conditions), batch,
+                                   subject.shape.n_labels)
+        per_label = result["label_acc"]  # [2 heads, labels]
+        rows.append({"run": run.name, "heads": " + ".join(heads),
+                     "label_range": float((per_label.max(1) - per_label.min(1)).min()),
+                     "alone": float(per_label.mean(1).max()), "together": float(per_label.max(0).mean())})
+    details = pd.DataFrame(rows)
+    specific = details.label_range >= LABEL_SPECIFIC
+    complementary = details.together - details.alone >= COMPLEMENTARY_GAIN
+    f.ihstudy = (f"{int(specific.sum())} of {len(details)} pairs label-specific (per-label accuracy of each head spans ≥ "
+                 f"{LABEL_SPECIFIC}), {int(complementary.sum())} complementary (the better head per label beats the better "
+                 f"head overall by ≥ {COMPLEMENTARY_GAIN} accuracy)")
+    f.holds = verdict(bool(specific.all() and complementary.all()))
+    f.details = details
     return f
 
 
