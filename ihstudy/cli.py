@@ -274,7 +274,7 @@ def print_plan(plan) -> None:
     Console().print(table)
 
 
-@app.command(context_settings=EXTRA)
+@app.command(context_settings=EXTRA, cls=WithLauncherGroups)
 def reproduce(
     args: list[str] | None = typer.Argument(None, metavar="[FIGURE...] [OVERRIDES...]",
                                       help="Figures 3 4b 5b 6 8 15 17 toy (default: all) and Hydra overrides for every preset."),
