@@ -15,12 +15,14 @@ Head names are "layer:head", 0-based (the paper's layer 1 is layer 0 here).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ihstudy.clamps import ClampSet, build_clamps
 from ihstudy.data import Batch, FewShotTask
@@ -78,11 +80,8 @@ class Subject:
     """A run's model shape, task, config and checkpoints, for analyses of one or many checkpoints."""
 
     def __init__(self, run_dir: Path, step: int | None = None):
-        require_run_dir(run_dir)
-        try:
+        with loading_errors(run_dir):
             pack = pack_from_checkpoint(run_dir, step)  # validates the config and loads one checkpoint
-        except ValueError:  # the checkpoint's tensors do not fit the model config.yaml describes
-            raise CheckpointError(f"{run_dir}: the checkpoint holds a model of another shape than config.yaml") from None
         self.dir, self.files = Path(run_dir), RunFiles(run_dir)
         self.shape: ModelShape = pack.shape
         self.task: FewShotTask = pack.tasks[0]
@@ -121,9 +120,18 @@ class Subject:
         return ClampSet(per_condition * n_checkpoints)
 
 
-def require_run_dir(run_dir: Path) -> None:
+@contextmanager
+def loading_errors(run_dir: Path):
+    """Loading a saved run (pack_from_checkpoint), with its failures as one-line user errors."""
     if not is_run_dir(Path(run_dir)):
         raise ConfigError(f"{run_dir} is not a run folder (it needs run.json and config.yaml)")
+    try:
+        yield
+    except ValueError:  # the checkpoint's tensors do not fit the model config.yaml describes
+        raise CheckpointError(f"{run_dir}: the checkpoint holds a model of another shape than config.yaml") from None
+    except OmegaConfBaseException as exc:  # e.g. a key this version of ihstudy added since the run
+        raise ConfigError(f"{run_dir}: its config.yaml does not fit this version of ihstudy "
+                          f"({str(exc).splitlines()[0]})") from None
 
 
 def expand_runs(batch: Batch, runs: int) -> Batch:

@@ -383,7 +383,7 @@ def analyze(
 
 def analyze_eval(args: list[str], step: int | None) -> None:
     """Today's post-hoc evaluation: a checkpoint's eval rows under optional clamp overrides."""
-    from ihstudy.circuits import require_run_dir
+    from ihstudy.circuits import loading_errors
     from ihstudy.config import compose_config
     from ihstudy.train import evaluate_checkpoint
 
@@ -391,11 +391,11 @@ def analyze_eval(args: list[str], step: int | None) -> None:
         fail("analyze eval takes a run folder")
     run_dir, overrides = Path(args[0]), args[1:]
     try:
-        require_run_dir(run_dir)
         if any(not o.lstrip("+~").startswith("clamp") for o in overrides):
             raise ConfigError("analyze takes only clamp overrides (clamp=..., clamp.NAME.FIELD=...)")
         clamp = compose_config(overrides)[0].clamp if overrides else None
-        rows = evaluate_checkpoint(run_dir, step, clamp)
+        with loading_errors(run_dir):
+            rows = evaluate_checkpoint(run_dir, step, clamp)
     except UserError as exc:
         fail(str(exc))
     clamped = f" with {' '.join(overrides)}" if overrides else ""

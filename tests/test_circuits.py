@@ -180,6 +180,12 @@ def test_cli_checkpoint_bad_input(run, tmp_path):
     (other / "config.yaml").write_text(config)
     result = CliRunner().invoke(app, ["analyze", "wiring", str(other), "--report", str(tmp_path / "r")])
     assert result.exit_code == 2 and "shape" in result.output and "Traceback" not in result.output
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    (old / "config.yaml").write_text((old / "config.yaml").read_text().replace("  context_len:", "  not_context_len:"))
+    for what in ("heads", "eval"):
+        result = CliRunner().invoke(app, ["analyze", what, str(old)])
+        assert result.exit_code == 2 and "does not fit this version" in result.output and "Traceback" not in result.output
     for what in ("eval", "progress"):
         result = CliRunner().invoke(app, ["analyze", what, str(tmp_path / "nowhere")])
         assert result.exit_code == 2 and "is not a run folder" in result.output
