@@ -201,7 +201,7 @@ def sweep(
     Runs of equal tensor shapes train together as one batched pack; packs run through a Hydra
     launcher (hydra/launcher=joblib, submitit_local or submitit_slurm; default: in this process).
     Running the same command again skips finished runs and resumes the others."""
-    from ihstudy.sweep import PackJobError, collect_results, plan_sweep, run_sweep
+    from ihstudy.sweep import plan_sweep
 
     try:
         plan = plan_sweep(overrides or [], max_pack_runs)
@@ -216,17 +216,7 @@ def sweep(
     if dry_run:
         print_plan(plan)
         return
-    try:
-        with sweep_progress(plan, quiet) as on_progress:
-            results = run_sweep(plan, on_progress)
-    except UserError as exc:  # another sweep holds the folder
-        fail(str(exc))
-    except KeyboardInterrupt:
-        console.print("interrupted; run the same command again to continue")
-        raise typer.Exit(130) from None
-    except PackJobError as exc:
-        say(f"a pack job failed: {exc}", "[bold red]error:[/] ")
-        results = collect_results(plan)
+    results = train_sweep(plan, quiet)
     if not quiet:
         print_summary(results, plan.dir)
     for r in results:
@@ -234,6 +224,24 @@ def sweep(
             say(f"{r.name}: {r.summary.get('error')}", "[bold red]failed:[/] ")
     if any(r.status != "completed" for r in results):
         raise typer.Exit(1)
+
+
+def train_sweep(plan, quiet: bool, label: str = "") -> list:
+    """Train a planned sweep with progress bars; the state of every run. A failed pack job is said
+    on stderr (its runs stay resumable); an interrupt exits 130, a sweep folder in use exits 2."""
+    from ihstudy.sweep import PackJobError, collect_results, run_sweep
+
+    try:
+        with sweep_progress(plan, quiet) as on_progress:
+            return run_sweep(plan, on_progress)
+    except UserError as exc:  # another command holds the sweep folder
+        fail(str(exc))
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to continue")
+        raise typer.Exit(130) from None
+    except PackJobError as exc:
+        say(f"{label}a pack job failed: {exc}", "[bold red]error:[/] ")
+        return collect_results(plan)
 
 
 @contextmanager
@@ -270,6 +278,60 @@ def print_plan(plan) -> None:
     for run in plan.runs:
         table.add_row(escape(run.name), str(pack_of.get(run.name, "finished")), escape(" ".join(run.overrides)))
     Console().print(table)
+
+
+@app.command(context_settings=EXTRA, cls=WithLauncherGroups)
+def reproduce(
+    args: list[str] | None = typer.Argument(None, metavar="[FIGURE...] [OVERRIDES...]",
+                                      help="Figures 3 4b 5b 6 8 15 17 toy (default: all) and Hydra overrides for every preset."),
+    scale: float = typer.Option(1.0, "--scale", help="Shorten every run by this factor (a quick look; own folder)."),
+    out: Path | None = typer.Option(None, "--out",
+                                    help="Reproduction folder inside the outputs folder (default: outputs/reproduce)."),
+    max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, packs and estimated times; train nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train the paper's figure presets as sweeps and write report.md judging every finding.
+
+    \b
+    ihstudy reproduce                         all figures at full length (outputs/reproduce/full)
+    ihstudy reproduce 3 5b --scale 0.1        a quick look at two figures
+    ihstudy reproduce seed=5,6,7 data=features_file data.path=omniglot.h5
+    Running the same command again skips finished runs and resumes interrupted ones."""
+    from ihstudy import reproduce as rep
+
+    try:
+        plan = rep.plan_reproduction(args or [], scale, out, max_pack_runs)
+    except UserError as exc:
+        fail(str(exc))
+    for preset, sweep in plan.sweeps.items():
+        todo = sum(map(len, sweep.packs))
+        say(f"{preset}: {len(sweep.runs)} runs, {len(sweep.runs) - todo} finished, {todo} to train in "
+            f"{len(sweep.packs)} pack(s), estimated {rep.estimate_seconds(sweep) / 60:.1f} min")
+    if dry_run:
+        for sweep in plan.sweeps.values():
+            print_plan(sweep)
+        total = sum(map(rep.estimate_seconds, plan.sweeps.values())) / 60
+        say(f"estimated {total:.0f} min in all (packs one after another): an estimate from the end-to-end "
+            f"throughput of full-length runs on an idle 2-core CPU (README: Speed), not a measurement; a loaded "
+            f"machine takes longer, and so do --scale runs (their evals do not shrink)")
+        return
+    for preset, sweep in plan.sweeps.items():
+        train_sweep(sweep, quiet, f"{preset}: ")
+    try:
+        rep.run_toy(plan)
+        folder, table = rep.write_reproduction_report(plan)
+    except UserError as exc:  # a checkpoint that cannot be read, a toy folder in use
+        fail(str(exc))
+    findings = Table(title="findings (docs/science.md §5)")
+    for column in ("finding", "ihstudy", "holds"):
+        findings.add_column(column, overflow="fold")
+    for row in table.itertuples():
+        findings.add_row(row.finding, row.ihstudy, row.holds)
+    Console().print(findings)
+    say(f"report: {folder / \'report.md\'}")
+    if any(run.files.read_status().get("status") != "completed" for sweep in plan.sweeps.values() for run in sweep.runs):
+        raise typer.Exit(1)
 
 
 ANALYSES = {"eval": "re-evaluate a checkpoint, optionally under clamps (post-hoc ablation)",
@@ -382,7 +444,7 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
         usable = [r for r in runs if r.evals is not None]
         for run in runs:
             for note in run.notes:
-                console.print(f"[yellow]warning:[/] {run.dir}: {note}", highlight=False, soft_wrap=True)
+                say(f"{run.dir}: {note}", "[yellow]warning:[/] ")
         if not usable:
             raise ConfigError("none of the runs found has eval rows to analyse")
         if evaluator not in {e for r in usable for e in r.evaluators}:
@@ -393,11 +455,11 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
         fail(str(exc))
     for note in result.notes:
         if "different tasks" in note:
-            console.print(f"[yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
+            say(note, "[yellow]warning:[/] ")
     print_timing(table, summary, evaluator, metric)
     out = report_dir or default_report_dir(paths, "timing")
     write_report(result, out, fmt)
-    console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True)
+    say(f"report: {out / \'report.md\'}")
 
 
 def default_report_dir(paths: list[Path], name: str) -> Path:
@@ -459,7 +521,7 @@ def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: in
         Console().print(out)
     out = report_dir or default_report_dir([run_dir], f"{what}-{run_dir.resolve().name}")
     report.write_report(result, out, fmt)
-    console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True)
+    say(f"report: {out / \'report.md\'}")
 
 
 @app.command()
@@ -484,8 +546,8 @@ def toy(
         fail(str(exc))
     for condition, fit in fits.items():
         when = "never" if fit is None else f"at iteration {fit}"
-        console.print(f"{condition}: loss below 1% of the zero-prediction loss {when}", highlight=False)
-    console.print(f"wrote {folder}/toy.parquet, toy.png, toy.json", highlight=False, soft_wrap=True)
+        say(f"{condition}: loss below 1% of the zero-prediction loss {when}")
+    say(f"wrote {folder}/toy.parquet, toy.png, toy.json")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,179 @@
+"""`ihstudy reproduce`: the judging of findings on synthetic curves, planning and scaling, a tiny
+reproduction on a features file (report, a verdict checked by hand, re-running skips finished
+runs), --dry-run and bad input; every preset end to end at a tiny scale is slow."""
+
+import json
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from ihstudy import reproduce
+from ihstudy.cli import app
+from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD
+from ihstudy.run_files import atomic_write_parquet
+
+SEQ = np.arange(0, 600_001, 5000, dtype=float)
+TINY = ["data.dim=16", "eval.n_sequences=40", "train.threads=1"]
+
+
+def plateau_then_drop(center: float, plateau: bool = True) -> np.ndarray:
+    """ln 5 -> ln 2 (and a plateau there) -> a sigmoid drop at `center`; without the plateau the
+    log-loss falls linearly from ln 2 to the same end."""
+    if not plateau:
+        return np.exp(np.log(LN2) + (np.log(0.005) - np.log(LN2)) * np.clip(SEQ / (2 * center), 0, 1))
+    start = np.log(5) * np.exp(-SEQ / 5000) + LN2 * (1 - np.exp(-SEQ / 5000))
+    drop = 1 / (1 + np.exp(-(SEQ - center) / 10_000))
+    return np.exp(np.log(start) * (1 - drop) + np.log(0.005) * drop)
+
+
+def fake_run(folder: Path, losses: dict[str, np.ndarray], induction: np.ndarray | None = None) -> None:
+    """A finished run folder with the given loss curves per evaluator."""
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"status": "completed"}))
+    (folder / "config.yaml").write_text("clamp: {}\nseed: 5\n")
+    rows = [pd.DataFrame({"step": SEQ // 32, "sequences": SEQ, "evaluator": name, "loss": loss})
+            for name, loss in losses.items()]
+    table = pd.concat(rows, ignore_index=True)
+    if induction is not None:
+        for h, curve in enumerate(induction):
+            table[f"induction.L1H{h}"] = np.tile(curve, len(losses))
+    atomic_write_parquet(folder / "eval.parquet", table)
+
+
+def fake_reproduction(tmp_path, presets) -> reproduce.Reproduction:
+    return reproduce.Reproduction(tmp_path, 1.0, [], dict.fromkeys(presets), 300, 512)
+
+
+def test_phase_change_and_induction_heads_judged_from_the_curves(tmp_path):
+    drop = plateau_then_drop(300_000)
+    rise = 1 / (1 + np.exp(-(SEQ - 300_000) / 10_000))
+    induction = np.stack([0.8 * rise, 0.5 * rise, 0.1 * rise, *[0.05 * rise] * 5])
+    fake_run(tmp_path / "fig3" / "run", {"fsl_train": drop, "fsl_val_rl": drop * 2, "fsl_test_class": drop * 3}, induction)
+    results = reproduce.Results(fake_reproduction(tmp_path, ["fig3"]))
+    one, two = reproduce.finding_1(results), reproduce.finding_2(results)
+    assert one.holds == "yes" and "below 0.4·ln 2 at 2.9e5" in one.ihstudy and "0.015 (fsl_test_class)" in one.ihstudy
+    assert two.holds == "yes" and two.ihstudy.startswith("2 of 8 heads above 0.3")
+
+    fake_run(tmp_path / "smooth" / "fig3" / "run", {"fsl_train": plateau_then_drop(300_000, plateau=False)}, induction)
+    smooth = reproduce.Results(fake_reproduction(tmp_path / "smooth", ["fig3"]))
+    assert reproduce.finding_1(smooth).holds == "no"  # drops, but without a plateau near ln 2
+    assert reproduce.finding_4(smooth).holds == "not run" and reproduce.finding_7(smooth).holds == "not run"
+
+
+def test_fig5b_order_swaps_and_plateaus_judged_from_the_curves(tmp_path):
+    centers = {"only_l2h3": 400_000, "pt_attention": 250_000, "layer1": 150_000, "copy": 100_000,
+               "match": 60_000, "layer1_copy": 50_000}
+    for clamp, center in centers.items():
+        fake_run(tmp_path / "fig5b" / f"clamp={clamp}", {"fsl_train": plateau_then_drop(center, clamp not in reproduce.SMOOTH)})
+    found = reproduce.finding_6(reproduce.Results(fake_reproduction(tmp_path, ["fig5b"])))
+    assert found.holds == "yes" and "swapped pairs: none" in found.ihstudy
+    assert "plateau in: only_l2h3, pt_attention, layer1, copy" in found.ihstudy
+
+    centers["copy"], centers["layer1"] = centers["layer1"], centers["copy"]
+    for clamp, center in centers.items():
+        curve = plateau_then_drop(center, clamp not in reproduce.SMOOTH)
+        fake_run(tmp_path / "swapped" / "fig5b" / f"clamp={clamp}", {"fsl_train": curve})
+    found = reproduce.finding_6(reproduce.Results(fake_reproduction(tmp_path / "swapped", ["fig5b"])))
+    assert found.holds == "no" and "swapped pairs: layer1 < copy" in found.ihstudy
+
+
+def test_scale_shortens_every_schedule_with_sane_minimums():
+    fig3 = reproduce.scaled_overrides("fig3", [], 0.1, set())
+    assert fig3 == ["train.sequences=100000", "train.eval_every=500", "train.ckpt_every=5000",
+                    "train.eval_at=[]", "train.ckpt_at=[]"]
+    tiny = dict(o.split("=") for o in reproduce.scaled_overrides("fig5b", [], 0.0001, {"train.eval_at"}))
+    assert tiny == {"train.sequences": "64", "train.eval_every": "32", "train.ckpt_every": "32", "train.ckpt_at": "[]"}
+
+
+def test_dry_run_lists_runs_packs_and_estimates_and_writes_nothing(outputs_root):
+    result = CliRunner().invoke(app, ["reproduce", "3", "toy", "seed=5,6", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"fig3: 2 runs, 0 finished, 2 to train in 1 pack\(s\), estimated \d", result.output)
+    assert "fig5b" not in result.output and "estimate" in result.output and "not a measurement" in result.output
+    assert not any(outputs_root.iterdir())
+
+
+def test_overrides_pass_to_every_preset_and_each_scale_has_its_own_folder(outputs_root):
+    args = ["3", "toy", "seed=5,6", "hydra/launcher=joblib", "data.dim=16"]
+    full, quick = reproduce.plan_reproduction(args), reproduce.plan_reproduction(args, scale=0.1)
+    assert full.folder == outputs_root / "reproduce" / "full_seed=5,6,data.dim=16"
+    assert quick.folder == outputs_root / "reproduce" / "scale-0.1_seed=5,6,data.dim=16"
+    for plan, sequences in ((full, 1_000_000), (quick, 100_000)):
+        sweep = plan.sweeps["fig3"]
+        assert sweep.launcher_overrides == ["hydra/launcher=joblib"] and sweep.dir == plan.folder / "fig3"
+        runs = sorted((r.cfg.seed, r.cfg.data.dim, r.cfg.train.sequences) for r in sweep.runs)
+        assert runs == [(5, 16, sequences), (6, 16, sequences)]
+    assert (full.toy_iterations, quick.toy_iterations) == (1000, 300)
+    assert not any(outputs_root.iterdir())
+
+
+@pytest.mark.parametrize("args", [["fig9"], ["3", "--scale", "2"], ["3", "experiment=fig3"], ["3", "model.n_heads=3"]])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(outputs_root, args):
+    result = CliRunner().invoke(app, ["reproduce", *args, "--dry-run"])
+    assert result.exit_code == 2 and result.output.count("error:") == 1, result.output
+    assert not any(outputs_root.iterdir())
+
+
+def test_tiny_reproduction_on_a_features_file(outputs_root):
+    path = outputs_root.parent / "features.h5"
+    with h5py.File(path, "w") as f:  # as many classes as the base task's splits take
+        f["resnet18/224/feat"] = np.random.default_rng(0).normal(size=(1623, 5, 16)).astype(np.float32)
+    args = ["reproduce", "3", "toy", "--scale", "0.0005", "-q", "data=features_file", f"data.path={path}", *TINY[1:]]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    folder = next((outputs_root / "reproduce").iterdir())
+    assert folder.name.startswith("scale-0.0005_data=features_file")
+    report = (folder / "report" / "report.md").read_text()
+    assert "Quick look at scale 0.0005" in report
+    findings = pd.read_csv(folder / "report" / "findings.csv")
+    assert len(findings) == 8 and set(findings.holds) <= {"yes", "no", "not run"}
+    assert list(findings.holds[[3, 5, 7]]) == ["not run"] * 3  # figures 4b, 5b, 6 were not chosen
+    assert findings.holds[6] in ("yes", "no") and findings.holds[0] in ("yes", "no")
+
+    # finding 1 by hand from the run's eval.parquet
+    run = next(p for p in (folder / "fig3").iterdir() if (p / "eval.parquet").exists())
+    evals = pd.read_parquet(run / "eval.parquet")
+    train = evals[evals.evaluator == "fsl_train"].sort_values("sequences")
+    loss, seq = train["loss"].to_numpy(), train.sequences.to_numpy()
+    below = np.flatnonzero(loss < PHASE_CHANGE_THRESHOLD)
+    inside = np.abs(loss - LN2) <= 0.1
+    plateau = max((seq[j] - seq[i] for i in range(len(seq)) for j in range(i, len(seq)) if inside[i:j + 1].all()), default=0)
+    crossing = seq[below[0]] if len(below) else np.inf
+    holds = bool(len(below) and plateau >= 0.25 * crossing and inside[:below[0]].any())
+    assert findings.holds[0] == ("yes" if holds else "no")
+    assert f"{loss[-1]:.3g} (fsl_train)" in findings.ihstudy[0]
+
+    stamp = (run / "eval.parquet").stat().st_mtime_ns
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "fig3: 1 runs, 1 finished, 0 to train" in again.output
+    assert (run / "eval.parquet").stat().st_mtime_ns == stamp
+    assert pd.read_csv(folder / "report" / "findings.csv").equals(findings)
+
+    # an interrupted run resumes from its newest checkpoint and ends as it would have
+    newest = max((run / "checkpoints").glob("step_*.pt"))
+    newest.unlink()
+    newest.with_suffix(".pt.sha256").unlink(missing_ok=True)
+    status = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(status | {"status": "interrupted"}))
+    resumed = CliRunner().invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert "fig3: 1 runs, 0 finished, 1 to train" in resumed.output
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "eval.parquet"), evals)
+
+
+@pytest.mark.slow
+def test_every_preset_end_to_end_at_a_tiny_scale(outputs_root):
+    result = CliRunner().invoke(app, ["reproduce", "--scale", "0.0005", "-q", *TINY])
+    assert result.exit_code == 0, result.output
+    folder = next((outputs_root / "reproduce").iterdir())
+    for preset in ("fig3", "fig4b", "fig5b", "fig6_long", "fig6_clamps", "fig8", "fig15", "fig17"):
+        index = pd.read_parquet(folder / preset / "sweep.parquet")
+        assert (index.status == "completed").all(), preset
+    findings = pd.read_csv(folder / "report" / "findings.csv")
+    assert len(findings) == 11 and "not run" not in set(findings.holds)
