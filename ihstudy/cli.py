@@ -329,7 +329,7 @@ def reproduce(
     for row in table.itertuples():
         findings.add_row(row.finding, row.ihstudy, row.holds)
     Console().print(findings)
-    say(f"report: {folder / \'report.md\'}")
+    say(f"report: {folder / 'report.md'}")
     if any(run.files.read_status().get("status") != "completed" for sweep in plan.sweeps.values() for run in sweep.runs):
         raise typer.Exit(1)
 
@@ -459,7 +459,7 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
     print_timing(table, summary, evaluator, metric)
     out = report_dir or default_report_dir(paths, "timing")
     write_report(result, out, fmt)
-    say(f"report: {out / \'report.md\'}")
+    say(f"report: {out / 'report.md'}")
 
 
 def default_report_dir(paths: list[Path], name: str) -> Path:
@@ -521,7 +521,7 @@ def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: in
         Console().print(out)
     out = report_dir or default_report_dir([run_dir], f"{what}-{run_dir.resolve().name}")
     report.write_report(result, out, fmt)
-    say(f"report: {out / \'report.md\'}")
+    say(f"report: {out / 'report.md'}")
 
 
 @app.command()
