@@ -442,11 +442,11 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
             raise ConfigError(f"--metric '{metric}' is not one of --thresholds ({', '.join(limits)})")
         runs = timing.find_runs(paths)
         usable = [r for r in runs if r.evals is not None]
-        for run in runs:
-            for note in run.notes:
-                say(f"{run.dir}: {note}", "[yellow]warning:[/] ")
-        if not usable:
-            raise ConfigError("none of the runs found has eval rows to analyse")
+        notes = [f"{run.dir}: {note}" for run in runs for note in run.notes]
+        if not usable:  # nothing to analyse: one line, with the first reason
+            raise ConfigError("none of the runs found has eval rows to analyse" + (f" ({notes[0]})" if notes else ""))
+        for note in notes:
+            say(note, "[yellow]warning:[/] ")
         if evaluator not in {e for r in usable for e in r.evaluators}:
             found = sorted({e for r in usable for e in r.evaluators})
             raise ConfigError(f"no run has evaluator '{evaluator}' (found: {', '.join(found)})")

@@ -31,11 +31,11 @@ import torch
 from omegaconf import OmegaConf
 
 from ihstudy import circuits, report, timing, toy
-from ihstudy.config import compose_config
+from ihstudy.config import compose_config, quote
 from ihstudy.errors import ConfigError, UserError
 from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 from ihstudy.run_files import check_inside_outputs, outputs_root
-from ihstudy.sweep import SWEEP_DIR, Sweep, folder_name, parse, plan_sweep, quoted
+from ihstudy.sweep import SWEEP_DIR, Sweep, folder_name, parse, plan_sweep
 
 FIGURES = {"3": ["fig3"], "4b": ["fig4b"], "5b": ["fig5b"], "6": ["fig6_long", "fig6_clamps"], "8": ["fig8"],
            "15": ["fig15"], "17": ["fig17"], "toy": []}
@@ -98,7 +98,7 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
     sweeps = {}
     for preset in presets:
         scaled = [] if scale == 1 else scaled_overrides(preset, fixed, scale, given)
-        sweeps[preset] = plan_sweep([f"experiment={preset}", *scaled, *overrides, f"{SWEEP_DIR}={quoted(folder / preset)}"],
+        sweeps[preset] = plan_sweep([f"experiment={preset}", *scaled, *overrides, f"{SWEEP_DIR}={quote(str(folder / preset))}"],
                                     max_pack_runs)
     return Reproduction(folder.resolve(), scale, figures, sweeps, max(MIN_TOY_ITERATIONS, round(TOY["iterations"] * scale)),
                         max(MIN_ANALYSIS_SEQUENCES, round(circuits.DISTRIBUTION_LIMIT * scale)))

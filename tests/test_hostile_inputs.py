@@ -282,13 +282,17 @@ HOSTILE = [  # (command line, what the one line says); {O} is the outputs folder
     (["train", "--overwrite", "hydra.run.dir={O}/precious"], "is not empty and holds no run"),
     (["train", "hydra.run.dir={O}/precious"], "is not empty and holds no run"),
     (["train", "hydra.run.dir={O}/run"], "already holds a run; pass --resume"),
-    # 2: analyze on what is not a run
-    (["analyze", "/etc"], "holds no run (no config.yaml)"),
-    (["analyze", "{O}/precious"], "holds no run (no config.yaml)"),
-    (["analyze", "{O}/missing"], "is not a run folder (no such folder)"),
-    (["analyze", "{O}/afile"], "is not a run folder (a file)"),
-    (["analyze", "{O}/broken"], "cannot read"),
-    (["analyze", "{O}/mistyped"], "cannot load the run in"),
+    # 2: analyze on what is not a run: the checkpoint analyses, and the timing analysis (the default)
+    (["analyze", "eval", "/etc"], "is not a run folder"),
+    (["analyze", "eval", "{O}/precious"], "is not a run folder"),
+    (["analyze", "eval", "{O}/missing"], "is not a run folder"),
+    (["analyze", "eval", "{O}/afile"], "is not a run folder"),
+    (["analyze", "eval", "{O}/broken"], "cannot read"),
+    (["analyze", "eval", "{O}/mistyped"], "cannot load the run in"),
+    (["analyze", "heads", "{O}/broken"], "cannot read"),
+    (["analyze", "/etc"], "no runs (folders with run.json and config.yaml) under /etc"),
+    (["analyze", "{O}/missing"], "is not a folder"),
+    (["analyze", "{O}/broken"], "cannot read config.yaml"),
     # 4: sizes the validator lets through that would not fit in memory
     (["train", "task.context_len=1024", "task.burstiness=512", "model.positional=learned"], "eval attention"),
     (["train", "task.context_len=512", "task.burstiness=256"], "lower task.context_len"),
@@ -344,7 +348,7 @@ def test_foreign_checkpoints_are_refused_by_analyze_resume_and_grafts(outputs_ro
     assert train(f"hydra.run.dir={other}", *SHORT, "model.n_heads=4").exit_code == 0
     for checkpoint in (other / "checkpoints").iterdir():
         shutil.copy(checkpoint, run / "checkpoints" / checkpoint.name)
-    assert_refused(CliRunner().invoke(app, ["analyze", str(run)]), "another shape (n_heads 4 vs 8")
+    assert_refused(CliRunner().invoke(app, ["analyze", "eval", str(run)]), "another shape (n_heads 4 vs 8")
     RunFiles(run).write_status(status="running")
     assert_refused(train(f"hydra.run.dir={run}", *SHORT, "--resume"), "was started with another config")
     graft = "+clamp.g={kind: graft_in, layer: 0, checkpoint: '%s'}" % (other / "checkpoints" / "step_00000030.pt")

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from ihstudy.clamps import AblateHeads, InductionPattern, PrevTokenPattern, build_clamps
 from ihstudy.cli import app
+from ihstudy.model import ModelShape
 from ihstudy.sweep import plan_sweep
-from ihstudy.train import model_shape
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "conf" / "experiment"
 # preset: runs, packs, sequences per run, eval every (ih_paper_runs.sh / ih_paper_appendix_runs.sh)
@@ -35,7 +35,7 @@ def plan(name: str, *extra: str):
 
 
 def clamps_of(run) -> list:
-    return build_clamps(run.cfg.clamp, model_shape(run.cfg, run.n_features))
+    return build_clamps(run.cfg.clamp, ModelShape.of_config(run.cfg, run.n_features))
 
 
 def ablated(run) -> set:
