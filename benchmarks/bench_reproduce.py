@@ -49,7 +49,7 @@ def measure_pack(pack, steps: int, compile_setting: str) -> dict:
     step_wall, step = (t / steps for t in timed(lambda: [pack.train_step() for _ in range(steps)]))
     pack.step = pack.n_steps // 2  # mid-training table sizes
     n_evals, n_ckpts = len(pack.eval_steps), len(pack.ckpt_steps)
-    for columns in pack.eval_columns:
+    for columns in pack.recorder.eval_columns:
         for key in columns:
             columns[key] = columns[key] * max(1, n_evals // 2)
     (eval_wall, evaluate), (ckpt_wall, checkpoint) = timed(pack.evaluate, 3), timed(pack.checkpoint, 3)
