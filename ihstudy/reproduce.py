@@ -334,7 +334,7 @@ def finding_4(r: Results) -> Finding:
     t = r.timing("fig4b")
     if t is None:
         return f
-    head = [str(r.config("fig4b", run).clamp.keep.heads[0]) for run in t.run]
+    head = [kept_head(r.config("fig4b", run).clamp.keep.heads) for run in t.run]
     times = t.crossing.groupby(pd.Series(head, index=t.index)).median()
     f.ihstudy = f"single heads {seq(times.min())}–{seq(times.max())} ({int(np.isfinite(times).sum())} of {len(times)} cross)"
     f.details = pd.DataFrame({"head": times.index, "crossing": times.values})
@@ -348,6 +348,11 @@ def finding_4(r: Results) -> Finding:
     f.ihstudy += f" vs full model {spread(full.crossing)}; speed vs full-model strength: Spearman {num(rho)}"
     f.holds = verdict(bool(np.isfinite(times).all() and (times > full.crossing.median()).all()))
     return f
+
+
+def kept_head(heads) -> str:
+    """The kept head of a keep_only clamp: "layer:head" as given alone or first in a list."""
+    return str(heads if isinstance(heads, str) else heads[0])
 
 
 def finding_5(r: Results) -> Finding:

@@ -177,3 +177,10 @@ def test_every_preset_end_to_end_at_a_tiny_scale(outputs_root):
         assert (index.status == "completed").all(), preset
     findings = pd.read_csv(folder / "report" / "findings.csv")
     assert len(findings) == 11 and "not run" not in set(findings.holds)
+
+
+def test_kept_head_reads_a_single_head_or_a_list():
+    from ihstudy.reproduce import kept_head
+
+    assert kept_head("1:3") == "1:3"  # fig4b sweeps clamp.keep.heads=1:0..1:7 as single strings
+    assert kept_head(["1:5", "1:6"]) == "1:5"
