@@ -1,104 +1,97 @@
-"""Time budget of reproducing paper figures: every pack the figure presets form, timed by part and
-extrapolated to the presets' full lengths (the `ihstudy reproduce` target: figures 3, 4b, 5b, 6
-in at most 25 minutes on a 2-core CPU).
+"""End-to-end time of `ihstudy reproduce`, per figure, and its training throughput (the target:
+figures 3, 4b, 5b and 6 in at most 25 minutes on a 2-core CPU, aim 12).
 
-    .venv/bin/python benchmarks/bench_reproduce.py                      # fig3 fig4b fig5b fig6_long fig6_clamps
-    .venv/bin/python benchmarks/bench_reproduce.py fig6_clamps --compile true --threads 1
+    .venv/bin/python benchmarks/bench_reproduce.py                     # ihstudy reproduce 3 4b 5b 6, full length
+    .venv/bin/python benchmarks/bench_reproduce.py 3 5b --scale 0.1    # any figures, scale and overrides
+    .venv/bin/python benchmarks/bench_reproduce.py --out outputs/reproduce/bench --keep
 
-For each pack of each preset (`ihstudy sweep experiment=X --dry-run` shows the same grouping), a
-`Pack` of the full-length configs is built in a temporary folder and timed: construction (eval
-sets, model), the first steps (compilation, as train.compile decides for the full length),
-steady training steps, one eval with its table writes, and one checkpoint with its durable table
-writes, both at the table sizes of mid-training (the tables are rewritten whole, so their cost
-grows with the run). The estimate is construction + compilation + steps x step time + evals x
-eval time + checkpoints x checkpoint time, from the process's CPU time (one torch thread: what an
-idle core would take; the wall times, which on a shared machine also count waiting for the other
-processes, are printed too). Compilation and construction are wall times.
+Runs the command as a new user would (a fresh process, a new reproduction folder: a temporary one
+unless --out), then reads every run's start and end (run.json) to split the wall time: per figure
+the span from its first run's start to its last run's end, its pack time (runs of a pack train
+together, so a pack's time is its runs' common span), its sequences and their rate; training as a
+whole; and the toy model, analyses and report after the last run. `benchmarks/bench_reproduce_packs.py`
+times the parts of each pack (steps, evals, checkpoints) when this shows where the time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import statistics
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
+from omegaconf import OmegaConf
 
-def timed(function, repeats: int = 1) -> tuple[float, float]:
-    """Median wall and CPU seconds of `repeats` calls. The CPU time of this process is what the work
-    costs on an idle core; the wall time also counts waiting for other processes and the disk."""
-    walls, cpus = [], []
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        function()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus)
+IHSTUDY = str(Path(sys.executable).with_name("ihstudy"))
+FIGURE_OF = {"fig3": "3", "fig4b": "4b", "fig5b": "5b", "fig6_long": "6", "fig6_clamps": "6",
+             "fig8": "8", "fig15": "15", "fig17": "17"}
 
 
-def measure_pack(pack, steps: int, compile_setting: str) -> dict:
-    from ihstudy.compiled import use_compile
+def run_table(folder: Path) -> pd.DataFrame:
+    """One row per run of the reproduction folder: preset, pack job (plan.json), start, end, sequences trained."""
+    plan = json.loads((folder / "plan.json").read_text())
+    pack_of = {run["dir"]: i for i, pack in enumerate(plan["packs"]) for run in pack["runs"]}
+    rows = []
+    for status_file in sorted(folder.glob("fig*/*/run.json")):
+        status = json.loads(status_file.read_text())
+        train = OmegaConf.load(status_file.with_name("config.yaml")).train
+        rows.append({"preset": status_file.parent.parent.name, "pack": pack_of.get(str(status_file.parent), -1),
+                     "status": status["status"], "sequences": status["step"] * train.batch_size,
+                     "start": datetime.fromisoformat(status["started"]).timestamp(),
+                     "end": datetime.fromisoformat(status["ended"]).timestamp()})
+    return pd.DataFrame(rows)
 
-    compiled = use_compile(compile_setting, pack.n_steps, pack.device)
-    if compiled:
-        pack.compile()
-    first_eval, _ = timed(pack.evaluate)  # compiles the eval chunk of a compiled clamped pack
-    first, _ = timed(lambda: [pack.train_step() for _ in range(5)])
-    step_wall, step = (t / steps for t in timed(lambda: [pack.train_step() for _ in range(steps)]))
-    pack.step = pack.n_steps // 2  # mid-training table sizes
-    n_evals, n_ckpts = len(pack.eval_steps), len(pack.ckpt_steps)
-    for columns in pack.recorder.eval_columns:
-        for key in columns:
-            columns[key] = columns[key] * max(1, n_evals // 2)
-    (eval_wall, evaluate), (ckpt_wall, checkpoint) = timed(pack.evaluate, 3), timed(pack.checkpoint, 3)
-    return {"compiled": compiled, "first_steps": first - 5 * step_wall + first_eval - eval_wall,
-            "step": step, "eval": evaluate, "ckpt": checkpoint,
-            "wall": {"step": step_wall, "eval": eval_wall, "ckpt": ckpt_wall},
-            "n_steps": pack.n_steps, "n_evals": n_evals, "n_ckpts": n_ckpts}
+
+def breakdown(runs: pd.DataFrame, wall: float, started: float) -> pd.DataFrame:
+    rows = []
+    for preset, group in runs.groupby("preset", sort=False):
+        packs = group.groupby("pack")
+        pack_seconds = (packs.end.max() - packs.start.min()).sum()
+        span = group.end.max() - group.start.min()
+        rows.append({"figure": FIGURE_OF.get(preset, preset), "preset": preset, "runs": len(group), "packs": len(packs),
+                     "sequences": group.sequences.sum(), "pack min": pack_seconds / 60,
+                     "from min": (group.start.min() - started) / 60, "to min": (group.end.max() - started) / 60,
+                     "seq/s of its packs": group.sequences.sum() / pack_seconds if pack_seconds else float("nan"),
+                     "span min": span / 60})
+    table = pd.DataFrame(rows).sort_values("from min")
+    training = runs.end.max() - started
+    total = {"figure": "all", "preset": "training", "runs": len(runs), "packs": int(table.packs.sum()),
+             "sequences": runs.sequences.sum(), "pack min": table["pack min"].sum(), "from min": 0.0,
+             "to min": training / 60, "seq/s of its packs": runs.sequences.sum() / training, "span min": training / 60}
+    after = {"figure": "-", "preset": "toy, analyses, report", "runs": 0, "packs": 0, "sequences": 0,
+             "pack min": float("nan"), "from min": training / 60, "to min": wall / 60,
+             "seq/s of its packs": float("nan"), "span min": (wall - training) / 60}
+    return pd.concat([table, pd.DataFrame([total, after])], ignore_index=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("presets", nargs="*", default=["fig3", "fig4b", "fig5b", "fig6_long", "fig6_clamps"])
-    parser.add_argument("--steps", type=int, default=300, help="steady steps timed per pack")
-    parser.add_argument("--compile", default="auto", help="train.compile for every pack: auto | true | false")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: two pack jobs share 2 cores)")
-    args = parser.parse_args()
-    compile_setting = {"true": True, "false": False}.get(args.compile, args.compile)
-
-    with tempfile.TemporaryDirectory(prefix="bench_reproduce_") as tmp:
-        os.environ["IHSTUDY_OUTPUTS"] = tmp
-        import torch
-
-        from ihstudy.sweep import plan_sweep
-        from ihstudy.train import Pack, RunSpec
-
-        torch.set_num_threads(args.threads)
-        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, {args.threads} torch thread(s)")
-        header = ("preset", "pack", "runs", "sequences", "compiled", "build s", "compile s", "ms/step", "seq/s",
-                  "ms/eval", "ms/ckpt", "steps s", "evals s", "ckpts s", "total s", "wall ms/step,eval,ckpt")
-        print("\t".join(header))
-        grand = 0.0
-        for preset in args.presets:
-            plan = plan_sweep([f"experiment={preset}"])
-            for i, runs in enumerate(plan.packs):
-                specs = [RunSpec(run.cfg, Path(tmp) / preset / str(i) / run.name, run.name) for run in runs]
-                start = time.perf_counter()
-                pack = Pack(specs)
-                build = time.perf_counter() - start
-                m = measure_pack(pack, args.steps, compile_setting)
-                parts = [m["n_steps"] * m["step"], m["n_evals"] * m["eval"], m["n_ckpts"] * m["ckpt"]]
-                total = build + max(m["first_steps"], 0) + sum(parts)
-                grand += total
-                rate = len(runs) * 32 / m["step"]
-                row = (preset, i, len(runs), f"{len(runs) * m['n_steps'] * 32:,}", m["compiled"], f"{build:.1f}",
-                       f"{max(m['first_steps'], 0):.1f}", f"{m['step'] * 1e3:.2f}", f"{rate:,.0f}", f"{m['eval'] * 1e3:.0f}",
-                       f"{m['ckpt'] * 1e3:.0f}", *(f"{p:.0f}" for p in parts), f"{total:.0f}",
-                       ",".join(f"{v * 1e3:.1f}" for v in m["wall"].values()))
-                print("\t".join(map(str, row)), flush=True)
-        print(f"estimated total, packs one after another: {grand:.0f} s ({grand / 60:.1f} min)")
+    parser.add_argument("args", nargs="*", default=["3", "4b", "5b", "6"], help="figures and overrides for ihstudy reproduce")
+    parser.add_argument("--scale", default="1")
+    parser.add_argument("--out", type=Path, help="reproduction folder (default: a new temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary outputs folder")
+    options = parser.parse_args()
+    outputs = Path(tempfile.mkdtemp(prefix="bench_reproduce_"))
+    out = options.out.resolve() if options.out else outputs / "reproduce"
+    env = os.environ | ({} if options.out else {"IHSTUDY_OUTPUTS": str(outputs)})
+    command = [IHSTUDY, "reproduce", *options.args, "--scale", options.scale, "--out", str(out), "--quiet"]
+    print(f"{' '.join(command[1:])}\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    started = time.time()
+    finished = subprocess.run(command, env=env)
+    wall = time.time() - started
+    folder = next(out.iterdir())  # <out>/<full|scale-F>[_overrides]
+    table = breakdown(run_table(folder), wall, started)
+    print(f"exit {finished.returncode}, {wall / 60:.1f} min in all; report: {folder / 'report' / 'report.md'}")
+    print(table.to_string(index=False, float_format=lambda x: f"{x:,.1f}"))
+    if not (options.keep or options.out):
+        shutil.rmtree(outputs)
 
 
 if __name__ == "__main__":

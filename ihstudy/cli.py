@@ -226,33 +226,44 @@ def sweep(
         raise typer.Exit(1)
 
 
-def train_sweep(plan, quiet: bool, label: str = "") -> list:
-    """Train a planned sweep with progress bars; the state of every run. A failed pack job is said
-    on stderr (its runs stay resumable); an interrupt exits 130, a sweep folder in use exits 2."""
-    from ihstudy.sweep import PackJobError, collect_results, run_sweep
+def train_sweep(plan, quiet: bool) -> list:
+    """Train a planned sweep with progress bars; the state of every run."""
+    return train_sweeps({"": plan}, plan.dir, quiet)[0]
+
+
+def train_sweeps(sweeps: dict, folder: Path, quiet: bool) -> list[list]:
+    """Train planned sweeps (label -> sweep) as one launch with progress bars; the state of every
+    run, sweep by sweep. A failed pack job is said on stderr (its runs stay resumable); an
+    interrupt exits 130, a sweep folder in use exits 2."""
+    from ihstudy.sweep import PackJobError, collect_results, run_sweeps
 
     try:
-        with sweep_progress(plan, quiet) as on_progress:
-            return run_sweep(plan, on_progress)
-    except UserError as exc:  # another command holds the sweep folder
+        with sweep_progress(sweeps, quiet) as on_progress:
+            return run_sweeps(list(sweeps.values()), folder, on_progress)
+    except UserError as exc:  # another command holds a sweep folder
         fail(str(exc))
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to continue")
         raise typer.Exit(130) from None
     except PackJobError as exc:
-        say(f"{label}a pack job failed: {exc}", "[bold red]error:[/] ")
-        return collect_results(plan)
+        say(f"a pack job failed: {exc}", "[bold red]error:[/] ")
+        return [collect_results(sweep) for sweep in sweeps.values()]
 
 
 @contextmanager
-def sweep_progress(plan, quiet: bool):
-    """on_progress(pack, sequences, losses) driving one bar per pack (or nothing)."""
-    if quiet or not plan.packs:
+def sweep_progress(sweeps: dict, quiet: bool):
+    """on_progress(job, sequences, losses) driving one bar per pack job (or nothing)."""
+    from ihstudy.sweep import pack_jobs
+
+    labels = {id(sweep): label for label, sweep in sweeps.items()}
+    jobs = pack_jobs(list(sweeps.values()))
+    if quiet or not jobs:
         yield None
         return
     with progress_display() as bars:
-        updates = [progress_bar(bars, f"pack {i} ({len(runs)} runs)", plan.pack_total(i)) for i, runs in enumerate(plan.packs)]
-        yield lambda pack, sequences, losses: updates[pack](sequences, losses)
+        updates = [progress_bar(bars, f"{labels[id(sweep)]}pack {i} ({len(sweep.packs[i])} runs)", sweep.pack_total(i))
+                   for sweep, i in jobs]
+        yield lambda job, sequences, losses: updates[job](sequences, losses)
 
 
 def print_sweep_configs(plan, part: str) -> None:
@@ -311,13 +322,12 @@ def reproduce(
     if dry_run:
         for sweep in plan.sweeps.values():
             print_plan(sweep)
-        total = sum(map(rep.estimate_seconds, plan.sweeps.values())) / 60
-        say(f"estimated {total:.0f} min in all (packs one after another): an estimate from the end-to-end "
-            f"throughput of full-length runs on an idle 2-core CPU (README: Speed), not a measurement; a loaded "
-            f"machine takes longer, and so do --scale runs (their evals do not shrink)")
+        say(f"estimated {rep.estimate_wall_seconds(plan) / 60:.0f} min of training in all, {plan.workers} pack job(s) "
+            f"at a time, the longest first: an estimate from the cost of a training sequence and of an eval point "
+            f"measured end to end on an idle 2-core CPU (README: Reproducing the paper), without compilation; not a "
+            f"measurement: a loaded machine takes longer")
         return
-    for preset, sweep in plan.sweeps.items():
-        train_sweep(sweep, quiet, f"{preset}: ")
+    train_sweeps({f"{preset}: ": sweep for preset, sweep in plan.sweeps.items()}, plan.folder, quiet)
     try:
         rep.run_toy(plan)
         folder, table = rep.write_reproduction_report(plan)

@@ -35,19 +35,34 @@ from ihstudy.config import compose_config, quote
 from ihstudy.errors import ConfigError, UserError
 from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 from ihstudy.run_files import check_inside_outputs, outputs_root
-from ihstudy.sweep import SWEEP_DIR, Sweep, folder_name, parse, plan_sweep
+from ihstudy.sweep import (
+    SWEEP_DIR,
+    Sweep,
+    available_cores,
+    compose_pack_job,
+    folder_name,
+    jobs_per_machine,
+    pack_jobs,
+    pack_seconds,
+    parse,
+    plan_sweep,
+)
 
 FIGURES = {"3": ["fig3"], "4b": ["fig4b"], "5b": ["fig5b"], "6": ["fig6_long", "fig6_clamps"], "8": ["fig8"],
            "15": ["fig15"], "17": ["fig17"], "toy": []}
 TOY = {"dim": 20, "lr": 1.0, "iterations": 1000, "seed": 17, "conditions": ["none", "c", "bc"]}
 MIN_TOY_ITERATIONS = 300  # enough for the clamped conditions to fit
 QUICK_CHECKPOINTS = 20
-MIN_ANALYSIS_SEQUENCES = 256  # sequences for the checkpoint analyses at small scales
+# Unless the command line names a launcher: the pack jobs of every preset in one worker process per
+# core (each then takes one torch thread, sweep.jobs_per_machine). A pack's ~100 small ops per step
+# gain little from a second thread, so two packs side by side beat one after another.
+PARALLEL_LAUNCHER = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"]
+# Sequences of the training distribution for the checkpoint analyses of findings 3 and 5 (fewer
+# than `ihstudy analyze`'s circuits.DISTRIBUTION_LIMIT: a standard error of at most 0.0035 on an
+# accuracy, far below the judging thresholds, in a fifth of the time), and at small scales.
+ANALYSIS_SEQUENCES = 20_000
+MIN_ANALYSIS_SEQUENCES = 256
 CROSSING = "0.4ln2"  # the phase change: fsl_train loss below 0.4·ln 2 (timing.THRESHOLDS)
-
-# Throughput measured end to end on this project's 2-core CPU (README "Speed": the default run,
-# 1e6 sequences with evals, ~60 s; the Fig-5b pack, 6 x 6e5 clamped sequences, ~270 s).
-SEQUENCES_PER_SECOND = {"unclamped": 16_700, "clamped": 13_300}  # run-sequences per second of a pack
 
 # Judging thresholds
 PLATEAU_FRACTION = 0.25  # a plateau: within ln 2 ± 0.1 for at least this fraction of the time to the phase change
@@ -70,6 +85,7 @@ class Reproduction:
     sweeps: dict[str, Sweep]  # preset -> its planned sweep
     toy_iterations: int
     analysis_sequences: int
+    workers: int = 1  # pack jobs running at once on this machine
 
     @property
     def presets(self) -> list[str]:
@@ -100,8 +116,13 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
         scaled = [] if scale == 1 else scaled_overrides(preset, fixed, scale, given)
         sweeps[preset] = plan_sweep([f"experiment={preset}", *scaled, *overrides, f"{SWEEP_DIR}={quote(str(folder / preset))}"],
                                     max_pack_runs)
+    n_jobs = len(pack_jobs(list(sweeps.values())))
+    if "hydra/launcher" not in given and min(n_jobs, available_cores()) > 1:
+        for sweep in sweeps.values():
+            sweep.launcher_overrides = [*PARALLEL_LAUNCHER, *sweep.launcher_overrides]
+    workers = jobs_per_machine(compose_pack_job(next(iter(sweeps.values())).launcher_overrides), n_jobs) if sweeps else 1
     return Reproduction(folder.resolve(), scale, figures, sweeps, max(MIN_TOY_ITERATIONS, round(TOY["iterations"] * scale)),
-                        max(MIN_ANALYSIS_SEQUENCES, round(circuits.DISTRIBUTION_LIMIT * scale)))
+                        max(MIN_ANALYSIS_SEQUENCES, round(ANALYSIS_SEQUENCES * scale)), workers)
 
 
 def scaled_overrides(preset: str, fixed: list[str], scale: float, given: set[str]) -> list[str]:
@@ -120,12 +141,16 @@ def scaled_overrides(preset: str, fixed: list[str], scale: float, given: set[str
 
 
 def estimate_seconds(sweep: Sweep) -> float:
-    """Training time of a sweep's packs one after another, from the measured throughput."""
-    total = 0.0
-    for i, pack in enumerate(sweep.packs):
-        kind = "clamped" if any(OmegaConf.to_container(run.cfg.clamp) for run in pack) else "unclamped"
-        total += len(pack) * sweep.pack_total(i) / SEQUENCES_PER_SECOND[kind]
-    return total
+    """Training time of a sweep's packs one after another (sweep.pack_seconds)."""
+    return sum(map(pack_seconds, sweep.packs))
+
+
+def estimate_wall_seconds(repro: Reproduction) -> float:
+    """Training time of every pack job on `repro.workers` workers, the longest first (pack_jobs)."""
+    workers = [0.0] * repro.workers
+    for sweep, i in pack_jobs(list(repro.sweeps.values())):
+        workers[workers.index(min(workers))] += pack_seconds(sweep.packs[i])
+    return max(workers)
 
 
 # --- the data of a reproduction ------------------------------------------------------------------------------

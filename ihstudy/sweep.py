@@ -63,7 +63,7 @@ from ihstudy.run_files import (
     lock_run_dir,
     outputs_root,
 )
-from ihstudy.train import Pack, RunResult, RunSpec, exemplar_shape, resolve_device
+from ihstudy.train import Pack, RunResult, RunSpec, exemplar_shape, resolve_device, schedule_steps, sequences_to_step
 
 log = logging.getLogger(__name__)
 PLAN = "plan.json"
@@ -89,17 +89,34 @@ class Run:
         return self.exemplar_shape[2]
 
 
+# What a pack job costs on this project's 2-core CPU, one torch thread, beside another pack job
+# (measured end to end: README, "Reproducing the paper"): per run, a training sequence (clamped or
+# not: in packs they cost about the same) and an eval point (4 evaluators x 1000 sequences).
+# Orders the pack jobs, longest first, and estimates their time.
+TRAIN_SEQUENCES_PER_SECOND = 20_000
+EVAL_SECONDS = 0.08
+
+
 @dataclass
 class Sweep:
     dir: Path
     runs: list[Run]
     packs: list[list[Run]]  # the runs still to train, grouped
     launcher_overrides: list[str]  # hydra.* overrides for the pack jobs
-    jobs_per_machine: int
 
     def pack_total(self, i: int) -> int:
         """Sequences each run of pack i trains in all."""
         return self.packs[i][0].cfg.train.sequences
+
+
+def pack_seconds(pack: list[Run]) -> float:
+    """Estimated time of a pack's remaining training and evals (TRAIN_SEQUENCES_PER_SECOND, EVAL_SECONDS)."""
+    train = pack[0].cfg.train
+    n_steps = sequences_to_step(train.sequences, train.batch_size)
+    done = max(pack[0].files.checkpoint_steps(), default=0)
+    evals = [step for step in schedule_steps(train.eval_every, train.eval_at, n_steps, train.batch_size) if step > done]
+    sequences = (n_steps - done) * train.batch_size
+    return len(pack) * (sequences / TRAIN_SEQUENCES_PER_SECOND + len(evals) * EVAL_SECONDS)
 
 
 # --- planning: everything is composed and validated before anything is written ----------------
@@ -124,9 +141,9 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0) -> Sweep:
     budget = memory_budget(job_cfg)
     runs = compose_runs(expanded, sweep_dir.resolve(), budget)  # absolute: pack jobs may start in another folder
     todo = [run for run in runs if run.files.read_status().get("status") not in FINISHED]
-    packs = group_into_packs(todo, max_pack_runs, budget)
+    packs = sorted(group_into_packs(todo, max_pack_runs, budget), key=pack_seconds, reverse=True)  # see pack_jobs
     launcher_args = [o.input_line for o in parsed if o.is_hydra_override() and o.key_or_group != SWEEP_DIR]
-    return Sweep(sweep_dir.resolve(), runs, packs, launcher_args, jobs_per_machine(job_cfg, len(packs)))
+    return Sweep(sweep_dir.resolve(), runs, packs, launcher_args)
 
 
 def parse(overrides: list[str]) -> list:
@@ -293,34 +310,59 @@ def available_cores() -> int:
 def run_sweep(sweep: Sweep, on_progress=None) -> list[RunResult]:
     """Train every pack through the chosen Hydra launcher; returns the state of every run of the sweep.
 
-    on_progress(pack, sequences, losses) is called from a watcher thread as the packs advance."""
-    sweep.dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_dir(sweep.dir)  # one sweep command per folder at a time
+    on_progress(job, sequences, losses) is called from a watcher thread as the packs advance; job
+    indexes `pack_jobs([sweep])`."""
+    return run_sweeps([sweep], sweep.dir, on_progress)[0]
+
+
+def run_sweeps(sweeps: list[Sweep], folder: Path, on_progress=None) -> list[list[RunResult]]:
+    """Train the packs of several sweeps with the same launcher overrides as one Hydra multirun, so
+    that a parallel launcher keeps every worker busy across sweeps. `folder` (a sweep's own folder
+    for one sweep) holds the multirun's plan.json and pack job folders; each sweep folder gets its
+    sweep.parquet. Returns the state of every run, sweep by sweep."""
+    folders = list(dict.fromkeys([folder, *(sweep.dir for sweep in sweeps)]))
+    locks = []
     try:
-        write_plan(sweep)
-        watcher = ProgressWatcher(sweep, on_progress) if on_progress else None
-        try:
-            if sweep.packs:
-                launch_packs(sweep)
-        finally:
-            if watcher:
-                watcher.stop()
-            write_index(sweep)
+        for path in folders:  # one command per sweep folder at a time
+            path.mkdir(parents=True, exist_ok=True)
+            locks.append(lock_run_dir(path))
+        jobs = pack_jobs(sweeps)
+        if jobs:
+            per_machine = jobs_per_machine(compose_pack_job(sweeps[0].launcher_overrides), len(jobs))
+            write_plan(folder, [sweep.packs[i] for sweep, i in jobs], per_machine)
+            watcher = ProgressWatcher(folder, len(jobs), on_progress) if on_progress else None
+            try:
+                launch_packs(folder, len(jobs), sweeps[0].launcher_overrides, per_machine)
+            finally:
+                if watcher:
+                    watcher.stop()
     finally:
-        lock.release()
-    return collect_results(sweep)
+        try:
+            for sweep in sweeps:
+                write_index(sweep)
+        finally:
+            for lock in locks:
+                lock.release()
+    return [collect_results(sweep) for sweep in sweeps]
 
 
-def progress_file(sweep_dir: Path, pack: int) -> Path:
-    return sweep_dir / "packs" / str(pack) / "progress.json"
+def pack_jobs(sweeps: list[Sweep]) -> list[tuple[Sweep, int]]:
+    """(sweep, pack index) of every pack to train, the longest first: parallel workers then end
+    close together instead of one worker starting a long pack last."""
+    jobs = [(sweep, i) for sweep in sweeps for i in range(len(sweep.packs))]
+    return sorted(jobs, key=lambda job: pack_seconds(job[0].packs[job[1]]), reverse=True)
 
 
-def write_plan(sweep: Sweep) -> None:
-    packs = [{"runs": [{"name": r.name, "dir": str(r.dir), "config": OmegaConf.to_container(r.cfg)} for r in pack],
-              "progress": str(progress_file(sweep.dir, i))} for i, pack in enumerate(sweep.packs)]
-    atomic_write_text(sweep.dir / PLAN, json.dumps({"jobs_per_machine": sweep.jobs_per_machine, "packs": packs}, indent=1))
-    for i in range(len(sweep.packs)):
-        progress_file(sweep.dir, i).unlink(missing_ok=True)
+def progress_file(folder: Path, job: int) -> Path:
+    return folder / "packs" / str(job) / "progress.json"
+
+
+def write_plan(folder: Path, packs: list[list[Run]], per_machine: int) -> None:
+    entries = [{"runs": [{"name": r.name, "dir": str(r.dir), "config": OmegaConf.to_container(r.cfg)} for r in pack],
+                "progress": str(progress_file(folder, i))} for i, pack in enumerate(packs)]
+    atomic_write_text(folder / PLAN, json.dumps({"jobs_per_machine": per_machine, "packs": entries}, indent=1))
+    for i in range(len(packs)):
+        progress_file(folder, i).unlink(missing_ok=True)
 
 
 class PackJobError(Exception):
@@ -331,16 +373,15 @@ class PackInterrupted(Exception):
     """A pack job outside the sweep's process was stopped by a signal; its runs are resumable."""
 
 
-def launch_packs(sweep: Sweep) -> None:
-    """One Hydra multirun over the pack index; the launcher decides where the pack jobs run."""
-    packs = ",".join(str(i) for i in range(len(sweep.packs)))
-    overrides = [*sweep.launcher_overrides, f"{SWEEP_DIR}={quote(str(sweep.dir))}", f"pack={packs}",
-                 f"jobs_per_machine={sweep.jobs_per_machine}"]
+def launch_packs(folder: Path, n_jobs: int, launcher_overrides: list[str], per_machine: int) -> None:
+    """One Hydra multirun over the pack jobs of `folder`'s plan; the launcher decides where they run."""
+    overrides = [*launcher_overrides, f"{SWEEP_DIR}={quote(str(folder))}", f"pack={','.join(map(str, range(n_jobs)))}",
+                 f"jobs_per_machine={per_machine}"]
     try:
         with hydra_initialized(job_name="pack"):
             GlobalHydra.instance().hydra.multirun("pack_job", train_pack_job, overrides)
     except Exception as exc:  # Hydra re-raises the first failed job's error once the launcher returns
-        raise PackJobError(f"{first_line(exc)} (pack logs: {sweep.dir}/packs/<i>/pack.log)") from exc
+        raise PackJobError(f"{first_line(exc)} (pack logs: {folder}/packs/<i>/pack.log)") from exc
 
 
 def train_pack_job(job_cfg: DictConfig) -> list[str]:
@@ -389,10 +430,10 @@ class ProgressWriter:
 
 
 class ProgressWatcher:
-    """A thread polling the pack progress files and calling on_progress(pack, sequences, losses)."""
+    """A thread polling the pack jobs' progress files and calling on_progress(job, sequences, losses)."""
 
-    def __init__(self, sweep: Sweep, on_progress, interval: float = 0.5):
-        self.sweep, self.on_progress, self.interval = sweep, on_progress, interval
+    def __init__(self, folder: Path, n_jobs: int, on_progress, interval: float = 0.5):
+        self.folder, self.n_jobs, self.on_progress, self.interval = folder, n_jobs, on_progress, interval
         self.done = threading.Event()
         self.thread = threading.Thread(target=self.watch, daemon=True)
         self.thread.start()
@@ -402,9 +443,9 @@ class ProgressWatcher:
             self.poll()
 
     def poll(self) -> None:
-        for i in range(len(self.sweep.packs)):
+        for i in range(self.n_jobs):
             try:
-                state = json.loads(progress_file(self.sweep.dir, i).read_text())
+                state = json.loads(progress_file(self.folder, i).read_text())
             except (OSError, ValueError):
                 continue
             self.on_progress(i, state["sequences"], state["losses"])

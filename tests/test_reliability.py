@@ -181,7 +181,7 @@ def test_full_disk_fails_cleanly_and_the_run_resumes_once_there_is_space(tmp_pat
         patch.setattr(os, "fsync", fsync_on_a_small_disk)
         result = train(run_dir)
     assert result.exit_code == 1 and "No space left on device" in result.output, result.output
-    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output, result.output
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
     for step in RunFiles(run_dir).checkpoint_steps():  # every file on disk is whole
         path = run_dir / "checkpoints" / f"step_{step:08d}.pt"

@@ -13,9 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from ihstudy import reproduce
+from ihstudy import sweep as sweep_module
 from ihstudy.cli import app
 from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 from ihstudy.run_files import atomic_write_parquet
+from ihstudy.sweep import pack_jobs, pack_seconds
 
 SEQ = np.arange(0, 600_001, 5000, dtype=float)
 TINY = ["data.dim=16", "eval.n_sequences=40", "train.threads=1"]
@@ -112,6 +114,26 @@ def test_overrides_pass_to_every_preset_and_each_scale_has_its_own_folder(output
     assert not any(outputs_root.iterdir())
 
 
+def test_packs_of_every_preset_run_side_by_side_longest_first(outputs_root, monkeypatch):
+    monkeypatch.setattr(reproduce, "available_cores", lambda: 2)
+    monkeypatch.setattr(sweep_module, "available_cores", lambda: 2)
+    plan = reproduce.plan_reproduction(["3", "4b", "6"])
+    assert plan.workers == 2
+    assert all(s.launcher_overrides == reproduce.PARALLEL_LAUNCHER for s in plan.sweeps.values())
+    jobs = pack_jobs(list(plan.sweeps.values()))
+    seconds = [pack_seconds(s.packs[i]) for s, i in jobs]
+    assert len(jobs) == 8 and seconds == sorted(seconds, reverse=True)
+    assert jobs[0][0] is plan.sweeps["fig4b"]  # 8 clamped runs of 1e6 sequences
+    wall = reproduce.estimate_wall_seconds(plan)
+    assert max(seconds[0], sum(seconds) / 2) <= wall < sum(seconds)
+
+    alone = reproduce.plan_reproduction(["3"])  # one pack: nothing to run side by side
+    assert alone.workers == 1 and alone.sweeps["fig3"].launcher_overrides == []
+    chosen = reproduce.plan_reproduction(["3", "4b", "hydra/launcher=basic"])
+    assert chosen.workers == 1 and chosen.sweeps["fig4b"].launcher_overrides == ["hydra/launcher=basic"]
+    assert not any(outputs_root.iterdir())
+
+
 @pytest.mark.parametrize("args", [["fig9"], ["3", "--scale", "2"], ["3", "experiment=fig3"], ["3", "model.n_heads=3"]])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(outputs_root, args):
     result = CliRunner().invoke(app, ["reproduce", *args, "--dry-run"])
@@ -167,9 +189,9 @@ def test_tiny_reproduction_on_a_features_file(outputs_root):
     pd.testing.assert_frame_equal(pd.read_parquet(run / "eval.parquet"), evals)
 
 
-@pytest.mark.slow
 def test_every_preset_end_to_end_at_a_tiny_scale(outputs_root):
-    result = CliRunner().invoke(app, ["reproduce", "--scale", "0.0005", "-q", *TINY])
+    # every figure and the toy model, its packs two at a time (the default launcher on 2 cores)
+    result = CliRunner().invoke(app, ["reproduce", "--scale", "0.0005", "-q", *TINY, "train.compile=false"])
     assert result.exit_code == 0, result.output
     folder = next((outputs_root / "reproduce").iterdir())
     for preset in ("fig3", "fig4b", "fig5b", "fig6_long", "fig6_clamps", "fig8", "fig15", "fig17"):

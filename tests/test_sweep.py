@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from ihstudy.cli import app
 from ihstudy.config import compose_config
-from ihstudy.sweep import available_cores, plan_sweep
+from ihstudy.sweep import available_cores, plan_sweep, run_sweeps
 from ihstudy.train import Pack, RunSpec, phase_change_sequences
 
 # 300 steps at lr 1e-3: the fsl_train loss crosses 0.4 ln 2 at ~8000 sequences (seed 5).
@@ -132,6 +132,22 @@ def test_launchers_run_one_job_per_pack(tmp_path, launcher, in_process_sweep):
     assert sorted(pd.read_parquet(tmp_path / launcher / "sweep.parquet").pack) == [0, 1]
     for basic, launched in zip(run_dirs(in_process_sweep), run_dirs(tmp_path / launcher), strict=True):
         pd.testing.assert_frame_equal(pd.read_parquet(launched / "eval.parquet"), pd.read_parquet(basic / "eval.parquet"))
+
+
+def test_packs_of_several_sweeps_train_as_one_launch(tmp_path, in_process_sweep):
+    """ihstudy reproduce's way: the packs of two sweeps as one joblib multirun in a third folder."""
+    sweeps = [plan_sweep([f"task.n_labels={n}", *TINY, "hydra/launcher=joblib", f"hydra.sweep.dir={tmp_path}/{n}"])
+              for n in (5, 10)]
+    results = run_sweeps(sweeps, tmp_path / "launch")
+    assert [[r.status for r in rs] for rs in results] == [["completed"], ["completed"]]
+    plan = json.loads((tmp_path / "launch" / "plan.json").read_text())
+    assert [pack["runs"][0]["dir"] for pack in plan["packs"]] == [str(s.runs[0].dir) for s in sweeps]
+    assert plan["jobs_per_machine"] == min(2, available_cores())
+    assert sorted(p.name for p in (tmp_path / "launch" / "packs").iterdir()) == ["0", "1"]
+    for sweep, basic in zip(sweeps, run_dirs(in_process_sweep)[::-1], strict=True):  # n_labels=10 sorts first
+        assert (sweep.dir / "sweep.parquet").exists() and not (sweep.dir / "plan.json").exists()
+        pd.testing.assert_frame_equal(pd.read_parquet(sweep.runs[0].dir / "eval.parquet"),
+                                      pd.read_parquet(basic / "eval.parquet"))
 
 
 @pytest.mark.parametrize("args,message", [
