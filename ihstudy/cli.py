@@ -7,6 +7,7 @@ ends in one line on stderr and exit code 2, before anything is written.
 from __future__ import annotations
 
 import shlex
+import signal
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -238,7 +239,7 @@ def train_sweeps(sweeps: dict, folder: Path, quiet: bool) -> list[list]:
     from ihstudy.sweep import PackJobError, collect_results, run_sweeps
 
     try:
-        with sweep_progress(sweeps, quiet) as on_progress:
+        with sigterm_as_interrupt(), sweep_progress(sweeps, quiet) as on_progress:
             return run_sweeps(list(sweeps.values()), folder, on_progress)
     except UserError as exc:  # another command holds a sweep folder
         fail(str(exc))
@@ -248,6 +249,22 @@ def train_sweeps(sweeps: dict, folder: Path, quiet: bool) -> list[list]:
     except PackJobError as exc:
         say(f"a pack job failed: {exc}", "[bold red]error:[/] ")
         return [collect_results(sweep) for sweep in sweeps.values()]
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (kill, a job scheduler) stops a sweep as Ctrl-C does. Its default, ending this process
+    on the spot, would leave the worker processes of a parallel launcher training (and holding their
+    run folders) with no one to collect them. In-process packs still stop at a step boundary
+    (train.StopRequest takes SIGTERM while a pack trains)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -7,10 +7,12 @@
     ihstudy reproduce hydra/launcher=submitit_slurm hydra.launcher.partition=cpu
 
 Each figure preset (conf/experiment/) is one sweep (ihstudy.sweep: packs, launchers, skipping
-finished runs and resuming the others) in its own folder under the reproduction folder:
+finished runs and resuming the others) in its own folder under the reproduction folder; the packs
+of all of them train as one launch (sweep.run_sweeps), two at a time on two cores (PARALLEL_LAUNCHER):
 
     <out>/<full|scale-F>[_<overrides>]/   one reproduction: a scale and a set of overrides
         fig3/, fig5b/, ...                sweep folders (layout: ihstudy/sweep.py)
+        plan.json, packs/<i>/             the pack jobs of the latest invocation, their logs
         toy/                              the toy model (ihstudy/toy.py)
         report/report.md                  the findings table, details as CSV, figures
 

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from ihstudy.cli import app
 from ihstudy.config import compose_config
 from ihstudy.errors import UserError
-from ihstudy.run_files import RunFiles, claim_run_dir, load_checkpoint_file
+from ihstudy.run_files import RunFiles, claim_run_dir, load_checkpoint_file, lock_run_dir
 from ihstudy.train import Pack, RunSpec
 
 # ~500 steps of a small model with frequent evals and checkpoints: long enough to kill mid-run.
@@ -343,3 +343,29 @@ def test_a_crash_marks_the_run_failed_and_frees_it(tmp_path, monkeypatch, where)
     assert status(run_dir)["status"] == "failed" and "RuntimeError: boom" in status(run_dir)["error"]
     assert lock_is_free(run_dir)
     assert train(run_dir, *args[:1], "--resume").exit_code == 0
+
+
+def test_sigterm_stops_a_parallel_sweep_with_its_workers(tmp_path):
+    """`kill` on a sweep whose packs train in joblib workers ends the workers too (exit 130), so the
+    same command can continue at once; left alone they would train on, holding their run folders."""
+    args = [*IHSTUDY, "sweep", "-q", "seed=5,6", "--max-pack-runs", "1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+            f"hydra.sweep.dir={tmp_path}/s", *RUN[:2], "train.sequences=400000", "train.eval_every=40000",
+            "train.ckpt_every=800", "eval.n_sequences=20"]
+    env = os.environ | {"IHSTUDY_OUTPUTS": str(tmp_path)}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for seed in (5, 6):
+        wait_for(tmp_path / "s" / f"seed={seed}" / "checkpoints" / f"step_{100:08d}.pt", process)
+    process.send_signal(signal.SIGTERM)  # to the sweep's own process only, as `kill <pid>` does
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and "interrupted" in err, err
+    for seed in (5, 6):  # no worker trains on: each run folder is free (within a few seconds)
+        run_dir = tmp_path / "s" / f"seed={seed}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                lock_run_dir(run_dir).release()
+                break
+            except UserError:
+                assert time.monotonic() < deadline, f"{run_dir} is still in use"
+                time.sleep(0.2)
+        assert status(run_dir)["status"] in ("running", "interrupted")
