@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import threading
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -260,6 +261,9 @@ def sigterm_as_interrupt():
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
+    if threading.current_thread() is not threading.main_thread():  # only there can handlers be set
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
