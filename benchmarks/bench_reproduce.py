@@ -29,9 +29,10 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from ihstudy.reproduce import FIGURES
+
 IHSTUDY = str(Path(sys.executable).with_name("ihstudy"))
-FIGURE_OF = {"fig3": "3", "fig4b": "4b", "fig5b": "5b", "fig6_long": "6", "fig6_clamps": "6",
-             "fig8": "8", "fig15": "15", "fig17": "17"}
+FIGURE_OF = {preset: figure for figure, presets in FIGURES.items() for preset in presets}
 
 
 def run_table(folder: Path) -> pd.DataFrame:

@@ -118,7 +118,7 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
         scaled = [] if scale == 1 else scaled_overrides(preset, fixed, scale, given)
         sweeps[preset] = plan_sweep([f"experiment={preset}", *scaled, *overrides, f"{SWEEP_DIR}={quote(str(folder / preset))}"],
                                     max_pack_runs)
-    n_jobs = len(pack_jobs(list(sweeps.values())))
+    n_jobs = sum(len(sweep.packs) for sweep in sweeps.values())
     if "hydra/launcher" not in given and min(n_jobs, available_cores()) > 1:
         for sweep in sweeps.values():
             sweep.launcher_overrides = [*PARALLEL_LAUNCHER, *sweep.launcher_overrides]
