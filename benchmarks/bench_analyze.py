@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ihstudy import circuits, timing
-from ihstudy.report import timing_report
+from ihstudy.analysis import circuits, timing
+from ihstudy.analysis.report import timing_report
 
 
 def timed(label: str, fn):

@@ -37,7 +37,7 @@ CASES = {
 
 def make_pack(case: str, folder: str, compile_steps: bool):
     from ihstudy.config import compose_config
-    from ihstudy.train import Pack, RunSpec
+    from ihstudy.training.train import Pack, RunSpec
 
     preset, extra = case.split("+")[0], CASES[case][0]
     cfg, _ = compose_config([f"clamp={preset}", *extra, f"hydra.run.dir={folder}/{case}"])

@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from ihstudy.reproduce import FIGURES
+from ihstudy.analysis.reproduce import FIGURES
 
 IHSTUDY = str(Path(sys.executable).with_name("ihstudy"))
 FIGURE_OF = {preset: figure for figure, presets in FIGURES.items() for preset in presets}

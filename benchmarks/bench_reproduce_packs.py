@@ -39,7 +39,7 @@ def timed(function, repeats: int = 1) -> tuple[float, float]:
 
 
 def measure_pack(pack, steps: int, compile_setting: str) -> dict:
-    from ihstudy.compiled import use_compile
+    from ihstudy.training.compiled import use_compile
 
     compiled = use_compile(compile_setting, pack.n_steps, pack.device)
     if compiled:
@@ -72,8 +72,8 @@ def main() -> None:
         os.environ["IHSTUDY_OUTPUTS"] = tmp
         import torch
 
-        from ihstudy.sweep import plan_sweep
-        from ihstudy.train import Pack, RunSpec
+        from ihstudy.training.sweep import plan_sweep
+        from ihstudy.training.train import Pack, RunSpec
 
         torch.set_num_threads(args.threads)
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, {args.threads} torch thread(s)")

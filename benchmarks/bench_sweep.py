@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ihstudy.compiled import MIN_STEPS
+from ihstudy.training.compiled import MIN_STEPS
 
 CONDITIONS = ["only_l2h3", "pt_attention", "layer1", "match", "copy", "layer1_copy"]
 IHSTUDY = str(Path(sys.executable).with_name("ihstudy"))

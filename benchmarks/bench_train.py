@@ -41,9 +41,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         os.environ["IHSTUDY_OUTPUTS"] = tmp
-        from ihstudy.compiled import use_compile
         from ihstudy.config import compose_config
-        from ihstudy.train import Pack, RunSpec
+        from ihstudy.training.compiled import use_compile
+        from ihstudy.training.train import Pack, RunSpec
 
         cfg, run_dir = compose_config([f"hydra.run.dir={tmp}/steps", *threads, *args.overrides])
         pack = Pack([RunSpec(cfg, run_dir)])

@@ -76,10 +76,10 @@ def train(
     print_config: ConfigPart | None = PRINT_CONFIG,
 ) -> None:
     """Train one model (the paper's base setup by default) and write its run folder under outputs/."""
-    from ihstudy.compiled import use_compile
     from ihstudy.config import compose_config, compose_hydra_node
     from ihstudy.run_files import RunFiles, claim_run_dir
-    from ihstudy.train import Pack, RunSpec
+    from ihstudy.training.compiled import use_compile
+    from ihstudy.training.train import Pack, RunSpec
 
     overrides = overrides or []
     try:
@@ -173,7 +173,7 @@ def progress_bar(bars: Progress, description: str, total_sequences: int):
 
 def print_summary(results, root: Path | None = None) -> None:
     """One row per run; with `root`, runs are named by their folder inside it."""
-    from ihstudy.evaluate import PHASE_CHANGE_THRESHOLD
+    from ihstudy.training.evaluate import PHASE_CHANGE_THRESHOLD
 
     title = (f"Final loss per evaluator; phase change = first eval with fsl_train loss < 0.4·ln2 "
              f"= {PHASE_CHANGE_THRESHOLD:.3f}")
@@ -203,7 +203,7 @@ def sweep(
     Runs of equal tensor shapes train together as one batched pack; packs run through a Hydra
     launcher (hydra/launcher=joblib, submitit_local or submitit_slurm; default: in this process).
     Running the same command again skips finished runs and resumes the others."""
-    from ihstudy.sweep import plan_sweep
+    from ihstudy.training.sweep import plan_sweep
 
     try:
         plan = plan_sweep(overrides or [], max_pack_runs)
@@ -237,7 +237,7 @@ def train_sweeps(sweeps: dict, folder: Path, quiet: bool) -> list[list]:
     """Train planned sweeps (label -> sweep) as one launch with progress bars; the state of every
     run, sweep by sweep. A failed pack job is said on stderr (its runs stay resumable); an
     interrupt exits 130, a sweep folder in use exits 2."""
-    from ihstudy.sweep import PackJobError, collect_results, run_sweeps
+    from ihstudy.training.sweep import PackJobError, collect_results, run_sweeps
 
     try:
         with sigterm_as_interrupt(), sweep_progress(sweeps, quiet) as on_progress:
@@ -274,7 +274,7 @@ def sigterm_as_interrupt():
 @contextmanager
 def sweep_progress(sweeps: dict, quiet: bool):
     """on_progress(job, sequences, losses) driving one bar per pack job (or nothing)."""
-    from ihstudy.sweep import pack_jobs
+    from ihstudy.training.sweep import pack_jobs
 
     labels = {id(sweep): label for label, sweep in sweeps.items()}
     jobs = pack_jobs(list(sweeps.values()))
@@ -291,7 +291,7 @@ def print_sweep_configs(plan, part: str) -> None:
     """The first run's config in full, then every run's overrides (what differs between the runs), as YAML."""
     from omegaconf import OmegaConf
 
-    from ihstudy.sweep import compose_pack_job
+    from ihstudy.training.sweep import compose_pack_job
 
     configs = []
     if part in ("job", "all"):
@@ -330,7 +330,7 @@ def reproduce(
     ihstudy reproduce 3 5b --scale 0.1        a quick look at two figures
     ihstudy reproduce seed=5,6,7 data=features_file data.path=omniglot.h5
     Running the same command again skips finished runs and resumes interrupted ones."""
-    from ihstudy import reproduce as rep
+    from ihstudy.analysis import reproduce as rep
 
     try:
         plan = rep.plan_reproduction(args or [], scale, out, max_pack_runs)
@@ -402,7 +402,7 @@ def analyze(
     args = list(args or [])
     if not args:
         fail("give run or sweep folders to time, or one of: " + ", ".join(ANALYSES) + " and a run folder")
-    from ihstudy.report import FORMATS
+    from ihstudy.analysis.report import FORMATS
 
     if fmt not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'")
@@ -420,9 +420,9 @@ def analyze(
 
 def analyze_eval(args: list[str], step: int | None) -> None:
     """Today's post-hoc evaluation: a checkpoint's eval rows under optional clamp overrides."""
-    from ihstudy.circuits import loading_errors
+    from ihstudy.analysis.circuits import loading_errors
     from ihstudy.config import compose_config
-    from ihstudy.train import evaluate_checkpoint
+    from ihstudy.training.train import evaluate_checkpoint
 
     if not args:
         fail("analyze eval takes a run folder")
@@ -464,8 +464,8 @@ def parse_thresholds(text: str) -> dict[str, float]:
 
 def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, metric: str, band: float,
                    report_dir: Path | None, fmt: str) -> None:
-    from ihstudy import timing
-    from ihstudy.report import timing_report, write_report
+    from ihstudy.analysis import timing
+    from ihstudy.analysis.report import timing_report, write_report
 
     try:
         limits = parse_thresholds(thresholds)
@@ -495,7 +495,7 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
 
 def default_report_dir(paths: list[Path], name: str) -> Path:
     """analysis/<name> in the folder given (a sweep or a folder of runs), else next to the run folders."""
-    from ihstudy.timing import common_root, is_run_dir
+    from ihstudy.analysis.timing import common_root, is_run_dir
 
     if len(paths) == 1 and not is_run_dir(paths[0]):
         return paths[0] / "analysis" / name
@@ -503,7 +503,7 @@ def default_report_dir(paths: list[Path], name: str) -> Path:
 
 
 def print_timing(table, summary, evaluator: str, metric: str) -> None:
-    from ihstudy.timing import format_sequences
+    from ihstudy.analysis.timing import format_sequences
 
     rows = table[table.evaluator == evaluator]
     out = Table(title=f"{evaluator} loss: sequences to each threshold (first eval point / interpolated); "
@@ -528,7 +528,7 @@ def print_timing(table, summary, evaluator: str, metric: str) -> None:
 
 def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: int, report_dir: Path | None,
                        fmt: str) -> None:
-    from ihstudy import circuits, report
+    from ihstudy.analysis import circuits, report
 
     try:
         subject = circuits.Subject(run_dir, step)
@@ -567,7 +567,7 @@ def toy(
                                                "(default: outputs/toy/<date>_<time>)."),
 ) -> None:
     """The paper's toy model (Figs. 5a, 9): fit a rank-1 3-tensor a*⊗b*⊗c* by a⊗b⊗c, with vectors clamped."""
-    from ihstudy.toy import run_conditions, write_toy
+    from ihstudy.analysis.toy import run_conditions, write_toy
 
     settings = {"dim": dim, "lr": lr, "iterations": iterations, "seed": seed, "conditions": conditions.split(",")}
     try:

@@ -19,10 +19,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from ihstudy.data import EVALUATORS, MAX_FEATURE_ELEMENTS
 from ihstudy.errors import ConfigError
-from ihstudy.model import INIT_SCHEMES
+from ihstudy.model.transformer import INIT_SCHEMES
 from ihstudy.run_files import check_folder_path
+from ihstudy.tasks.fsl import EVALUATORS, MAX_FEATURE_ELEMENTS
 
 CONF_DIR_ENV = "IHSTUDY_CONF_DIR"  # a config tree of the user's own, in place of ihstudy's
 CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"  # conf/ beside the code in a source checkout

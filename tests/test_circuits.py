@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ihstudy import circuits
+from ihstudy.analysis import circuits
 from ihstudy.cli import app
-from ihstudy.data import Batch
-from ihstudy.model import cross_entropy, layer_norm, linear
-from ihstudy.train import evaluate_checkpoint
+from ihstudy.model.transformer import cross_entropy, layer_norm, linear
+from ihstudy.tasks.fsl import Batch
+from ihstudy.training.train import evaluate_checkpoint
 
 TINY = ["train.sequences=3200", "train.eval_every=1600", "train.ckpt_every=1600", "eval.n_sequences=200",
         "train.threads=1", "model.d_model=16", "model.n_heads=4", "data.n_classes=30", "data.dim=16",

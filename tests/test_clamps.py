@@ -6,7 +6,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ihstudy.clamps import (
+from ihstudy.cli import app
+from ihstudy.errors import CheckpointError, ConfigError
+from ihstudy.model.clamps import (
     AblateEmbedding,
     AblateHeads,
     ClampSet,
@@ -20,11 +22,9 @@ from ihstudy.clamps import (
     SilenceNonLabel,
     build_clamps,
 )
-from ihstudy.cli import app
-from ihstudy.data import Batch
-from ihstudy.errors import CheckpointError, ConfigError
-from ihstudy.model import ModelShape, Transformer, query_loss
+from ihstudy.model.transformer import ModelShape, Transformer, query_loss
 from ihstudy.run_files import RunFiles
+from ihstudy.tasks.fsl import Batch
 
 SHAPE = ModelShape(n_layers=2, n_heads=4, d_model=16, n_features=8, n_labels=5, context_len=2)
 PATTERN = "blocks.{}.attn.hook_pattern"
@@ -270,7 +270,7 @@ def test_graft_in_takes_the_donor_residual_and_blocks_gradient(checkpoint):
 
 def test_grafted_layers_stay_frozen_during_training(checkpoint, tmp_path):
     from ihstudy.config import compose_config
-    from ihstudy.train import Pack, RunSpec
+    from ihstudy.training.train import Pack, RunSpec
 
     cfg, _ = compose_config(["model.d_model=16", "model.n_heads=4", "data.n_classes=80", "data.dim=8", "data.latent_dim=4",
                              "task.class_split=[50,20,10]", "train.sequences=96", "eval.n_sequences=8",

@@ -12,7 +12,7 @@ from ihstudy.cli import app
 from ihstudy.config import CHECKOUT_CONF, CONF_DIR_ENV
 from ihstudy.errors import RunInUseError, UserError
 from ihstudy.run_files import lock_run_dir
-from ihstudy.sweep import plan_sweep
+from ihstudy.training.sweep import plan_sweep
 
 SMALL = ["train.sequences=640", "data.n_classes=200", "task.class_split=[50,50,100]", "data.dim=16"]
 

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from ihstudy.data import FewShotSampler, TrainStream, gaussian_features, label_pair_split
 from ihstudy.errors import ConfigError
+from ihstudy.tasks.fsl import FewShotSampler, TrainStream, gaussian_features, label_pair_split
 
 N_CLASSES, N_EXEMPLARS = 60, 5
 
@@ -160,7 +160,7 @@ def test_evaluators_draw_classes_uniformly_under_zipf():
     from omegaconf import OmegaConf
 
     from ihstudy.config import compose_config
-    from ihstudy.data import FewShotTask
+    from ihstudy.tasks.fsl import FewShotTask
 
     cfg, _ = compose_config(["task.zipf_alpha=1.0", "data.n_classes=200", "data.dim=8", "data.latent_dim=4",
                              "task.class_split=[50,50,100]"])

@@ -7,12 +7,12 @@ import logging
 import pytest
 import torch
 
-from ihstudy.clamps import ClampSet
-from ihstudy.compiled import Compiled
-from ihstudy.data import Batch
-from ihstudy.fast_path import Tape, train_step, unsupported
-from ihstudy.model import ModelShape, Transformer, query_loss
-from ihstudy.steps import FastPath, HookedPath, choose_path
+from ihstudy.model.clamps import ClampSet
+from ihstudy.model.fast_path import Tape, train_step, unsupported
+from ihstudy.model.transformer import ModelShape, Transformer, query_loss
+from ihstudy.tasks.fsl import Batch
+from ihstudy.training.compiled import Compiled
+from ihstudy.training.steps import FastPath, HookedPath, choose_path
 from tests.test_model import model, random_batch
 
 SHAPES = {

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from ihstudy.cli import app
 from ihstudy.config import compose_config
-from ihstudy.data import load_feature_file
 from ihstudy.errors import CheckpointError, ConfigError
 from ihstudy.run_files import RunFiles, load_checkpoint_file
+from ihstudy.tasks.fsl import load_feature_file
 
 SHORT = ["train.threads=1", "train.batch_size=8", "train.sequences=240", "train.ckpt_every=80",
          "train.eval_every=240", "eval.n_sequences=20"]
@@ -257,7 +257,7 @@ def hostile_world(outputs_root, trained_run, monkeypatch):
     with damaged configs and a feature file of the wrong rank; memory fixed at 16 GiB."""
     import shutil
 
-    from ihstudy import memory
+    from ihstudy.training import memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 16 * 2**30)
     (outputs_root / "afile").write_text("mine")

@@ -11,12 +11,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ihstudy import memory, train
 from ihstudy.config import compose_config
 from ihstudy.errors import ConfigError
-from ihstudy.memory import check_fits, estimate
-from ihstudy.sweep import plan_sweep
-from ihstudy.train import Pack, RunSpec, exemplar_shape
+from ihstudy.training import memory, train
+from ihstudy.training.memory import check_fits, estimate
+from ihstudy.training.sweep import plan_sweep
+from ihstudy.training.train import Pack, RunSpec, exemplar_shape
 
 
 def peak_growth(overrides: list[str]) -> int:

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ihstudy.data import Batch
-from ihstudy.model import OPT_IN_SITES, ModelShape, Transformer, layer_norm, query_loss
+from ihstudy.model.transformer import OPT_IN_SITES, ModelShape, Transformer, layer_norm, query_loss
+from ihstudy.tasks.fsl import Batch
 
 SHAPE = ModelShape(n_layers=2, n_heads=8, d_model=64, n_features=16, n_labels=5, context_len=3)
 

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from ihstudy.clamps import AblateHeads, InductionPattern, PrevTokenPattern, build_clamps
 from ihstudy.cli import app
-from ihstudy.model import ModelShape
-from ihstudy.sweep import plan_sweep
+from ihstudy.model.clamps import AblateHeads, InductionPattern, PrevTokenPattern, build_clamps
+from ihstudy.model.transformer import ModelShape
+from ihstudy.training.sweep import plan_sweep
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "conf" / "experiment"
 # preset: runs, packs, sequences per run, eval every (ih_paper_runs.sh / ih_paper_appendix_runs.sh)

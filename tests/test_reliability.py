@@ -23,7 +23,7 @@ from ihstudy.cli import app
 from ihstudy.config import compose_config
 from ihstudy.errors import UserError
 from ihstudy.run_files import RunFiles, claim_run_dir, load_checkpoint_file, lock_run_dir
-from ihstudy.train import Pack, RunSpec
+from ihstudy.training.train import Pack, RunSpec
 
 # ~500 steps of a small model with frequent evals and checkpoints: long enough to kill mid-run.
 RUN = ["train.threads=1", "train.batch_size=8", "train.sequences=4000", "train.eval_every=400",

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from ihstudy import reproduce
-from ihstudy import sweep as sweep_module
+from ihstudy.analysis import reproduce
 from ihstudy.cli import app
-from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 from ihstudy.run_files import atomic_write_parquet
-from ihstudy.sweep import pack_jobs, pack_seconds
+from ihstudy.training import sweep as sweep_module
+from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
+from ihstudy.training.sweep import pack_jobs, pack_seconds
 
 SEQ = np.arange(0, 600_001, 5000, dtype=float)
 TINY = ["data.dim=16", "eval.n_sequences=40", "train.threads=1"]
@@ -202,7 +202,7 @@ def test_every_preset_end_to_end_at_a_tiny_scale(outputs_root):
 
 
 def test_kept_head_reads_a_single_head_or_a_list():
-    from ihstudy.reproduce import kept_head
+    from ihstudy.analysis.reproduce import kept_head
 
     assert kept_head("1:3") == "1:3"  # fig4b sweeps clamp.keep.heads=1:0..1:7 as single strings
     assert kept_head(["1:5", "1:6"]) == "1:5"

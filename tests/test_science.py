@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ihstudy.cli import app
-from ihstudy.train import phase_change_sequences
+from ihstudy.training.train import phase_change_sequences
 
 LN2 = math.log(2)
 

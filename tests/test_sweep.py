@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from ihstudy.cli import app
 from ihstudy.config import compose_config
-from ihstudy.sweep import available_cores, plan_sweep, run_sweeps
-from ihstudy.train import Pack, RunSpec, phase_change_sequences
+from ihstudy.training.sweep import available_cores, plan_sweep, run_sweeps
+from ihstudy.training.train import Pack, RunSpec, phase_change_sequences
 
 # 300 steps at lr 1e-3: the fsl_train loss crosses 0.4 ln 2 at ~8000 sequences (seed 5).
 CROSSING = ["optim.lr=1e-3", "train.sequences=9600", "train.eval_every=800", "eval.n_sequences=100", "train.threads=1"]

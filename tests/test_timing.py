@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from ihstudy import timing
+from ihstudy.analysis import timing
 from ihstudy.cli import app
 from ihstudy.errors import ConfigError
-from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD
-from ihstudy.train import phase_change_sequences
+from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
+from ihstudy.training.train import phase_change_sequences
 
 SEQ = np.arange(0, 1_000_001, 5000, dtype=float)
 

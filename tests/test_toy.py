@@ -8,8 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ihstudy.analysis.toy import ToyProblem, fit_iterations, loss, run_conditions, train, write_toy
 from ihstudy.cli import app
-from ihstudy.toy import ToyProblem, fit_iterations, loss, run_conditions, train, write_toy
 
 
 def closed_form_gradient(vectors: torch.Tensor, true: torch.Tensor) -> torch.Tensor:

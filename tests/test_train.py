@@ -106,7 +106,7 @@ def test_existing_run_is_never_overwritten_unless_asked(tmp_path):
 
 
 def test_analyze_reevaluates_a_checkpoint_through_the_training_code_path(tmp_path):
-    from ihstudy.train import evaluate_checkpoint
+    from ihstudy.training.train import evaluate_checkpoint
 
     assert train(tmp_path / "run").exit_code == 0
     saved = pd.read_parquet(tmp_path / "run" / "eval.parquet")
@@ -136,7 +136,7 @@ def test_analyze_reevaluates_a_checkpoint_through_the_training_code_path(tmp_pat
 
 def small_task():
     from ihstudy.config import compose_config
-    from ihstudy.data import FewShotTask, load_features
+    from ihstudy.tasks.fsl import FewShotTask, load_features
 
     cfg, _ = compose_config(["data.n_classes=200", "data.dim=16", "task.class_split=[50,100,50]", "eval.n_sequences=30"])
     return cfg, FewShotTask(cfg.task, load_features(cfg.data))
@@ -147,7 +147,7 @@ def test_evaluator_turns_a_forward_pass_into_eval_rows():
     query only to the label tokens carrying it: loss 0, accuracy 1, induction strength 1."""
     import torch
 
-    from ihstudy.evaluate import Evaluator
+    from ihstudy.training.evaluate import Evaluator
 
     cfg, task = small_task()
     evaluator = Evaluator([task, task], [cfg, cfg], torch.device("cpu"))
@@ -174,7 +174,7 @@ def test_evaluator_turns_a_forward_pass_into_eval_rows():
 def test_run_recorder_writes_restores_and_fails_runs_alone(tmp_path):
     import torch
 
-    from ihstudy.recorder import RunRecorder, RunSpec
+    from ihstudy.training.recorder import RunRecorder, RunSpec
 
     cfg, _ = small_task()
     specs = [RunSpec(cfg, tmp_path / "a", "a"), RunSpec(cfg, tmp_path / "b", "b")]

@@ -7,10 +7,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ihstudy.data import Batch
-from ihstudy.evaluate import induction_strength, previous_token_score, query_metrics
-from ihstudy.optim import StackedOptimizer, lr_schedule
-from ihstudy.train import schedule_steps
+from ihstudy.tasks.fsl import Batch
+from ihstudy.training.evaluate import induction_strength, previous_token_score, query_metrics
+from ihstudy.training.optim import StackedOptimizer, lr_schedule
+from ihstudy.training.train import schedule_steps
 
 # --- learning-rate schedules: 6 steps of 32 sequences, warmup over 64 sequences = 2 steps ---------
 

@@ -55,8 +55,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from ihstudy.data import Batch
 from ihstudy.errors import ConfigError
+from ihstudy.tasks.fsl import Batch
 
 # Parameters are views into one flat buffer; autograd notes that their strides skip the other runs.
 warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")

@@ -21,11 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.errors import ConfigError
-from ihstudy.model import ModelShape
+from ihstudy.model.transformer import ModelShape
 
 FLOAT = 4  # bytes
 CHUNK_STEPS = 256  # training batches prepared at once (data.TrainStream)
-from ihstudy.evaluate import EVAL_CHUNK_SEQUENCES  # noqa: E402 (one constant, two readers)
+from ihstudy.training.evaluate import EVAL_CHUNK_SEQUENCES  # noqa: E402 (one constant, two readers)
 
 PYTHON_VALUE = 64  # bytes per logged eval value kept in Python lists
 HEADROOM = 0.8  # the estimate is approximate; leave the rest to the interpreter and the OS

@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD
+from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 
 FORMATS = ("png", "svg", "pdf")
 
@@ -253,7 +253,7 @@ def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl
                   thresholds: dict | None = None, band: float | None = None) -> tuple[Report, pd.DataFrame, pd.DataFrame]:
     """The timing analysis of `runs` (timing.find_runs): the report, the per-run timing table and
     the group summary (empty without `by`)."""
-    from ihstudy import timing
+    from ihstudy.analysis import timing
 
     thresholds = thresholds or timing.THRESHOLDS
     band = timing.PLATEAU_BAND if band is None else band
@@ -324,7 +324,7 @@ def safe_name(name: str) -> str:
 
 def heads_report(subject, batch, enumerated: bool) -> tuple[Report, dict[str, pd.DataFrame]]:
     """Last-layer head ablations, complementarity and first-layer roles of one checkpoint."""
-    from ihstudy import circuits
+    from ihstudy.analysis import circuits
 
     tables = circuits.last_layer_heads(subject, batch) | {"layer1_roles": circuits.first_layer_roles(subject, batch)}
     report = Report(f"Heads of {subject.dir} at {subject.step * subject.batch_size:,} sequences")
@@ -352,7 +352,7 @@ def heads_report(subject, batch, enumerated: bool) -> tuple[Report, dict[str, pd
 
 def wiring_report(subject, batch, enumerated: bool) -> tuple[Report, dict[str, pd.DataFrame]]:
     """The single-head wiring grid and the weight-based composition scores of one checkpoint."""
-    from ihstudy import circuits
+    from ihstudy.analysis import circuits
 
     grid = circuits.wiring_grid(subject, batch)
     composition = circuits.composition_scores(subject)
@@ -373,8 +373,8 @@ def wiring_report(subject, batch, enumerated: bool) -> tuple[Report, dict[str, p
 
 def progress_report(subject, progress) -> tuple[Report, dict[str, pd.DataFrame]]:
     """Progress measures over every checkpoint of a run."""
-    from ihstudy import circuits
-    from ihstudy.train import phase_change_sequences
+    from ihstudy.analysis import circuits
+    from ihstudy.training.train import phase_change_sequences
 
     table = circuits.progress_measures(subject, progress=progress)
     evals = subject.files.read_table("eval")

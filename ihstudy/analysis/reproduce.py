@@ -6,14 +6,14 @@
     ihstudy reproduce data=features_file data.path=omniglot.h5
     ihstudy reproduce hydra/launcher=submitit_slurm hydra.launcher.partition=cpu
 
-Each figure preset (conf/experiment/) is one sweep (ihstudy.sweep: packs, launchers, skipping
+Each figure preset (conf/experiment/) is one sweep (ihstudy.training.sweep: packs, launchers, skipping
 finished runs and resuming the others) in its own folder under the reproduction folder; the packs
 of all of them train as one launch (sweep.run_sweeps), two at a time on two cores (PARALLEL_LAUNCHER):
 
     <out>/<full|scale-F>[_<overrides>]/   one reproduction: a scale and a set of overrides
-        fig3/, fig5b/, ...                sweep folders (layout: ihstudy/sweep.py)
+        fig3/, fig5b/, ...                sweep folders (layout: ihstudy/training/sweep.py)
         plan.json, packs/<i>/             the pack jobs of the latest invocation, their logs
-        toy/                              the toy model (ihstudy/toy.py)
+        toy/                              the toy model (ihstudy/analysis/toy.py)
         report/report.md                  the findings table, details as CSV, figures
 
 Every verdict is computed from the runs' tables and checkpoints by the `finding_*` functions below
@@ -32,12 +32,12 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from ihstudy import circuits, report, timing, toy
+from ihstudy.analysis import circuits, report, timing, toy
 from ihstudy.config import compose_config, quote
 from ihstudy.errors import ConfigError, UserError
-from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 from ihstudy.run_files import check_inside_outputs, outputs_root
-from ihstudy.sweep import (
+from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
+from ihstudy.training.sweep import (
     SWEEP_DIR,
     Sweep,
     available_cores,
@@ -601,7 +601,7 @@ def build_report(repro: Reproduction) -> tuple[report.Report, pd.DataFrame]:
     runs = [run for preset in repro.presets for run in (r.runs(preset) or [])]
     if unfinished := [f"{run.dir.parent.name}/{run.name} ({run.status})" for run in runs if run.status != "completed"]:
         out.notes.append(f"not completed, analysed up to their last eval point: {', '.join(unfinished)}")
-    out.notes.append("'holds' is computed from the runs (the judging rules are in ihstudy/reproduce.py); 'not run': "
+    out.notes.append("'holds' is computed from the runs (the judging rules are in ihstudy/analysis/reproduce.py); 'not run': "
                      "the figure needed was not chosen or has no eval rows yet. Times are sequences until the fsl_train "
                      "loss falls below 0.4·ln 2 (interpolated), medians over seeds.")
     if (loaded := r.fig3_subject()) is not None:

@@ -29,8 +29,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ihstudy.errors import ConfigError
-from ihstudy.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 from ihstudy.run_files import RunFiles
+from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 
 THRESHOLDS = {"ln2": LN2, "0.4ln2": PHASE_CHANGE_THRESHOLD, "0.1": 0.1}
 PHASE_CHANGE = "0.4ln2"  # the default phase-change time (the paper's criterion)

@@ -1,7 +1,7 @@
 """Evaluation metrics (docs/science.md §1) and the head scores of docs/science.md §3, for R runs at once.
 
 `Evaluator` holds the fixed eval sequences of a pack and turns one forward pass over them into the
-rows of eval.parquet (`measure`); the forward pass itself is the pack's (ihstudy/steps.py).
+rows of eval.parquet (`measure`); the forward pass itself is the pack's (ihstudy/training/steps.py).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from ihstudy.data import Batch, FewShotTask
-from ihstudy.model import cross_entropy, log_softmax
+from ihstudy.model.transformer import cross_entropy, log_softmax
+from ihstudy.tasks.fsl import Batch, FewShotTask
 
 LN2 = math.log(2)
 PHASE_CHANGE_THRESHOLD = 0.4 * LN2  # the paper's phase-change criterion on the fsl_train loss

@@ -23,18 +23,18 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from ihstudy.clamps import ClampSet, build_clamps
-from ihstudy.compiled import use_compile
 from ihstudy.config import check_values, config_errors, validate, with_later_defaults
-from ihstudy.data import FewShotTask, PackStream, TrainStream, load_features
 from ihstudy.errors import CheckpointError, ConfigError
-from ihstudy.evaluate import Evaluator
-from ihstudy.memory import check_fits
-from ihstudy.model import ModelShape, Transformer, check_checkpoint_model
-from ihstudy.optim import StackedOptimizer, lr_schedule
-from ihstudy.recorder import RunRecorder, RunResult, RunSpec, phase_change_sequences, summarize  # noqa: F401 (public here)
+from ihstudy.model.clamps import ClampSet, build_clamps
+from ihstudy.model.transformer import ModelShape, Transformer, check_checkpoint_model
 from ihstudy.run_files import RunFiles, first_line
-from ihstudy.steps import choose_path
+from ihstudy.tasks.fsl import FewShotTask, PackStream, TrainStream, load_features
+from ihstudy.training.compiled import use_compile
+from ihstudy.training.evaluate import Evaluator
+from ihstudy.training.memory import check_fits
+from ihstudy.training.optim import StackedOptimizer, lr_schedule
+from ihstudy.training.recorder import RunRecorder, RunResult, RunSpec, phase_change_sequences, summarize  # noqa: F401 (public here)
+from ihstudy.training.steps import choose_path
 
 log = logging.getLogger(__name__)
 

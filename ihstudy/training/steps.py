@@ -16,11 +16,11 @@ import logging
 
 import torch
 
-from ihstudy.clamps import ClampSet
-from ihstudy.compiled import Compiled
-from ihstudy.data import Batch, PackStream
-from ihstudy.fast_path import Tape, batch_spread, query_loss_and_gradients, train_step, unsupported
-from ihstudy.model import Transformer
+from ihstudy.model.clamps import ClampSet
+from ihstudy.model.fast_path import Tape, batch_spread, query_loss_and_gradients, train_step, unsupported
+from ihstudy.model.transformer import Transformer
+from ihstudy.tasks.fsl import Batch, PackStream
+from ihstudy.training.compiled import Compiled
 
 log = logging.getLogger(__name__)
 

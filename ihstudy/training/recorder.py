@@ -17,8 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.errors import ConfigError
-from ihstudy.evaluate import PHASE_CHANGE_THRESHOLD
 from ihstudy.run_files import CHECKPOINT_FORMAT, RunFiles, first_line, now, versions
+from ihstudy.training.evaluate import PHASE_CHANGE_THRESHOLD
 
 log = logging.getLogger(__name__)
 STEP_COLUMNS = ("loss", "grad_norm", "grad_batch_stddev", "lr")

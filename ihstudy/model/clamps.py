@@ -1,6 +1,6 @@
 """Clamps ("artificial optogenetics", docs/science.md §4): named overrides of activation sites.
 
-A clamp writes a value into a named activation site (see ihstudy/model.py) wherever a boolean mask
+A clamp writes a value into a named activation site (see ihstudy/model/transformer.py) wherever a boolean mask
 is true: `torch.where(mask, value, activation)`. Where a value is written, nothing upstream gets
 gradient through that site. Every mask includes the run axis, so the runs of one pack may carry
 different clamps. `ClampSet` applies them in every training step, every evaluation and every
@@ -49,10 +49,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from ihstudy.data import Batch
 from ihstudy.errors import ConfigError, UserError
-from ihstudy.model import ModelShape, Transformer, check_checkpoint_model
+from ihstudy.model.transformer import ModelShape, Transformer, check_checkpoint_model
 from ihstudy.run_files import load_checkpoint_file
+from ihstudy.tasks.fsl import Batch
 
 NEG = -1e9  # "never attend / never predict" without the NaN gradients of -inf
 PRESERVE_SITES = {"patterns": "attn.hook_pattern", "values": "attn.hook_v",

@@ -24,14 +24,14 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ihstudy.clamps import ClampSet, build_clamps
-from ihstudy.data import Batch, FewShotTask
+from ihstudy.analysis.timing import is_run_dir
 from ihstudy.errors import CheckpointError, ConfigError
-from ihstudy.evaluate import induction_strength, previous_token_score
-from ihstudy.model import ModelShape, Transformer, cross_entropy
+from ihstudy.model.clamps import ClampSet, build_clamps
+from ihstudy.model.transformer import ModelShape, Transformer, cross_entropy
 from ihstudy.run_files import RunFiles
-from ihstudy.timing import is_run_dir
-from ihstudy.train import pack_from_checkpoint
+from ihstudy.tasks.fsl import Batch, FewShotTask
+from ihstudy.training.evaluate import induction_strength, previous_token_score
+from ihstudy.training.train import pack_from_checkpoint
 
 DISTRIBUTION_LIMIT = 100_000  # enumerate the training distribution up to this size, else sample this many
 PROGRESS_SEQUENCES = 1_000  # fixed sample per checkpoint for the progress measures (as many as an evaluator)

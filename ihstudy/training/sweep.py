@@ -37,7 +37,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from ihstudy.clamps import build_clamps
 from ihstudy.config import (
     check_added_keys,
     compose_config,
@@ -49,8 +48,8 @@ from ihstudy.config import (
     validate,
 )
 from ihstudy.errors import ConfigError
-from ihstudy.memory import check_fits, fits
-from ihstudy.model import ModelShape
+from ihstudy.model.clamps import build_clamps
+from ihstudy.model.transformer import ModelShape
 from ihstudy.run_files import (
     LOCK_NAME,
     TEMPORARY_NAME,
@@ -63,7 +62,8 @@ from ihstudy.run_files import (
     lock_run_dir,
     outputs_root,
 )
-from ihstudy.train import Pack, RunResult, RunSpec, exemplar_shape, resolve_device, schedule_steps, sequences_to_step
+from ihstudy.training.memory import check_fits, fits
+from ihstudy.training.train import Pack, RunResult, RunSpec, exemplar_shape, resolve_device, schedule_steps, sequences_to_step
 
 log = logging.getLogger(__name__)
 PLAN = "plan.json"

@@ -6,10 +6,10 @@ written here as a pure function of tensors with as few ops as possible, on all s
 once. Its forward pass calls the model's own building blocks (model.py: embed, layer_norm,
 project_qkv, rotate, attention_scores, attention_z, project_out, mlp, unembed), so only the
 backward pass is written here. Being pure, the step can also be compiled (`train.compile`,
-ihstudy/compiled.py). `tests/test_fast_path.py` checks losses, patterns and gradients against
+ihstudy/training/compiled.py). `tests/test_fast_path.py` checks losses, patterns and gradients against
 autograd through the model for every combination of model options. Clamped runs, and models with
 an option the backward below does not handle (`unsupported`), train and evaluate through the
-model's sites with autograd instead (ihstudy/steps.py).
+model's sites with autograd instead (ihstudy/training/steps.py).
 
 Shapes: R runs, B sequences, T tokens, D width, H heads of width dh, L labels.
 """
@@ -21,7 +21,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ihstudy.model import (
+from ihstudy.model.transformer import (
     ModelShape,
     Transformer,
     attention_scores,

@@ -1,0 +1,1 @@
+"""Analyses of finished runs: phase-change timing, head circuits, figures, reports, the paper's findings, the toy model."""

@@ -1,0 +1,1 @@
+"""The attention-only transformer with named activation sites, its fast training path, and the clamps."""

@@ -1,0 +1,1 @@
+"""The synthetic tasks that only in-context learning can solve: their data, samplers and eval sets."""
