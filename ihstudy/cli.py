@@ -6,6 +6,7 @@ ends in one line on stderr and exit code 2, before anything is written.
 
 from __future__ import annotations
 
+import math
 import shlex
 import signal
 import threading
@@ -40,7 +41,21 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-class WithConfigGroups(TyperCommand):
+USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError, whichever click typer runs on
+
+
+class OneLineErrors(TyperCommand):
+    """A value an option cannot take (a word for a number, below its minimum, a missing value) ends,
+    like every refused input, in one line on stderr and exit code 2, not click's usage box."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except USAGE_ERROR as exc:
+            fail(exc.format_message())
+
+
+class WithConfigGroups(OneLineErrors):
     """A command whose --help ends with the config groups and their options, as a Hydra app's help does."""
 
     hydra_groups: tuple[str, ...] = ()  # Hydra's own groups to list too
@@ -63,6 +78,10 @@ class ConfigPart(str, Enum):
     all = "all"
 
 
+RETRY_FAILED = typer.Option(False, "--retry-failed", help="Also train again the runs that failed for a numerical reason "
+                                                         "(NaN loss); other failed runs resume anyway.")
+ALLOW_CALLBACKS = typer.Option(False, "--allow-callbacks", help="Run the hydra.callbacks that the config tree's pack_job.yaml "
+                                                               "declares (they run code; refused without this flag).")
 PRINT_CONFIG = typer.Option(None, "--cfg", "-c", help="Print the composed config (job: the run's, hydra: Hydra's, "
                                                       "all: both) and exit without running, as Hydra's --cfg.")
 
@@ -196,17 +215,21 @@ def sweep(
     max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their packs; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary table."),
+    retry_failed: bool = RETRY_FAILED,
+    allow_callbacks: bool = ALLOW_CALLBACKS,
     print_config: ConfigPart | None = PRINT_CONFIG,
 ) -> None:
     """Train many runs: Hydra multirun overrides (clamp=none,copy seed=5,6) or a preset (experiment=fig5b).
 
     Runs of equal tensor shapes train together as one batched pack; packs run through a Hydra
     launcher (hydra/launcher=joblib, submitit_local or submitit_slurm; default: in this process).
-    Running the same command again skips finished runs and resumes the others."""
+    Running the same command again skips completed runs and runs whose loss became NaN (unless
+    --retry-failed) and resumes the others."""
     from ihstudy.training.sweep import plan_sweep
 
     try:
-        plan = plan_sweep(overrides or [], max_pack_runs)
+        with planning_progress(quiet) as on_run:
+            plan = plan_sweep(overrides or [], max_pack_runs, allow_callbacks, on_run, retry_failed)
     except UserError as exc:
         fail(str(exc))
     if print_config:
@@ -226,6 +249,19 @@ def sweep(
             say(f"{r.name}: {r.summary.get('error')}", "[bold red]failed:[/] ")
     if any(r.status != "completed" for r in results):
         raise typer.Exit(1)
+
+
+@contextmanager
+def planning_progress(quiet: bool):
+    """on_run(done, total) for sweep.plan_sweep: a bar while the runs are composed (a fraction of a
+    second each: a long sweep takes minutes), gone once they are planned."""
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    columns = [TextColumn("planning"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} runs"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as bars:
+        task = bars.add_task("planning", total=None)
+        yield lambda done, total: bars.update(task, completed=done, total=total)
 
 
 def train_sweep(plan, quiet: bool) -> list:
@@ -322,6 +358,8 @@ def reproduce(
     max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, packs and estimated times; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    retry_failed: bool = RETRY_FAILED,
+    allow_callbacks: bool = ALLOW_CALLBACKS,
 ) -> None:
     """Train the paper's figure presets as sweeps and write report.md judging every finding.
 
@@ -333,7 +371,8 @@ def reproduce(
     from ihstudy.analysis import reproduce as rep
 
     try:
-        plan = rep.plan_reproduction(args or [], scale, out, max_pack_runs)
+        with planning_progress(quiet) as on_run:
+            plan = rep.plan_reproduction(args or [], scale, out, max_pack_runs, allow_callbacks, on_run, retry_failed)
     except UserError as exc:
         fail(str(exc))
     for preset, sweep in plan.sweeps.items():
@@ -371,7 +410,7 @@ ANALYSES = {"eval": "re-evaluate a checkpoint, optionally under clamps (post-hoc
             "progress": "progress measures over every checkpoint of a run"}
 
 
-@app.command(context_settings=EXTRA)
+@app.command(context_settings=EXTRA, cls=OneLineErrors)
 def analyze(
     args: list[str] | None = typer.Argument(None, metavar="[eval|heads|wiring|progress] PATH...",
                                                help="Run or sweep folders (timing), or an analysis and one run folder."),
@@ -447,16 +486,14 @@ def analyze_eval(args: list[str], step: int | None) -> None:
 
 def parse_thresholds(text: str) -> dict[str, float]:
     """'ln2,0.4ln2,0.1' -> {name: value}."""
-    import math
-
     values = {}
     for name in (t.strip() for t in text.split(",") if t.strip()):
         try:
             values[name] = float(name.removesuffix("ln2") or 1) * math.log(2) if name.endswith("ln2") else float(name)
         except ValueError:
             raise ConfigError(f"--thresholds: '{name}' is not a number or Xln2") from None
-        if not values[name] > 0:
-            raise ConfigError(f"--thresholds: '{name}' must be positive")
+        if not 0 < values[name] < math.inf:
+            raise ConfigError(f"--thresholds: '{name}' must be a positive finite number")
     if not values:
         raise ConfigError("--thresholds is empty")
     return values
@@ -465,9 +502,14 @@ def parse_thresholds(text: str) -> dict[str, float]:
 def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, metric: str, band: float,
                    report_dir: Path | None, fmt: str) -> None:
     from ihstudy.analysis import timing
-    from ihstudy.analysis.report import timing_report, write_report
+    from ihstudy.analysis.report import timing_report
+    from ihstudy.run_files import check_report_dir
 
+    out = report_dir or default_report_dir(paths, "timing")
     try:
+        check_report_dir(out)
+        if not 0 < band < math.inf:
+            raise ConfigError(f"--band {band} must be a positive finite number")
         limits = parse_thresholds(thresholds)
         if metric not in limits:
             raise ConfigError(f"--metric '{metric}' is not one of --thresholds ({', '.join(limits)})")
@@ -488,18 +530,27 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
         if "different tasks" in note:
             say(note, "[yellow]warning:[/] ")
     print_timing(table, summary, evaluator, metric)
-    out = report_dir or default_report_dir(paths, "timing")
-    write_report(result, out, fmt)
+    save_report(result, out, fmt)
+
+
+def save_report(result, out: Path, fmt: str) -> None:
+    from ihstudy.analysis.report import write_report
+
+    try:
+        write_report(result, out, fmt)
+    except UserError as exc:  # a folder that holds other files by now, a read-only or full filesystem
+        fail(str(exc))
     say(f"report: {out / 'report.md'}")
 
 
 def default_report_dir(paths: list[Path], name: str) -> Path:
     """analysis/<name> in the folder given (a sweep or a folder of runs), else next to the run folders."""
     from ihstudy.analysis.timing import common_root, is_run_dir
+    from ihstudy.run_files import ANALYSIS_FOLDER
 
     if len(paths) == 1 and not is_run_dir(paths[0]):
-        return paths[0] / "analysis" / name
-    return common_root([p.resolve() for p in paths]) / "analysis" / name
+        return paths[0] / ANALYSIS_FOLDER / name
+    return common_root([p.resolve() for p in paths]) / ANALYSIS_FOLDER / name
 
 
 def print_timing(table, summary, evaluator: str, metric: str) -> None:
@@ -529,8 +580,11 @@ def print_timing(table, summary, evaluator: str, metric: str) -> None:
 def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: int, report_dir: Path | None,
                        fmt: str) -> None:
     from ihstudy.analysis import circuits, report
+    from ihstudy.run_files import check_report_dir
 
+    out = report_dir or default_report_dir([run_dir], f"{what}-{run_dir.resolve().name}")
     try:
+        check_report_dir(out)
         subject = circuits.Subject(run_dir, step)
         if what == "progress":
             with progress_display() as bars:
@@ -544,23 +598,21 @@ def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: in
     except UserError as exc:
         fail(str(exc))
     for name, frame in tables.items():
-        out = Table(title=name)
+        table = Table(title=name)
         for column in frame.columns:
-            out.add_column(str(column))
+            table.add_column(str(column))
         for row in frame.head(40).itertuples(index=False):
-            out.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
-        Console().print(out)
-    out = report_dir or default_report_dir([run_dir], f"{what}-{run_dir.resolve().name}")
-    report.write_report(result, out, fmt)
-    say(f"report: {out / 'report.md'}")
+            table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+        Console().print(table)
+    save_report(result, out, fmt)
 
 
-@app.command()
+@app.command(cls=OneLineErrors)
 def toy(
     dim: int = typer.Option(20, help="Length of each of the three vectors (the tensor has dim³ entries)."),
     lr: float = typer.Option(1.0, help="Gradient-descent learning rate."),
     iterations: int = typer.Option(1000, help="Gradient-descent steps per condition."),
-    seed: int = typer.Option(17, min=0, help="Seed of the true and initial vectors."),
+    seed: int = typer.Option(17, help="Seed of the true and initial vectors."),
     conditions: str = typer.Option("none,c,bc", help="Comma-separated: none, or the vectors clamped to their true values "
                                                       "(c, bc, ...)."),
     out: Path | None = typer.Option(None, help="A new output folder inside the outputs folder "

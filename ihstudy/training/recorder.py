@@ -22,6 +22,10 @@ from ihstudy.training.evaluate import PHASE_CHANGE_THRESHOLD
 
 log = logging.getLogger(__name__)
 STEP_COLUMNS = ("loss", "grad_norm", "grad_batch_stddev", "lr")
+# Why a run failed, as run.json's "failure" records it: a numerical failure (the loss became NaN or
+# infinite) comes back if the run is trained again; an environmental one (a write that failed, e.g.
+# a full disk, memory, any other error) may not, so a sweep run again resumes it (sweep.needs_training).
+NUMERICAL, ENVIRONMENT = "numerical", "environment"
 
 
 @dataclass
@@ -60,7 +64,7 @@ class RunRecorder:
         for files, spec in zip(self.files, self.specs):
             files.write_config(spec.cfg)
             files.write_status(status="running", started=files.read_status().get("started", now()), ended=None,
-                               versions=versions(), step=step)
+                               error=None, failure=None, versions=versions(), step=step)
 
     def add_evals(self, rows: list[list[dict]], step: int) -> None:
         """Record every live run's eval rows and write the tables (for anyone watching)."""
@@ -115,9 +119,9 @@ class RunRecorder:
         self.step_log[:step, r] = torch.tensor(kept[list(STEP_COLUMNS)].to_numpy())
         self.eval_columns[r] = evals[evals.step < step].to_dict("list")
 
-    def fail(self, runs: list[int], message: str, step: int, write_rows: bool = True) -> None:
-        """Mark runs failed for good, keeping their rows so far (written unless `write_rows` is false:
-        the tables on disk stay) and their last checkpoint."""
+    def fail(self, runs: list[int], message: str, step: int, write_rows: bool = True, failure: str = ENVIRONMENT) -> None:
+        """Mark runs failed (`failure`: NUMERICAL or ENVIRONMENT), keeping their rows so far (written
+        unless `write_rows` is false: the tables on disk stay) and their last checkpoint."""
         for r in runs:
             self.errors[r] = f"{message} at step {step + 1}"
             if write_rows:
@@ -126,7 +130,7 @@ class RunRecorder:
                 except Exception as exc:  # e.g. the disk is still full: the status and message still count
                     log.warning("%s: cannot write the tables (%s)", self.files[r].dir, first_line(exc))
             try:
-                self.files[r].write_status(status="failed", ended=now(), error=self.errors[r], step=step)
+                self.files[r].write_status(status="failed", ended=now(), error=self.errors[r], failure=failure, step=step)
             except OSError as exc:  # the message still reaches the user
                 log.warning("%s: cannot record the failure (%s)", self.files[r].dir, exc.strerror or exc)
 
