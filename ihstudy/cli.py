@@ -260,7 +260,7 @@ def planning_progress(quiet: bool):
         return
     columns = [TextColumn("planning"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} runs"), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True) as bars:
-        task = bars.add_task("planning", total=None)
+        task = bars.add_task("planning", total=0)
         yield lambda done, total: bars.update(task, completed=done, total=total)
 
 

@@ -129,7 +129,7 @@ class RunFiles:
         if not path.is_file():
             raise ConfigError(f"{self.dir} holds no run (no config.yaml)")
         cfg = load_yaml(path)
-        if not isinstance(cfg, DictConfig):
+        if not isinstance(cfg, DictConfig) or not cfg:
             raise ConfigError(f"{path} holds no run config (a YAML {type(cfg).__name__.removesuffix('Config').lower()})")
         return cfg
 

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from ihstudy.analysis import circuits, report, timing, toy
-from ihstudy.config import compose_config, quote
+from ihstudy.config import check_hydra_overrides, compose_config, quote
 from ihstudy.errors import ConfigError, UserError
 from ihstudy.run_files import RunFiles, check_folder_path, check_report_dir, outputs_root
 from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
@@ -106,6 +106,7 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
         raise ConfigError(f"--scale {scale:g} must lie in (0, 1]")
     if any(o.lstrip("+~").split("=", 1)[0] in ("experiment", SWEEP_DIR) for o in overrides):
         raise ConfigError("reproduce chooses experiment= and hydra.sweep.dir itself (use --out for the folder)")
+    check_hydra_overrides(overrides, SWEEP_DIR, launches=True)  # also when only the toy model runs
     parsed = parse(overrides)
     run_args = [o.input_line for o in parsed if not o.is_hydra_override()]
     fixed = [o.input_line for o in parsed if not o.is_hydra_override() and not o.is_sweep_override()]

@@ -204,9 +204,9 @@ def folder_name(text: str) -> str:
 def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int | None = None, on_run=None) -> list[Run]:
     """Compose and validate every run; report all runs that fail (one line) and the repeated ones."""
     runs, errors, seen, features = [], [], {}, {}
-    for i, (overrides, name) in enumerate(zip(expanded, run_names(expanded))):
+    for done, (overrides, name) in enumerate(zip(expanded, run_names(expanded))):
         if on_run is not None:
-            on_run(i, len(expanded))
+            on_run(done, len(expanded))
         try:
             cfg, _ = compose_config(overrides)
             shape = exemplar_shape(cfg.data, features)
@@ -222,6 +222,8 @@ def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int 
             raise ConfigError(f"the sweep repeats a run: {seen.get(text, name)} and {name} are the same run")
         seen[text] = name
         runs.append(Run(name, overrides, cfg, sweep_dir / name, shape))
+    if on_run is not None:
+        on_run(len(expanded), len(expanded))
     if errors:
         more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
         raise ConfigError(f"{len(errors)} of {len(expanded)} runs fail validation, none was run: {'; '.join(errors[:3])}{more}")
