@@ -247,6 +247,7 @@ def test_run_files_and_reports_follow_the_umask(outputs_root, umask):
     assert {"run.json", "config.yaml", "step_00000030.pt", "report.md"} <= {p.name for p in files}
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o666 & ~umask}
     assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {0o777 & ~umask}
+    assert all(stat.S_IMODE(p.stat().st_mode) & umask == 0 for p in outputs_root.rglob(".lock"))  # filelock's 0644
     assert os.umask(previous) == previous  # the umask is as it was
 
 

@@ -131,7 +131,7 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0, allow_callbacks: bo
                retry_failed: bool = False) -> Sweep:
     """Expand the overrides into runs, validate all of them and group the ones to train into packs
     (`needs_training`). `allow_callbacks`: run the hydra.callbacks of the config tree's pack_job.yaml;
-    `on_run(done, total)` is called as the runs are composed (a second or so per run)."""
+    `on_run(done, total)` is called as the runs are composed (a fraction of a second each)."""
     parsed = parse(literal_folders(overrides))
     check_hydra_overrides(overrides, SWEEP_DIR, launches=True)
     hydra_args = [o.input_line for o in parsed if o.is_hydra_override()]
