@@ -47,7 +47,7 @@ def test_a_pack_needs_more_than_one_run_and_the_refusal_names_the_largest_part()
     shape = exemplar_shape(cfg.data, {})
     one, four = (sum(p.bytes for p in estimate([cfg] * n, [shape] * n)) for n in (1, 4))
     assert 2 * one < four < 4 * one  # the exemplar array is shared, eval chunks hold 1000 sequences of all runs
-    with pytest.raises(ConfigError, match=r"the largest part is eval attention products .*: lower task.context_len"):
+    with pytest.raises(ConfigError, match=r"the largest part is eval attention patterns .*: lower eval.n_sequences"):
         check_fits([cfg], [shape], torch.device("cpu"), budget=one // 2)
     with pytest.raises(ConfigError, match="a pack of 4 runs would need"):
         check_fits([cfg] * 4, [shape] * 4, torch.device("cpu"), budget=2 * one)
