@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.errors import ConfigError
 from ihstudy.model.transformer import ModelShape
+from ihstudy.training.pack_settings import shared_settings
 
 FLOAT = 4  # bytes
 CHUNK_STEPS = 256  # training batches prepared at once (data.TrainStream)
@@ -38,9 +39,9 @@ class Part:
 
 
 def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]) -> list[Part]:
-    """The memory parts of a pack of len(cfgs) runs (shapes and schedule from the first config, as
-    Pack takes them), with each run's exemplar array [classes, exemplars, dim]."""
-    cfg, R = cfgs[0], len(cfgs)
+    """The memory parts of a pack of len(cfgs) runs (shapes and schedule from the settings they share,
+    pack_settings.py), with each run's exemplar array [classes, exemplars, dim]."""
+    cfg, R = shared_settings(cfgs), len(cfgs)
     shape = ModelShape.of_config(cfg, exemplar_shapes[0][2])
     T, D, H, F, L = shape.n_tokens, shape.d_model, shape.n_heads, shape.n_features, shape.n_labels
     B, N = cfg.train.batch_size, cfg.task.context_len
