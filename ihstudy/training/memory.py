@@ -25,7 +25,6 @@ from ihstudy.model.transformer import ModelShape
 from ihstudy.training.pack_settings import shared_settings
 
 FLOAT = 4  # bytes
-CHUNK_STEPS = 256  # training batches prepared at once (data.TrainStream)
 
 PYTHON_VALUE = 64  # bytes per logged eval value kept in Python lists
 HEADROOM = 0.8  # the estimate is approximate; leave the rest to the interpreter and the OS
@@ -52,6 +51,7 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
     eval_values = len(cfg.eval.evaluators) * (12 + 2 * shape.n_layers * H)
     distinct_arrays = {OmegaConf.to_yaml(c.data): s for c, s in zip(cfgs, exemplar_shapes)}.values()
     token_inputs = T * (F + 1 + L)  # a sequence's embedding inputs
+    chunk = cfg.train.chunk_batches  # training batches drawn at once (tasks/fsl.TrainStream), however short the run
     return [
         Part("parameters, gradients and optimizer state", 4 * R * n_params * FLOAT,
              "model.d_model or model.n_layers (or the runs per pack)"),
@@ -59,8 +59,8 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
              "train.batch_size or task.context_len"),
         Part("training activations [runs, batch, T, d_model]", R * B * T * shape.n_layers * (12 * D + 4 * shape.d_mlp) * FLOAT,
              "train.batch_size, task.context_len or model.d_model"),
-        Part("training batches (256 steps at a time)", R * CHUNK_STEPS * B * (2 * token_inputs + (N + 1) * F + 4 * N) * FLOAT,
-             "train.batch_size or task.context_len"),
+        Part(f"training batches ({chunk} steps at a time)", R * chunk * B * (2 * token_inputs + (N + 1) * F + 4 * N) * FLOAT,
+             "train.chunk_batches, train.batch_size or task.context_len"),
         Part("eval attention patterns [runs, eval sequences, heads, T, T]", 2 * R * FLOAT * _attention(shape, n_eval, kept=1),
              "eval.n_sequences or task.context_len"),
         Part("eval sets", R * n_eval * (token_inputs + (N + 1) * F + 4 * N) * FLOAT, "eval.n_sequences"),
