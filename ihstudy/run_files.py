@@ -35,6 +35,7 @@ from ihstudy.errors import CheckpointError, ConfigError, RunInUseError
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = re.compile(r"step_(\d{8})\.pt")
 LOCK_NAME = ".lock"
+SWEEP_INDEX = "sweep.parquet"  # a sweep folder's index of its runs (sweep.write_index, read by timing.py)
 OUTPUTS_ENV = "IHSTUDY_OUTPUTS"  # the default run folder in conf/config.yaml reads it too
 FILE_MODE = 0o666 & ~os.umask(os.umask(0))  # what open() would give; mkstemp alone gives 0600
 

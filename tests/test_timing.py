@@ -215,3 +215,11 @@ def test_help_shows_every_analysis_with_an_example():
     for example in ("ihstudy analyze outputs/sweeps/fig5b --by clamp", "ihstudy analyze eval RUN clamp=",
                     "ihstudy analyze heads RUN", "ihstudy analyze wiring RUN", "ihstudy analyze progress RUN"):
         assert example in result.output
+
+
+def test_the_named_phase_change_is_the_threshold_training_records():
+    from ihstudy.analysis import defaults
+    from ihstudy.training.evaluate import PHASE_CHANGE_THRESHOLD
+
+    assert defaults.parse_thresholds(defaults.PHASE_CHANGE) == {defaults.PHASE_CHANGE: PHASE_CHANGE_THRESHOLD}
+    assert timing.THRESHOLDS[timing.PHASE_CHANGE] == PHASE_CHANGE_THRESHOLD

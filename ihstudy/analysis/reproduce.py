@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from ihstudy.analysis import circuits, report, timing, toy
+from ihstudy.analysis import circuits, defaults, report, timing, toy
 from ihstudy.config import compose_config, quote
 from ihstudy.errors import ConfigError, UserError
 from ihstudy.run_files import check_inside_outputs, outputs_root
@@ -52,7 +52,6 @@ from ihstudy.training.sweep import (
 
 FIGURES = {"3": ["fig3"], "4b": ["fig4b"], "5b": ["fig5b"], "6": ["fig6_long", "fig6_clamps"], "8": ["fig8"],
            "15": ["fig15"], "17": ["fig17"], "toy": []}
-TOY = {"dim": 20, "lr": 1.0, "iterations": 1000, "seed": 17, "conditions": ["none", "c", "bc"]}
 MIN_TOY_ITERATIONS = 300  # enough for the clamped conditions to fit
 QUICK_CHECKPOINTS = 20
 # Unless the command line names a launcher: the pack jobs of every preset in one worker process per
@@ -64,7 +63,7 @@ PARALLEL_LAUNCHER = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"]
 # accuracy, far below the judging thresholds, in a fifth of the time), and at small scales.
 ANALYSIS_SEQUENCES = 20_000
 MIN_ANALYSIS_SEQUENCES = 256
-CROSSING = "0.4ln2"  # the phase change: fsl_train loss below 0.4·ln 2 (timing.THRESHOLDS)
+CROSSING = defaults.PHASE_CHANGE
 
 # Judging thresholds
 PLATEAU_FRACTION = 0.25  # a plateau: within ln 2 ± 0.1 for at least this fraction of the time to the phase change
@@ -123,7 +122,8 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
         for sweep in sweeps.values():
             sweep.launcher_overrides = [*PARALLEL_LAUNCHER, *sweep.launcher_overrides]
     workers = jobs_per_machine(compose_pack_job(next(iter(sweeps.values())).launcher_overrides), n_jobs) if sweeps else 1
-    return Reproduction(folder.resolve(), scale, figures, sweeps, max(MIN_TOY_ITERATIONS, round(TOY["iterations"] * scale)),
+    toy_iterations = max(MIN_TOY_ITERATIONS, round(defaults.TOY["iterations"] * scale))
+    return Reproduction(folder.resolve(), scale, figures, sweeps, toy_iterations,
                         max(MIN_ANALYSIS_SEQUENCES, round(ANALYSIS_SEQUENCES * scale)), workers)
 
 
@@ -577,7 +577,7 @@ def run_toy(repro: Reproduction) -> None:
     folder = repro.folder / "toy"
     if "toy" not in repro.figures or (folder / "toy.json").is_file():
         return
-    settings = TOY | {"iterations": repro.toy_iterations}
+    settings = defaults.TOY | {"iterations": repro.toy_iterations}
     table = toy.run_conditions(settings["conditions"], settings["dim"], settings["lr"], settings["iterations"], settings["seed"])
     toy.write_toy(table, folder, settings)
 

@@ -28,15 +28,14 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from ihstudy.analysis import defaults
 from ihstudy.errors import ConfigError
-from ihstudy.run_files import RunFiles
-from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
+from ihstudy.run_files import SWEEP_INDEX, RunFiles
+from ihstudy.training.evaluate import LN2
 
-THRESHOLDS = {"ln2": LN2, "0.4ln2": PHASE_CHANGE_THRESHOLD, "0.1": 0.1}
-PHASE_CHANGE = "0.4ln2"  # the default phase-change time (the paper's criterion)
-PLATEAU_BAND = 0.1
+THRESHOLDS = defaults.parse_thresholds(defaults.THRESHOLDS)
+PHASE_CHANGE, PLATEAU_BAND = defaults.PHASE_CHANGE, defaults.PLATEAU_BAND
 STEEPEST_WINDOW = 5  # eval points averaged before the steepest descent is found (noise)
-SWEEP_INDEX = "sweep.parquet"
 SEED_FIELDS = ("seed", "data_seed", "eval_seed")
 
 

@@ -69,7 +69,7 @@ class ModelShape:
     n_features: int
     n_labels: int
     context_len: int
-    positional: str = "rotary"  # rotary | learned | sinusoidal
+    positional: str = "rotary"  # one of POSITIONALS
     rotary_base: float = 10000.0
     mlp_ratio: float = 0.0  # 0: attention-only
 
@@ -124,6 +124,7 @@ def check_checkpoint_model(state: dict, shape: ModelShape, source: str) -> None:
 
 
 INIT_SCHEMES = ("lecun_normal", "uniform")
+POSITIONALS = ("rotary", "learned", "sinusoidal")  # model.positional: rotary embedding, or absolute positions added
 # A standard normal truncated at +-2 has std 0.8796: dividing by it restores the intended std
 # (JAX's variance_scaling(1, "fan_in", "truncated_normal"), the authors' lecun_normal).
 TRUNCATED_NORMAL_STD = 0.87962566103423978

@@ -52,6 +52,7 @@ from ihstudy.model.clamps import build_clamps
 from ihstudy.model.transformer import ModelShape
 from ihstudy.run_files import (
     LOCK_NAME,
+    SWEEP_INDEX,
     TEMPORARY_NAME,
     RunFiles,
     atomic_write_parquet,
@@ -68,7 +69,6 @@ from ihstudy.training.train import Pack, RunResult, RunSpec, exemplar_shape, res
 
 log = logging.getLogger(__name__)
 PLAN = "plan.json"
-INDEX = "sweep.parquet"
 FINISHED = ("completed", "failed")
 SWEEP_DIR = "hydra.sweep.dir"
 
@@ -252,7 +252,7 @@ def memory_budget(job_cfg: DictConfig) -> int | None:
     return int(mem_gb * 2**30) if mem_gb else None
 
 
-SWEEP_FILES = {PLAN, INDEX, LOCK_NAME, "multirun.yaml"}
+SWEEP_FILES = {PLAN, SWEEP_INDEX, LOCK_NAME, "multirun.yaml"}
 SWEEP_FOLDERS = {"packs", ".submitit"}
 
 
@@ -472,4 +472,4 @@ def write_index(sweep: Sweep) -> None:
              **{k: v for k, v in r.summary.items() if k.endswith((".loss", ".acc"))},
              "error": r.summary.get("error"), "dir": str(r.run_dir)}
             for run, r in zip(sweep.runs, collect_results(sweep))]
-    atomic_write_parquet(sweep.dir / INDEX, pd.DataFrame(rows))
+    atomic_write_parquet(sweep.dir / SWEEP_INDEX, pd.DataFrame(rows))
