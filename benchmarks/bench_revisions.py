@@ -7,7 +7,8 @@ build the pack of the default run (plus the Hydra overrides given, e.g. clamp=pt
 clamped Fig-5b run), compile it as `train.compile` decides, warm up, and then time `--steps` training
 steps whenever asked. The parent asks them in turns (base, this; this, base; ...), so the load of a
 shared machine falls on both alike, and reports the ratio of step times per round (its median) and
-the ratio of each side's fastest timing (the least disturbed by other load): ratios, not speeds. Nothing is written except to a temporary folder.
+the ratio of each side's fastest timing (the least disturbed by other load): ratios, not speeds.
+Nothing is written except to a temporary folder.
 """
 
 from __future__ import annotations
