@@ -281,6 +281,7 @@ def test_tiny_reproduction_on_a_features_file(outputs_root):
     pd.testing.assert_frame_equal(pd.read_parquet(run / "eval.parquet"), evals)
 
 
+@pytest.mark.slow  # 152 s on 2 loaded cores; test_tiny_reproduction_on_a_features_file (22 s) runs reproduce end to end
 def test_every_preset_end_to_end_at_a_tiny_scale(outputs_root):
     # every figure and the toy model, its packs two at a time (the default launcher on 2 cores)
     result = CliRunner().invoke(app, ["reproduce", "--scale", "0.0005", "-q", *TINY, "train.compile=false"])
