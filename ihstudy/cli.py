@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from typer.core import TyperCommand
 
+from ihstudy.analysis import defaults
 from ihstudy.errors import ConfigError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -416,9 +417,10 @@ def analyze(
                                                help="Run or sweep folders (timing), or an analysis and one run folder."),
     by: str = typer.Option("", "--by", help="Group runs by config field(s), e.g. clamp, task.n_labels or clamp,seed."),
     evaluator: str = typer.Option("fsl_train", "--evaluator", help="Evaluator whose loss is timed."),
-    thresholds: str = typer.Option("ln2,0.4ln2,0.1", "--thresholds", help="Loss thresholds to time (numbers or Xln2)."),
-    metric: str = typer.Option("0.4ln2", "--metric", help="The threshold summarised over groups (the phase change)."),
-    band: float = typer.Option(0.1, "--band", help="Plateau: the loss within ln 2 ± band."),
+    thresholds: str = typer.Option(defaults.THRESHOLDS, "--thresholds", help="Loss thresholds to time (numbers or Xln2)."),
+    metric: str = typer.Option(defaults.PHASE_CHANGE, "--metric",
+                               help="The threshold summarised over groups (the phase change)."),
+    band: float = typer.Option(defaults.PLATEAU_BAND, "--band", help="Plateau: the loss within ln 2 ± band."),
     report: Path | None = typer.Option(None, "--report", help="Report folder (default: analysis/<analysis> next to the runs)."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png, svg or pdf."),
     step: int | None = typer.Option(None, help="Checkpoint step (default: the newest)."),
@@ -484,21 +486,6 @@ def analyze_eval(args: list[str], step: int | None) -> None:
     Console().print(table)
 
 
-def parse_thresholds(text: str) -> dict[str, float]:
-    """'ln2,0.4ln2,0.1' -> {name: value}."""
-    values = {}
-    for name in (t.strip() for t in text.split(",") if t.strip()):
-        try:
-            values[name] = float(name.removesuffix("ln2") or 1) * math.log(2) if name.endswith("ln2") else float(name)
-        except ValueError:
-            raise ConfigError(f"--thresholds: '{name}' is not a number or Xln2") from None
-        if not 0 < values[name] < math.inf:
-            raise ConfigError(f"--thresholds: '{name}' must be a positive finite number")
-    if not values:
-        raise ConfigError("--thresholds is empty")
-    return values
-
-
 def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, metric: str, band: float,
                    report_dir: Path | None, fmt: str) -> None:
     from ihstudy.analysis import timing
@@ -510,7 +497,7 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
         check_report_dir(out)
         if not 0 < band < math.inf:
             raise ConfigError(f"--band {band} must be a positive finite number")
-        limits = parse_thresholds(thresholds)
+        limits = defaults.parse_thresholds(thresholds)
         if metric not in limits:
             raise ConfigError(f"--metric '{metric}' is not one of --thresholds ({', '.join(limits)})")
         runs = timing.find_runs(paths)
@@ -609,12 +596,12 @@ def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: in
 
 @app.command(cls=OneLineErrors)
 def toy(
-    dim: int = typer.Option(20, help="Length of each of the three vectors (the tensor has dim³ entries)."),
-    lr: float = typer.Option(1.0, help="Gradient-descent learning rate."),
-    iterations: int = typer.Option(1000, help="Gradient-descent steps per condition."),
-    seed: int = typer.Option(17, help="Seed of the true and initial vectors."),
-    conditions: str = typer.Option("none,c,bc", help="Comma-separated: none, or the vectors clamped to their true values "
-                                                      "(c, bc, ...)."),
+    dim: int = typer.Option(defaults.TOY["dim"], help="Length of each of the three vectors (the tensor has dim³ entries)."),
+    lr: float = typer.Option(defaults.TOY["lr"], help="Gradient-descent learning rate."),
+    iterations: int = typer.Option(defaults.TOY["iterations"], help="Gradient-descent steps per condition."),
+    seed: int = typer.Option(defaults.TOY["seed"], help="Seed of the true and initial vectors."),
+    conditions: str = typer.Option(",".join(defaults.TOY["conditions"]),
+                                   help="Comma-separated: none, or the vectors clamped to their true values (c, bc, ...)."),
     out: Path | None = typer.Option(None, help="A new output folder inside the outputs folder "
                                                "(default: outputs/toy/<date>_<time>)."),
 ) -> None:

@@ -21,14 +21,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ihstudy.errors import ConfigError
-from ihstudy.model.transformer import INIT_SCHEMES
+from ihstudy.model.transformer import INIT_SCHEMES, POSITIONALS
 from ihstudy.run_files import check_folder_path, outputs_setting
 from ihstudy.tasks.fsl import EVALUATORS, MAX_FEATURE_ELEMENTS
 
 CONF_DIR_ENV = "IHSTUDY_CONF_DIR"  # a config tree of the user's own, in place of ihstudy's
 CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"  # conf/ beside the code in a source checkout
 CONF_MODULE = "ihstudy.conf"  # where an installed wheel holds the same tree (pyproject.toml maps conf/ there)
-POSITIONALS = ("rotary", "learned", "sinusoidal")
 OPTIMIZER_KEYS = {"adam": ("betas", "eps"), "sgd": ("momentum",)}  # besides name, lr and the schedule's keys
 SCHEDULE_KEYS = ("schedule", "warmup_sequences", "min_lr_fraction")
 SCHEDULES = ("constant", "warmup_decay", "cosine")

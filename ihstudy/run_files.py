@@ -37,6 +37,7 @@ from ihstudy.errors import CheckpointError, ConfigError, RunInUseError
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = re.compile(r"step_(\d{8})\.pt")
 LOCK_NAME = ".lock"
+SWEEP_INDEX = "sweep.parquet"  # a sweep folder's index of its runs (sweep.write_index, read by timing.py)
 OUTPUTS_ENV = "IHSTUDY_OUTPUTS"  # conf/config.yaml's default run folder reads it through outputs_setting
 MAX_YAML_BYTES = 16 * 2**20  # a run's config.yaml is a few KB; run.json smaller still
 

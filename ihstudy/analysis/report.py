@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ihstudy.analysis import defaults
 from ihstudy.errors import ConfigError
 from ihstudy.run_files import REPORT_MARK, check_report_dir, first_line, with_umask
 from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
@@ -264,7 +265,7 @@ def plot_progress(progress: pd.DataFrame, change: float | None) -> Figure:
 # --- the timing report ------------------------------------------------------------------------------------
 
 
-def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl_train", metric: str = "0.4ln2",
+def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl_train", metric: str = defaults.PHASE_CHANGE,
                   thresholds: dict | None = None, band: float | None = None) -> tuple[Report, pd.DataFrame, pd.DataFrame]:
     """The timing analysis of `runs` (timing.find_runs): the report, the per-run timing table and
     the group summary (empty without `by`)."""

@@ -56,6 +56,7 @@ from ihstudy.model.transformer import ModelShape
 from ihstudy.run_files import (
     ANALYSIS_FOLDER,
     LOCK_NAME,
+    SWEEP_INDEX,
     TEMPORARY_NAME,
     RunFiles,
     atomic_write_parquet,
@@ -68,12 +69,12 @@ from ihstudy.run_files import (
     outputs_root,
 )
 from ihstudy.training.memory import check_fits, fits
+from ihstudy.training.pack_settings import shared_group, shared_part
 from ihstudy.training.recorder import NUMERICAL
 from ihstudy.training.train import Pack, RunResult, RunSpec, exemplar_shape, resolve_device, schedule_steps, sequences_to_step
 
 log = logging.getLogger(__name__)
 PLAN = "plan.json"
-INDEX = "sweep.parquet"
 SWEEP_DIR = "hydra.sweep.dir"
 
 
@@ -111,12 +112,12 @@ class Sweep:
 
     def pack_total(self, i: int) -> int:
         """Sequences each run of pack i trains in all."""
-        return self.packs[i][0].cfg.train.sequences
+        return shared_group([run.cfg.train for run in self.packs[i]], "train").sequences
 
 
 def pack_seconds(pack: list[Run]) -> float:
     """Estimated time of a pack's remaining training and evals (TRAIN_SEQUENCES_PER_SECOND, EVAL_SECONDS)."""
-    train = pack[0].cfg.train
+    train = shared_group([run.cfg.train for run in pack], "train")
     n_steps = sequences_to_step(train.sequences, train.batch_size)
     done = max(pack[0].files.checkpoint_steps(), default=0)
     evals = [step for step in schedule_steps(train.eval_every, train.eval_at, n_steps, train.batch_size) if step > done]
@@ -237,15 +238,10 @@ def check_same_config(files: RunFiles, cfg: DictConfig) -> None:
 
 
 def pack_key(run: Run) -> str:
-    """Runs with equal keys can train as one Pack: Pack takes these settings from its first run
-    (tensor shapes, training schedule, optimizer kind). Seeds, clamps, lr and data settings that
-    keep the shapes are per run. A resumed run packs with runs stopped at the same checkpoint."""
-    c = run.cfg
-    shared = {"model": c.model, "train": c.train, "eval": c.eval, "device": c.device,
-              "optim": {k: v for k, v in c.optim.items() if k in ("name", "betas", "eps")},
-              "task": {k: c.task[k] for k in ("n_labels", "context_len")}}
+    """Runs with equal keys can train as one Pack: equal shared settings (pack_settings.py) and
+    exemplar dimension. A resumed run packs with runs stopped at the same checkpoint."""
     resume_step = max(run.files.checkpoint_steps(), default=0)
-    return json.dumps([OmegaConf.to_container(OmegaConf.create(shared)), run.n_features, resume_step], sort_keys=True)
+    return json.dumps([shared_part(run.cfg), run.n_features, resume_step], sort_keys=True)
 
 
 def group_into_packs(runs: list[Run], max_pack_runs: int, memory_budget: int | None = None) -> list[list[Run]]:
@@ -268,7 +264,7 @@ def group_into_packs(runs: list[Run], max_pack_runs: int, memory_budget: int | N
 
 
 def fits_in_memory(pack: list[Run], memory_budget: int | None) -> bool:
-    device = resolve_device(pack[0].cfg.device)
+    device = resolve_device(shared_group([run.cfg.device for run in pack], "device"))
     return fits([run.cfg for run in pack], [run.exemplar_shape for run in pack], device, memory_budget)
 
 
@@ -279,7 +275,7 @@ def memory_budget(job_cfg: DictConfig) -> int | None:
     return int(mem_gb * 2**30) if mem_gb else None
 
 
-SWEEP_FILES = {PLAN, INDEX, LOCK_NAME, "multirun.yaml"}
+SWEEP_FILES = {PLAN, SWEEP_INDEX, LOCK_NAME, "multirun.yaml"}
 SWEEP_FOLDERS = {"packs", ".submitit"}
 
 
@@ -504,4 +500,4 @@ def write_index(sweep: Sweep) -> None:
              **{k: v for k, v in r.summary.items() if k.endswith((".loss", ".acc"))},
              "error": r.summary.get("error"), "dir": str(r.run_dir)}
             for run, r in zip(sweep.runs, collect_results(sweep))]
-    atomic_write_parquet(sweep.dir / INDEX, pd.DataFrame(rows))
+    atomic_write_parquet(sweep.dir / SWEEP_INDEX, pd.DataFrame(rows))
