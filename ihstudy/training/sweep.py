@@ -45,6 +45,7 @@ from ihstudy.config import (
     hydra_initialized,
     literal_folders,
     quote,
+    run_identity,
     validate,
 )
 from ihstudy.errors import ConfigError
@@ -209,7 +210,7 @@ def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int 
 
 def check_same_config(files: RunFiles, cfg: DictConfig) -> None:
     """A run folder left by an earlier invocation must hold the same run."""
-    if (files.dir / "config.yaml").exists() and OmegaConf.to_container(files.read_config()) != OmegaConf.to_container(cfg):
+    if (files.dir / "config.yaml").exists() and run_identity(files.read_config()) != run_identity(cfg):
         raise ConfigError(f"{files.dir} holds a run with another config; choose another hydra.sweep.dir")
 
 
