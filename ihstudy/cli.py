@@ -421,18 +421,15 @@ def analyze(
 def analyze_eval(args: list[str], step: int | None) -> None:
     """Today's post-hoc evaluation: a checkpoint's eval rows under optional clamp overrides."""
     from ihstudy.analysis.circuits import loading_errors
-    from ihstudy.config import compose_config
+    from ihstudy.api import clamp_config
     from ihstudy.training.train import evaluate_checkpoint
 
     if not args:
         fail("analyze eval takes a run folder")
     run_dir, overrides = Path(args[0]), args[1:]
     try:
-        if any(not o.lstrip("+~").startswith("clamp") for o in overrides):
-            raise ConfigError("analyze takes only clamp overrides (clamp=..., clamp.NAME.FIELD=...)")
-        clamp = compose_config(overrides)[0].clamp if overrides else None
         with loading_errors(run_dir):
-            rows = evaluate_checkpoint(run_dir, step, clamp)
+            rows = evaluate_checkpoint(run_dir, step, clamp_config(overrides))
     except UserError as exc:
         fail(str(exc))
     from ihstudy.terminal import frame_rows, print_table
