@@ -133,14 +133,18 @@ def test_csv_holds_the_eval_table(logged):
     assert {s: float(rows[s]["train/loss"]) for s in train_means(metrics, evals)} == pytest.approx(train_means(metrics, evals))
 
 
-def test_every_run_of_a_pack_is_logged(tmp_path):
-    result = CliRunner().invoke(app, ["sweep", "-q", "seed=5,6", "logger=csv", f"hydra.sweep.dir={tmp_path / 's'}", *SHORT])
+def test_every_run_of_a_pack_is_logged_and_the_logger_does_not_define_the_runs(tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "-q", "seed=5,6", "logger=csv", *SHORT])
     assert result.exit_code == 0, result.output
+    [sweep] = (tmp_path / "sweeps").iterdir()
+    assert "logger" not in sweep.name
     for seed in (5, 6):
-        evals = pd.read_parquet(tmp_path / "s" / f"seed={seed}" / "eval.parquet")
-        logged = pd.read_csv(tmp_path / "csv" / "s" / f"seed={seed}" / "metrics.csv")
+        evals = pd.read_parquet(sweep / f"seed={seed}" / "eval.parquet")
+        logged = pd.read_csv(tmp_path / "csv" / "sweeps" / sweep.name / f"seed={seed}" / "metrics.csv")
         train_rows = evals[evals.evaluator == "fsl_train"]
         assert logged["fsl_train/loss"].tolist() == train_rows["loss"].tolist()
+    again = CliRunner().invoke(app, ["sweep", "-q", "seed=5,6", *SHORT])  # the same runs, without a tracker
+    assert again.exit_code == 0 and "2 runs, 2 already finished, 0 to train" in again.output, again.output
 
 
 def test_a_missing_library_is_one_line_naming_the_extra_and_nothing_runs(tmp_path, monkeypatch):
@@ -170,3 +174,15 @@ def test_a_failing_tracker_warns_and_the_run_goes_on_unchanged(tmp_path, monkeyp
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "logged" / f"{table}.parquet"),
                                       pd.read_parquet(tmp_path / "plain" / f"{table}.parquet"))
     assert json.loads((tmp_path / "logged" / "run.json").read_text())["status"] == "completed"
+
+
+def test_a_run_resumes_under_another_logger(tmp_path):
+    from ihstudy.config import compose_config
+    from ihstudy.training.train import Pack, RunSpec
+
+    assert train(tmp_path / "run").exit_code == 0
+    cfg, _ = compose_config([*SHORT, "logger=csv"])
+    assert Pack([RunSpec(cfg, tmp_path / "run")]).restore() == 100  # the checkpoint's config differs only in logger
+    cfg, _ = compose_config([*SHORT, "seed=6"])
+    with pytest.raises(Exception, match="differs in seed"):
+        Pack([RunSpec(cfg, tmp_path / "run")]).restore()

@@ -136,7 +136,8 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0) -> Sweep:
         raise ConfigError(f"the sweep {' '.join(run_args)} has no runs")
     job_cfg = compose_pack_job(hydra_args)
     chosen = any(o.key_or_group == SWEEP_DIR for o in parsed)
-    sweep_dir = Path(job_cfg.hydra.sweep.dir) if chosen else outputs_root() / "sweeps" / folder_name("_".join(run_args))
+    named_by = [o for o in run_args if not o.lstrip("+~").startswith("logger")]  # trackers watch runs, they don't define them
+    sweep_dir = Path(job_cfg.hydra.sweep.dir) if chosen else outputs_root() / "sweeps" / folder_name("_".join(named_by))
     check_folder_path(sweep_dir, SWEEP_DIR)
     check_sweep_dir(sweep_dir)
     budget = memory_budget(job_cfg)
