@@ -18,7 +18,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 from typer.core import TyperCommand
 
 from ihstudy.analysis import defaults
@@ -192,22 +191,27 @@ def progress_bar(bars: Progress, description: str, total_sequences: int):
 
 
 def print_summary(results, root: Path | None = None) -> None:
-    """One row per run; with `root`, runs are named by their folder inside it."""
+    """One row per run, labelled by its folder name inside `root` (a sweep) or, for one run, by its
+    folder's name, the whole folder on a line of its own."""
+    from ihstudy.terminal import print_table
     from ihstudy.training.evaluate import PHASE_CHANGE_THRESHOLD
 
-    title = (f"Final loss per evaluator; phase change = first eval with fsl_train loss < 0.4·ln2 "
-             f"= {PHASE_CHANGE_THRESHOLD:.3f}")
-    table = Table(title=title if root is None else f"{escape(str(root))}\n{title}")
-    keys = sorted({k for r in results for k in r.summary if k.endswith(".loss")})
-    table.add_column("run", overflow="fold")
-    for column in ["status", "phase change (seq)", *(k.removeprefix("fsl_").removesuffix(".loss") for k in keys)]:
-        table.add_column(column)
+    title = [f"sweep folder: {root}" if root is not None else f"run folder: {results[0].run_dir}",
+             f"final loss per evaluator; phase change: sequences at the first eval with fsl_train loss "
+             f"< 0.4·ln2 = {PHASE_CHANGE_THRESHOLD:.3f} (-: not yet)"]
+    statuses = {r.status for r in results}
+    if len(statuses) == 1:  # one status for all: said once, not in a column
+        title.append(f"{'all ' if len(results) > 1 else ''}{len(results)} run{'s' * (len(results) > 1)} {statuses.pop()}")
+    keys = list(dict.fromkeys(k for r in results for k in r.summary if k.endswith(".loss")))
+    columns = ["run", *(["status"] if len(title) == 2 else []), "phase change",
+               *(k.removeprefix("fsl_").removesuffix(".loss") for k in keys)]
+    rows = []
     for r in results:
         change = r.summary.get("phase_change_sequences")
-        name = escape(str(r.run_dir if root is None else r.run_dir.relative_to(root)))
-        table.add_row(name, r.status, "-" if change is None else f"{change:,}",
-                      *(f"{r.summary[k]:.4f}" if k in r.summary else "-" for k in keys))
-    Console().print(table)
+        rows.append([r.run_dir.name if root is None else str(r.run_dir.relative_to(root)),
+                     *([r.status] if len(title) == 2 else []), "-" if change is None else f"{change:,}",
+                     *(f"{r.summary[k]:.4f}" if k in r.summary else "-" for k in keys)])
+    print_table(columns, rows, title)
 
 
 @app.command(context_settings=EXTRA, cls=WithLauncherGroups)
@@ -340,13 +344,12 @@ def print_sweep_configs(plan, part: str) -> None:
 
 
 def print_plan(plan) -> None:
+    from ihstudy.terminal import print_table
+
     pack_of = {run.name: i for i, runs in enumerate(plan.packs) for run in runs}
-    table = Table(title=escape(str(plan.dir)))
-    for column in ["run", "pack", "overrides"]:
-        table.add_column(column)
-    for run in plan.runs:
-        table.add_row(escape(run.name), str(pack_of.get(run.name, "finished")), escape(" ".join(run.overrides)))
-    Console().print(table)
+    print_table(["run", "pack", "overrides"],
+                [[run.name, str(pack_of.get(run.name, "finished")), " ".join(run.overrides)] for run in plan.runs],
+                [f"sweep folder: {plan.dir}"])
 
 
 @app.command(context_settings=EXTRA, cls=WithLauncherGroups)
@@ -370,6 +373,7 @@ def reproduce(
     ihstudy reproduce seed=5,6,7 data=features_file data.path=omniglot.h5
     Running the same command again skips finished runs and resumes interrupted ones."""
     from ihstudy.analysis import reproduce as rep
+    from ihstudy.terminal import print_table
 
     try:
         with planning_progress(quiet) as on_run:
@@ -394,12 +398,8 @@ def reproduce(
         folder, table = rep.write_reproduction_report(plan)
     except UserError as exc:  # a checkpoint that cannot be read, a toy folder in use
         fail(str(exc))
-    findings = Table(title="findings (docs/science.md §5)")
-    for column in ("finding", "ihstudy", "holds"):
-        findings.add_column(column, overflow="fold")
-    for row in table.itertuples():
-        findings.add_row(row.finding, row.ihstudy, row.holds)
-    Console().print(findings)
+    print_table(["finding", "ihstudy", "holds"], [[r.finding, r.ihstudy, r.holds] for r in table.itertuples()],
+                ["findings (docs/science.md §5)"])
     say(f"report: {folder / 'report.md'}")
     if any(run.files.read_status().get("status") != "completed" for sweep in plan.sweeps.values() for run in sweep.runs):
         raise typer.Exit(1)
@@ -462,28 +462,23 @@ def analyze(
 def analyze_eval(args: list[str], step: int | None) -> None:
     """Today's post-hoc evaluation: a checkpoint's eval rows under optional clamp overrides."""
     from ihstudy.analysis.circuits import loading_errors
-    from ihstudy.config import compose_config
+    from ihstudy.api import clamp_config
     from ihstudy.training.train import evaluate_checkpoint
 
     if not args:
         fail("analyze eval takes a run folder")
     run_dir, overrides = Path(args[0]), args[1:]
     try:
-        if any(not o.lstrip("+~").startswith("clamp") for o in overrides):
-            raise ConfigError("analyze takes only clamp overrides (clamp=..., clamp.NAME.FIELD=...)")
-        clamp = compose_config(overrides)[0].clamp if overrides else None
         with loading_errors(run_dir):
-            rows = evaluate_checkpoint(run_dir, step, clamp)
+            rows = evaluate_checkpoint(run_dir, step, clamp_config(overrides))
     except UserError as exc:
         fail(str(exc))
+    from ihstudy.terminal import frame_rows, print_table
+
     clamped = f" with {' '.join(overrides)}" if overrides else ""
-    table = Table(title=escape(f"{run_dir} at {int(rows.sequences.iloc[0]):,} sequences{clamped}"))
-    columns = ["loss", "acc", "icl_acc", "in_context_mass"]
-    for column in ["evaluator", *columns]:
-        table.add_column(column)
-    for _, row in rows.iterrows():
-        table.add_row(row.evaluator, *(f"{row[c]:.4f}" for c in columns))
-    Console().print(table)
+    columns = ["evaluator", "loss", "acc", "icl_acc", "in_context_mass"]
+    print_table(columns, frame_rows(rows[columns]),
+                [f"run folder: {run_dir}", f"eval at {int(rows.sequences.iloc[0]):,} sequences{clamped}"])
 
 
 def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, metric: str, band: float,
@@ -542,26 +537,23 @@ def default_report_dir(paths: list[Path], name: str) -> Path:
 
 def print_timing(table, summary, evaluator: str, metric: str) -> None:
     from ihstudy.analysis.timing import format_sequences
+    from ihstudy.terminal import print_table
 
     rows = table[table.evaluator == evaluator]
-    out = Table(title=f"{evaluator} loss: sequences to each threshold (first eval point / interpolated); "
-                      f"-: never crossed (censored at the last eval)")
     names = [c.removesuffix("_eval") for c in rows.columns if c.endswith("_eval")]
-    for column in ["run", "status", *names, "plateau", "final loss"]:
-        out.add_column(column, overflow="fold")
+    cells = []
     for _, r in rows.iterrows():
-        cells = [f"{format_sequences(r[f'{n}_eval'])} / {format_sequences(r[f'{n}_interp'])}"
-                 + (" (recrossed)" if r[f"{n}_recrossed"] else "") for n in names]
+        crossings = [f"{format_sequences(r[f'{n}_eval'])} / {format_sequences(r[f'{n}_interp'])}"
+                     + (" (recrossed)" if r[f"{n}_recrossed"] else "") for n in names]
         plateau = "-" if not r.plateau_length else f"{format_sequences(r.plateau_start)}-{format_sequences(r.plateau_end)}"
-        out.add_row(r.run, r.status, *cells, plateau, f"{r.final_loss:.4f}")
-    Console().print(out)
+        cells.append([r.run, r.status, *crossings, plateau, f"{r.final_loss:.4f}"])
+    print_table(["run", "status", *names, "plateau", "final loss"], cells,
+                [f"{evaluator} loss: sequences to each threshold (first eval point / interpolated);",
+                 "-: never crossed (censored at the last eval)"])
     if summary is not None and not summary.empty:
-        groups = Table(title=f"time to {evaluator} loss < {metric} by group, ordered by median (interpolated)")
-        for column in summary.columns:
-            groups.add_column(str(column))
-        for _, r in summary.iterrows():
-            groups.add_row(*(format_sequences(v) if isinstance(v, float) else str(v) for v in r))
-        Console().print(groups)
+        print_table([str(c) for c in summary.columns],
+                    [[format_sequences(v) if isinstance(v, float) else str(v) for v in r] for _, r in summary.iterrows()],
+                    [f"time to {evaluator} loss < {metric} by group, ordered by median (interpolated)"])
 
 
 def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: int, report_dir: Path | None,
@@ -584,13 +576,10 @@ def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: in
                 result, tables = build(subject, batch, enumerated)
     except UserError as exc:
         fail(str(exc))
+    from ihstudy.terminal import frame_rows, print_table
+
     for name, frame in tables.items():
-        table = Table(title=name)
-        for column in frame.columns:
-            table.add_column(str(column))
-        for row in frame.head(40).itertuples(index=False):
-            table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
-        Console().print(table)
+        print_table([str(c) for c in frame.columns], frame_rows(frame.head(40)), [name])
     save_report(result, out, fmt)
 
 

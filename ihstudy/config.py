@@ -24,6 +24,7 @@ from ihstudy.errors import ConfigError
 from ihstudy.model.transformer import INIT_SCHEMES, POSITIONALS
 from ihstudy.run_files import check_folder_path, outputs_setting
 from ihstudy.tasks.fsl import EVALUATORS, MAX_FEATURE_ELEMENTS
+from ihstudy.training.trackers import check_trackers
 
 CONF_DIR_ENV = "IHSTUDY_CONF_DIR"  # a config tree of the user's own, in place of ihstudy's
 CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"  # conf/ beside the code in a source checkout
@@ -57,6 +58,7 @@ def compose_config(overrides: list[str], single_run: bool = False) -> tuple[Dict
     if missing:
         raise ConfigError(f"missing config value: {', '.join(missing)} (set it on the command line, e.g. {missing[0]}=...)")
     check_values(cfg)
+    check_trackers(cfg)
     check_folder_path(run_dir)
     return cfg, run_dir
 
@@ -322,6 +324,14 @@ def with_later_defaults(saved: DictConfig) -> DictConfig:
         kept = {"name", "lr", *SCHEDULE_KEYS, *OPTIMIZER_KEYS[optim.name]}
         completed.optim = {k: v for k, v in optim.items() if k in kept}
     return completed
+
+
+def run_identity(cfg):
+    """A run config (DictConfig or dict) without `logger`, which says where copies of its rows go, not
+    what the run is: what must match to resume a run or to find it again in a sweep."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg)
+    return {k: v for k, v in cfg.items() if k != "logger"} if isinstance(cfg, dict) else cfg
 
 
 def check_values(cfg: DictConfig) -> None:

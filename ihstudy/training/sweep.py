@@ -48,6 +48,7 @@ from ihstudy.config import (
     hydra_initialized,
     literal_folders,
     quote,
+    run_identity,
     validate,
 )
 from ihstudy.errors import ConfigError
@@ -146,7 +147,8 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0, allow_callbacks: bo
     job_cfg = compose_pack_job(hydra_args)
     check_launch_config(job_cfg, allow_callbacks)
     chosen = any(o.key_or_group == SWEEP_DIR for o in parsed)
-    sweep_dir = Path(job_cfg.hydra.sweep.dir) if chosen else outputs_root() / "sweeps" / folder_name("_".join(run_args))
+    named_by = [o for o in run_args if not o.lstrip("+~").startswith("logger")]  # trackers watch runs, they don't define them
+    sweep_dir = Path(job_cfg.hydra.sweep.dir) if chosen else outputs_root() / "sweeps" / folder_name("_".join(named_by))
     check_folder_path(sweep_dir, SWEEP_DIR)
     check_sweep_dir(sweep_dir)
     budget = memory_budget(job_cfg)
@@ -233,7 +235,7 @@ def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int 
 
 def check_same_config(files: RunFiles, cfg: DictConfig) -> None:
     """A run folder left by an earlier invocation must hold the same run."""
-    if (files.dir / "config.yaml").exists() and OmegaConf.to_container(files.read_config()) != OmegaConf.to_container(cfg):
+    if (files.dir / "config.yaml").exists() and run_identity(files.read_config()) != run_identity(cfg):
         raise ConfigError(f"{files.dir} holds a run with another config; choose another hydra.sweep.dir")
 
 
