@@ -22,8 +22,8 @@ def parse_thresholds(text: str) -> dict[str, float]:
             values[name] = float(name.removesuffix("ln2") or 1) * math.log(2) if name.endswith("ln2") else float(name)
         except ValueError:
             raise ConfigError(f"--thresholds: '{name}' is not a number or Xln2") from None
-        if not values[name] > 0:
-            raise ConfigError(f"--thresholds: '{name}' must be positive")
+        if not 0 < values[name] < math.inf:
+            raise ConfigError(f"--thresholds: '{name}' must be a positive finite number")
     if not values:
         raise ConfigError("--thresholds is empty")
     return values

@@ -45,12 +45,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 
 from ihstudy.analysis import circuits, defaults, report, timing, toy
-from ihstudy.config import compose_config, quote
+from ihstudy.config import check_hydra_overrides, compose_config, quote
 from ihstudy.errors import ConfigError, UserError
-from ihstudy.run_files import check_inside_outputs, outputs_root
+from ihstudy.run_files import RunFiles, check_folder_path, check_report_dir, outputs_root
 from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 from ihstudy.training.sweep import (
     SWEEP_DIR,
@@ -108,30 +107,34 @@ class Reproduction:
         return list(self.sweeps)
 
 
-def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = None, max_pack_runs: int = 0) -> Reproduction:
+def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = None, max_pack_runs: int = 0,
+                      allow_callbacks: bool = False, on_run=None, retry_failed: bool = False) -> Reproduction:
     """Figures and overrides from the command line -> every preset's sweep, planned and validated
-    (nothing written). `args`: figure names (3 4b 5b 6 8 15 17 toy) and Hydra overrides (with =)."""
+    (nothing written). `args`: figure names (3 4b 5b 6 8 15 17 toy) and Hydra overrides (with =);
+    `allow_callbacks`, `on_run` and `retry_failed` as sweep.plan_sweep takes them."""
     figures = [a for a in args if "=" not in a] or list(FIGURES)
     overrides = [a for a in args if "=" in a]
     if unknown := [f for f in figures if f not in FIGURES]:
         raise ConfigError(f"unknown figure(s) {', '.join(unknown)}: choose from {' '.join(FIGURES)}")
-    if not 0 < scale <= 1:
+    if not 0 < scale <= 1:  # also NaN
         raise ConfigError(f"--scale {scale:g} must lie in (0, 1]")
     if any(o.lstrip("+~").split("=", 1)[0] in ("experiment", SWEEP_DIR) for o in overrides):
         raise ConfigError("reproduce chooses experiment= and hydra.sweep.dir itself (use --out for the folder)")
+    check_hydra_overrides(overrides, SWEEP_DIR, launches=True)  # also when only the toy model runs
     parsed = parse(overrides)
     run_args = [o.input_line for o in parsed if not o.is_hydra_override()]
     fixed = [o.input_line for o in parsed if not o.is_hydra_override() and not o.is_sweep_override()]
     given = {o.key_or_group.lstrip("+~") for o in parsed}
     root = Path(out) if out else outputs_root() / "reproduce"
     folder = root / (("full" if scale == 1 else f"scale-{scale:g}") + (f"_{folder_name(','.join(run_args))}" if run_args else ""))
-    check_inside_outputs(folder)
+    check_folder_path(folder, "--out")
+    check_report_dir(folder / "report")  # now, not after hours of training
     presets = list(dict.fromkeys(p for f in figures for p in FIGURES[f]))
     sweeps = {}
     for preset in presets:
         scaled = [] if scale == 1 else scaled_overrides(preset, fixed, scale, given)
         sweeps[preset] = plan_sweep([f"experiment={preset}", *scaled, *overrides, f"{SWEEP_DIR}={quote(str(folder / preset))}"],
-                                    max_pack_runs)
+                                    max_pack_runs, allow_callbacks, on_run, retry_failed)
     n_jobs = sum(len(sweep.packs) for sweep in sweeps.values())
     if "hydra/launcher" not in given and min(n_jobs, available_cores()) > 1:
         for sweep in sweeps.values():
@@ -207,7 +210,7 @@ class Results:
 
     @functools.cache  # noqa: B019
     def config(self, preset: str, run_name: str):
-        return OmegaConf.load(self.repro.folder / preset / run_name / "config.yaml")
+        return RunFiles(self.repro.folder / preset / run_name).read_config()
 
     @functools.cache  # noqa: B019
     def fig3_subject(self) -> tuple[circuits.Subject, object, bool] | None:

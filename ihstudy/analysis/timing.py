@@ -92,20 +92,21 @@ def common_root(dirs: list[Path]) -> Path:
 
 def load_run(run_dir: Path, name: str) -> Run:
     files = RunFiles(run_dir)
-    status = files.read_status().get("status", "unknown")
     try:
-        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+        status = files.read_status().get("status", "unknown")
+        cfg = OmegaConf.to_container(files.read_config(), resolve=False)
         evals = files.read_table("eval")
-    except ConfigError as exc:
-        return Run(run_dir, name, status, {}, None, [str(exc)])
-    except Exception as exc:  # a hand-edited or truncated config.yaml
-        return Run(run_dir, name, status, {}, None, [f"cannot read config.yaml ({type(exc).__name__})"])
+    except ConfigError as exc:  # a damaged or hand-edited run.json, config.yaml or eval.parquet
+        return Run(run_dir, name, "unknown", {}, None, [str(exc)])
     notes = []
     if evals is None or evals.empty:
         notes.append("no eval rows yet")
         evals = None
     elif missing := {"sequences", "evaluator", "loss"} - set(evals.columns):
         notes.append(f"eval.parquet lacks column(s) {', '.join(sorted(missing))}")
+        evals = None
+    elif not_numbers := [c for c in ("sequences", "loss") if not pd.api.types.is_numeric_dtype(evals[c])]:
+        notes.append(f"eval.parquet column(s) {', '.join(not_numbers)} hold no numbers")
         evals = None
     return Run(run_dir, name, status, flatten(cfg, sweep_overrides(run_dir)), evals, notes)
 

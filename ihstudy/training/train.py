@@ -34,7 +34,15 @@ from ihstudy.training.evaluate import Evaluator
 from ihstudy.training.memory import check_fits
 from ihstudy.training.optim import StackedOptimizer, lr_schedule
 from ihstudy.training.pack_settings import shared_settings
-from ihstudy.training.recorder import RunRecorder, RunResult, RunSpec, phase_change_sequences, summarize  # noqa: F401 (public here)
+from ihstudy.training.recorder import (  # noqa: F401 (public here)
+    ENVIRONMENT,
+    NUMERICAL,
+    RunRecorder,
+    RunResult,
+    RunSpec,
+    phase_change_sequences,
+    summarize,
+)
 from ihstudy.training.steps import choose_path
 
 log = logging.getLogger(__name__)
@@ -159,7 +167,7 @@ class Pack(Runs):
     def train_step(self) -> None:
         lr, log_row = self.lrs[self.step], self.recorder.step_log[self.step]  # log_row: [R, len(STEP_COLUMNS)]
         if not self.path.step(self.stream, self.step, self.loss_weight, lr, log_row):
-            self.fail_runs(~torch.isfinite(log_row[:, 0]) & self.active, "loss became NaN or infinite")
+            self.fail_runs(~torch.isfinite(log_row[:, 0]) & self.active, "loss became NaN or infinite", failure=NUMERICAL)
         self.optimizer.step(lr, self.active)
         self.step += 1
 
@@ -172,10 +180,11 @@ class Pack(Runs):
                                                        "optimizer": self.optimizer.state(r),
                                                        "rng": {"torch": torch.get_rng_state()}})
 
-    def fail_runs(self, which: torch.Tensor, message: str, write_rows: bool = True) -> None:
-        """Stop runs for good (the recorder keeps their rows and last checkpoint and marks them failed;
-        without `write_rows` the tables on disk stay as they are)."""
-        self.recorder.fail(which.nonzero().flatten().tolist(), message, self.step, write_rows)
+    def fail_runs(self, which: torch.Tensor, message: str, write_rows: bool = True, failure: str = ENVIRONMENT) -> None:
+        """Stop runs (the recorder keeps their rows and last checkpoint and marks them failed, with
+        `failure` saying why: recorder.NUMERICAL or ENVIRONMENT); without `write_rows` the tables
+        on disk stay as they are."""
+        self.recorder.fail(which.nonzero().flatten().tolist(), message, self.step, write_rows, failure)
         self.active &= ~which
         self.loss_weight = self.loss_weights()
 
