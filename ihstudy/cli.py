@@ -194,6 +194,9 @@ def print_summary(results, root: Path | None = None) -> None:
 def sweep(
     overrides: list[str] | None = OVERRIDES,
     max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
+    subsets: str | None = typer.Option(None, "--subsets", metavar="clamp=A,B,...",
+                                       help="Sweep every subset of these clamp presets, on top of the base clamp=... "
+                                            "(docs/subsets.md)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their packs; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary table."),
     print_config: ConfigPart | None = PRINT_CONFIG,
@@ -203,12 +206,19 @@ def sweep(
     Runs of equal tensor shapes train together as one batched pack; packs run through a Hydra
     launcher (hydra/launcher=joblib, submitit_local or submitit_slurm; default: in this process).
     Running the same command again skips finished runs and resumes the others."""
+    from ihstudy.training.lattice import label
     from ihstudy.training.sweep import plan_sweep
 
     try:
-        plan = plan_sweep(overrides or [], max_pack_runs)
+        plan = plan_sweep(overrides or [], max_pack_runs, subsets)
     except UserError as exc:
         fail(str(exc))
+    if plan.lattice:
+        kept = plan.lattice.kept()
+        say(f"subsets of {', '.join(plan.lattice.clamps)}: {len(kept)} of {len(plan.lattice.subsets())} swept"
+            + (f" on top of {','.join(plan.lattice.base)}" if plan.lattice.base else ""))
+        for subset, reason in plan.lattice.skipped.items():
+            say(f"{label(subset)}: {reason}", "[yellow]skipped:[/] ")
     if print_config:
         print_sweep_configs(plan, print_config.value)
         return

@@ -62,6 +62,7 @@ from ihstudy.run_files import (
     lock_run_dir,
     outputs_root,
 )
+from ihstudy.training.lattice import LATTICE, Lattice, drop_incompatible, subset_sweep
 from ihstudy.training.memory import check_fits, fits
 from ihstudy.training.train import Pack, RunResult, RunSpec, exemplar_shape, resolve_device, schedule_steps, sequences_to_step
 
@@ -103,6 +104,7 @@ class Sweep:
     runs: list[Run]
     packs: list[list[Run]]  # the runs still to train, grouped
     launcher_overrides: list[str]  # hydra.* overrides for the pack jobs
+    lattice: Lattice | None = None  # a subset sweep's clamps (training/lattice.py)
 
     def pack_total(self, i: int) -> int:
         """Sequences each run of pack i trains in all."""
@@ -122,20 +124,26 @@ def pack_seconds(pack: list[Run]) -> float:
 # --- planning: everything is composed and validated before anything is written ----------------
 
 
-def plan_sweep(overrides: list[str], max_pack_runs: int = 0) -> Sweep:
-    """Expand the overrides into runs, validate all of them and group the unfinished ones into packs."""
+def plan_sweep(overrides: list[str], max_pack_runs: int = 0, subsets: str | None = None) -> Sweep:
+    """Expand the overrides into runs, validate all of them and group the unfinished ones into packs.
+    `subsets` (clamp=A,B,...) sweeps every subset of those clamp presets (training/lattice.py)."""
     parsed = parse(literal_folders(overrides))
     hydra_args = [o.input_line for o in parsed if o.is_hydra_override()]
     run_args = [o.input_line for o in parsed if not o.is_hydra_override()]
     if not run_args:
         raise ConfigError("nothing to sweep: give overrides such as seed=5,6 clamp=none,copy, or experiment=NAME")
     check_added_keys(run_args)  # once, not once per run
+    lattice, named = None, [f"subsets={subsets}", *run_args] if subsets else run_args
+    if subsets:
+        lattice, run_args = subset_sweep(subsets, run_args)
     expanded = expand(run_args)
+    if lattice:
+        expanded = drop_incompatible(lattice, expanded, check_clamps)
     if not expanded:
         raise ConfigError(f"the sweep {' '.join(run_args)} has no runs")
     job_cfg = compose_pack_job(hydra_args)
     chosen = any(o.key_or_group == SWEEP_DIR for o in parsed)
-    sweep_dir = Path(job_cfg.hydra.sweep.dir) if chosen else outputs_root() / "sweeps" / folder_name("_".join(run_args))
+    sweep_dir = Path(job_cfg.hydra.sweep.dir) if chosen else outputs_root() / "sweeps" / folder_name("_".join(named))
     check_folder_path(sweep_dir, SWEEP_DIR)
     check_sweep_dir(sweep_dir)
     budget = memory_budget(job_cfg)
@@ -143,7 +151,11 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0) -> Sweep:
     todo = [run for run in runs if run.files.read_status().get("status") not in FINISHED]
     packs = sorted(group_into_packs(todo, max_pack_runs, budget), key=pack_seconds, reverse=True)  # see pack_jobs
     launcher_args = [o.input_line for o in parsed if o.is_hydra_override() and o.key_or_group != SWEEP_DIR]
-    return Sweep(sweep_dir.resolve(), runs, packs, launcher_args)
+    return Sweep(sweep_dir.resolve(), runs, packs, launcher_args, lattice)
+
+
+def check_clamps(cfg: DictConfig) -> None:
+    build_clamps(cfg.clamp, ModelShape.of_config(cfg, exemplar_shape(cfg.data, {})[2]))
 
 
 def parse(overrides: list[str]) -> list:
@@ -256,7 +268,7 @@ def memory_budget(job_cfg: DictConfig) -> int | None:
     return int(mem_gb * 2**30) if mem_gb else None
 
 
-SWEEP_FILES = {PLAN, INDEX, LOCK_NAME, "multirun.yaml"}
+SWEEP_FILES = {PLAN, INDEX, LATTICE, LOCK_NAME, "multirun.yaml"}
 SWEEP_FOLDERS = {"packs", ".submitit"}
 
 
@@ -477,3 +489,5 @@ def write_index(sweep: Sweep) -> None:
              "error": r.summary.get("error"), "dir": str(r.run_dir)}
             for run, r in zip(sweep.runs, collect_results(sweep))]
     atomic_write_parquet(sweep.dir / INDEX, pd.DataFrame(rows))
+    if sweep.lattice:
+        atomic_write_text(sweep.dir / LATTICE, sweep.lattice.to_json(sweep.runs))
