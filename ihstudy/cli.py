@@ -378,12 +378,13 @@ def reproduce(
 ANALYSES = {"eval": "re-evaluate a checkpoint, optionally under clamps (post-hoc ablation)",
             "heads": "last-layer head ablations, complementarity and first-layer roles of a checkpoint",
             "wiring": "single-head wiring grid and Q/K/V composition scores of a checkpoint",
-            "progress": "progress measures over every checkpoint of a run"}
+            "progress": "progress measures over every checkpoint of a run",
+            "subsets": "a subset sweep's lattice: clamp effects, interactions, composition rules (docs/subsets.md)"}
 
 
 @app.command(context_settings=EXTRA)
 def analyze(
-    args: list[str] | None = typer.Argument(None, metavar="[eval|heads|wiring|progress] PATH...",
+    args: list[str] | None = typer.Argument(None, metavar="[eval|heads|wiring|progress|subsets] PATH...",
                                                help="Run or sweep folders (timing), or an analysis and one run folder."),
     by: str = typer.Option("", "--by", help="Group runs by config field(s), e.g. clamp, task.n_labels or clamp,seed."),
     evaluator: str = typer.Option("fsl_train", "--evaluator", help="Evaluator whose loss is timed."),
@@ -406,6 +407,7 @@ def analyze(
     ihstudy analyze heads RUN [--step N]      keep-one/remove-one head, add-back, complementarity, layer-1 roles
     ihstudy analyze wiring RUN [--step N]     one layer-1 x one layer-2 head kept; Q/K/V composition scores
     ihstudy analyze progress RUN              perfect-match / previous-token / direct-path measures per checkpoint
+    ihstudy analyze subsets SWEEP             a subset sweep (sweep --subsets): effects, interactions, composition
 
     Timing writes tables (CSV), figures and report.md to --report (default: analysis/timing next to
     the runs); the checkpoint analyses to analysis/<analysis>-<run>. Run folders are never changed."""
@@ -424,7 +426,9 @@ def analyze(
     if what == "timing":
         return analyze_timing([Path(a) for a in args], by, evaluator, thresholds, metric, band, report, fmt)
     if len(args) != 1:
-        fail(f"analyze {what} takes one run folder")
+        fail(f"analyze {what} takes one {'sweep' if what == 'subsets' else 'run'} folder")
+    if what == "subsets":
+        return analyze_subsets(Path(args[0]), evaluator, metric, report, fmt)
     analyze_checkpoint(what, Path(args[0]), step, sequences, report, fmt)
 
 
@@ -553,6 +557,29 @@ def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: in
                 result, tables = build(subject, batch, enumerated)
     except UserError as exc:
         fail(str(exc))
+    print_tables(tables)
+    out = report_dir or default_report_dir([run_dir], f"{what}-{run_dir.resolve().name}")
+    report.write_report(result, out, fmt)
+    say(f"report: {out / 'report.md'}")
+
+
+def analyze_subsets(sweep_dir: Path, evaluator: str, metric: str, report_dir: Path | None, fmt: str) -> None:
+    from ihstudy.analysis import report, subsets
+
+    try:
+        lattice = subsets.load(sweep_dir, evaluator, metric)
+        result, tables = subsets.subsets_report(lattice)
+    except UserError as exc:
+        fail(str(exc))
+    print_tables(tables)
+    for note in result.notes:
+        say(note)
+    out = report_dir or sweep_dir / "analysis" / "subsets"
+    report.write_report(result, out, fmt)
+    say(f"report: {out / 'report.md'}")
+
+
+def print_tables(tables: dict) -> None:
     for name, frame in tables.items():
         out = Table(title=name)
         for column in frame.columns:
@@ -560,9 +587,6 @@ def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: in
         for row in frame.head(40).itertuples(index=False):
             out.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
         Console().print(out)
-    out = report_dir or default_report_dir([run_dir], f"{what}-{run_dir.resolve().name}")
-    report.write_report(result, out, fmt)
-    say(f"report: {out / 'report.md'}")
 
 
 @app.command()
