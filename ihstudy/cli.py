@@ -557,7 +557,13 @@ def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: in
                 result, tables = build(subject, batch, enumerated)
     except UserError as exc:
         fail(str(exc))
-    print_tables(tables)
+    for name, frame in tables.items():
+        out = Table(title=name)
+        for column in frame.columns:
+            out.add_column(str(column))
+        for row in frame.head(40).itertuples(index=False):
+            out.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+        Console().print(out)
     out = report_dir or default_report_dir([run_dir], f"{what}-{run_dir.resolve().name}")
     report.write_report(result, out, fmt)
     say(f"report: {out / 'report.md'}")
@@ -568,25 +574,14 @@ def analyze_subsets(sweep_dir: Path, evaluator: str, metric: str, report_dir: Pa
 
     try:
         lattice = subsets.load(sweep_dir, evaluator, metric)
-        result, tables = subsets.subsets_report(lattice)
+        result, _ = subsets.subsets_report(lattice)
     except UserError as exc:
         fail(str(exc))
-    print_tables(tables)
-    for note in result.notes:
+    for note in result.notes:  # the ranking and the composition result in words; the tables are in the report
         say(note)
     out = report_dir or sweep_dir / "analysis" / "subsets"
     report.write_report(result, out, fmt)
     say(f"report: {out / 'report.md'}")
-
-
-def print_tables(tables: dict) -> None:
-    for name, frame in tables.items():
-        out = Table(title=name)
-        for column in frame.columns:
-            out.add_column(str(column))
-        for row in frame.head(40).itertuples(index=False):
-            out.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
-        Console().print(out)
 
 
 @app.command()

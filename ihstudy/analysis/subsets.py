@@ -353,9 +353,9 @@ def ranking_words(effect_table: pd.DataFrame, interaction_table: pd.DataFrame) -
         lead = "Giving the model " if rank == 0 else "Then "
         most = " - the largest effect, the main bottleneck" if rank == 0 and shorter and row.verdict == "shortens" else ""
         verb = "shortens" if shorter else "lengthens"
-        lines.append(f"{lead}{row.clamp} {verb} formation{how} {np.exp(abs(row.estimate)):.2f}-fold "
-                     f"on average over {row.contexts} context(s) ({LEVEL:.0%} bootstrap interval over seeds: "
-                     f"{np.exp(-row.high):.2f}- to {np.exp(-row.low):.2f}-fold shorter; {row.verdict}){most}.")
+        lines.append(f"{lead}{row.clamp} {verb} formation{how} {np.exp(abs(row.estimate)):.2f}-fold on average over "
+                     f"{row.contexts} context(s) (time x{np.exp(row.estimate):.2f}, {LEVEL:.0%} bootstrap interval over seeds "
+                     f"x{np.exp(row.low):.2f} to x{np.exp(row.high):.2f}; {row.verdict}){most}.")
     for row in interaction_table.itertuples() if not interaction_table.empty else []:
         a, b = row.pair.split(" & ")
         if row.verdict == "synergy":

@@ -338,6 +338,9 @@ def run_sweeps(sweeps: list[Sweep], folder: Path, on_progress=None) -> list[list
         for path in folders:  # one command per sweep folder at a time
             path.mkdir(parents=True, exist_ok=True)
             locks.append(lock_run_dir(path))
+        for sweep in sweeps:
+            if sweep.lattice:  # before training: `analyze subsets` can follow a sweep under way
+                atomic_write_text(sweep.dir / LATTICE, sweep.lattice.to_json(sweep.runs))
         jobs = pack_jobs(sweeps)
         if jobs:
             per_machine = jobs_per_machine(compose_pack_job(sweeps[0].launcher_overrides), len(jobs))
@@ -489,5 +492,3 @@ def write_index(sweep: Sweep) -> None:
              "error": r.summary.get("error"), "dir": str(r.run_dir)}
             for run, r in zip(sweep.runs, collect_results(sweep))]
     atomic_write_parquet(sweep.dir / INDEX, pd.DataFrame(rows))
-    if sweep.lattice:
-        atomic_write_text(sweep.dir / LATTICE, sweep.lattice.to_json(sweep.runs))
