@@ -327,7 +327,8 @@ def plot_lattice(lattice: Lattice, table: pd.DataFrame):
 
 def plot_effects(effect_table: pd.DataFrame, interaction_table: pd.DataFrame):
     """Effects of each clamp and interactions of each pair (change in log time, bootstrap interval)."""
-    fig, axes = subplots(1, 2, figsize=(10, 0.45 * max(len(effect_table), len(interaction_table), 3) + 1.5))
+    fig, axes = subplots(1, 2, figsize=(11, 0.45 * max(len(effect_table), len(interaction_table), 3) + 1.5),
+                         gridspec_kw={"wspace": 0.7})
     for ax, table, key, title in ((axes[0], effect_table, "clamp", "effect of adding the clamp"),
                                   (axes[1], interaction_table, "pair", "interaction (<0 synergy, >0 redundancy)")):
         shown = table.dropna(subset=["estimate"]) if not table.empty else table
