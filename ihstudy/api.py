@@ -251,7 +251,7 @@ class Sweep:
     """A sweep folder: its index (sweep.parquet), its runs, and the timing analysis over them."""
 
     def __init__(self, path):
-        from ihstudy.training.sweep import INDEX
+        from ihstudy.run_files import SWEEP_INDEX as INDEX
 
         self.dir = Path(path).absolute()  # a notebook may change its working folder later
         if not (self.dir / INDEX).is_file():
