@@ -55,12 +55,13 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
     return [
         Part("parameters, gradients and optimizer state", 4 * R * n_params * FLOAT,
              "model.d_model or model.n_layers (or the runs per pack)"),
-        Part("training attention [runs, batch, heads, T, T]", R * FLOAT * _attention(shape, B, kept=6),
+        # autograd through the head-major pass: scores, their exponentials, the pattern, and gradients
+        Part("training attention [runs, batch, heads, T, T]", R * FLOAT * _attention(shape, B, kept=12),
              "train.batch_size or task.context_len"),
         Part("training activations [runs, batch, T, d_model]", R * B * T * shape.n_layers * (12 * D + 4 * shape.d_mlp) * FLOAT,
              "train.batch_size, task.context_len or model.d_model"),
         Part(f"training batches ({chunk} steps at a time)", R * chunk * B * (2 * token_inputs + (N + 1) * F + 4 * N) * FLOAT,
-             "train.chunk_batches, train.batch_size or task.context_len"),
+             "train.batch_size, task.context_len or train.chunk_batches"),
         Part("eval attention patterns [runs, eval sequences, heads, T, T]", 2 * R * FLOAT * _attention(shape, n_eval, kept=1),
              "eval.n_sequences or task.context_len"),
         Part("eval sets", R * n_eval * (token_inputs + (N + 1) * F + 4 * N) * FLOAT, "eval.n_sequences"),
