@@ -376,9 +376,12 @@ def analyze(
     args: list[str] | None = typer.Argument(None, metavar="[eval|heads|wiring|progress] PATH...",
                                                help="Run or sweep folders (timing), or an analysis and one run folder."),
     by: str = typer.Option("", "--by", help="Group runs by config field(s), e.g. clamp, task.n_labels or clamp,seed."),
-    evaluator: str = typer.Option("fsl_train", "--evaluator", help="Evaluator whose loss is timed."),
-    thresholds: str = typer.Option("ln2,0.4ln2,0.1", "--thresholds", help="Loss thresholds to time (numbers or Xln2)."),
-    metric: str = typer.Option("0.4ln2", "--metric", help="The threshold summarised over groups (the phase change)."),
+    evaluator: str = typer.Option("", "--evaluator", help="Evaluator whose curve is timed (default: the task family's "
+                                                          "main one, e.g. fsl_train)."),
+    thresholds: str = typer.Option("", "--thresholds", help="Thresholds to time, numbers or Xln2 (default: the task "
+                                                            "family's, fsl: ln2,0.4ln2,0.1)."),
+    metric: str = typer.Option("", "--metric", help="The threshold summarised over groups (default: the family's "
+                                                    "phase change, fsl: 0.4ln2)."),
     band: float = typer.Option(0.1, "--band", help="Plateau: the loss within ln 2 ± band."),
     report: Path | None = typer.Option(None, "--report", help="Report folder (default: analysis/<analysis> next to the runs)."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png, svg or pdf."),
@@ -447,12 +450,12 @@ def analyze_eval(args: list[str], step: int | None) -> None:
 
 def parse_thresholds(text: str) -> dict[str, float]:
     """'ln2,0.4ln2,0.1' -> {name: value}."""
-    import math
+    from ihstudy.tasks.base import threshold_value
 
     values = {}
     for name in (t.strip() for t in text.split(",") if t.strip()):
         try:
-            values[name] = float(name.removesuffix("ln2") or 1) * math.log(2) if name.endswith("ln2") else float(name)
+            values[name] = threshold_value(name)
         except ValueError:
             raise ConfigError(f"--thresholds: '{name}' is not a number or Xln2") from None
         if not values[name] > 0:
@@ -468,9 +471,6 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
     from ihstudy.analysis.report import timing_report, write_report
 
     try:
-        limits = parse_thresholds(thresholds)
-        if metric not in limits:
-            raise ConfigError(f"--metric '{metric}' is not one of --thresholds ({', '.join(limits)})")
         runs = timing.find_runs(paths)
         usable = [r for r in runs if r.evals is not None]
         notes = [f"{run.dir}: {note}" for run in runs for note in run.notes]
@@ -478,16 +478,22 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
             raise ConfigError("none of the runs found has eval rows to analyse" + (f" ({notes[0]})" if notes else ""))
         for note in notes:
             say(note, "[yellow]warning:[/] ")
+        family = timing.task_family_of(usable[0])
+        evaluator, thresholds, metric = evaluator or family.main_evaluator, thresholds or family.timing_thresholds, \
+            metric or family.phase_change
+        limits = parse_thresholds(thresholds)
+        if metric not in limits:
+            raise ConfigError(f"--metric '{metric}' is not one of --thresholds ({', '.join(limits)})")
         if evaluator not in {e for r in usable for e in r.evaluators}:
             found = sorted({e for r in usable for e in r.evaluators})
             raise ConfigError(f"no run has evaluator '{evaluator}' (found: {', '.join(found)})")
-        result, table, summary = timing_report(runs, by or None, evaluator, metric, limits, band)
+        result, table, summary = timing_report(runs, by or None, evaluator, metric, limits, band, family.timed_column)
     except UserError as exc:
         fail(str(exc))
     for note in result.notes:
         if "different tasks" in note:
             say(note, "[yellow]warning:[/] ")
-    print_timing(table, summary, evaluator, metric)
+    print_timing(table, summary, evaluator, metric, family.timed_column)
     out = report_dir or default_report_dir(paths, "timing")
     write_report(result, out, fmt)
     say(f"report: {out / 'report.md'}")
@@ -502,15 +508,15 @@ def default_report_dir(paths: list[Path], name: str) -> Path:
     return common_root([p.resolve() for p in paths]) / "analysis" / name
 
 
-def print_timing(table, summary, evaluator: str, metric: str) -> None:
+def print_timing(table, summary, evaluator: str, metric: str, column: str = "loss") -> None:
     from ihstudy.analysis.timing import format_sequences
 
     rows = table[table.evaluator == evaluator]
-    out = Table(title=f"{evaluator} loss: sequences to each threshold (first eval point / interpolated); "
+    out = Table(title=f"{evaluator} {column}: sequences to each threshold (first eval point / interpolated); "
                       f"-: never crossed (censored at the last eval)")
     names = [c.removesuffix("_eval") for c in rows.columns if c.endswith("_eval")]
-    for column in ["run", "status", *names, "plateau", "final loss"]:
-        out.add_column(column, overflow="fold")
+    for heading in ["run", "status", *names, "plateau", f"final {column}"]:
+        out.add_column(heading, overflow="fold")
     for _, r in rows.iterrows():
         cells = [f"{format_sequences(r[f'{n}_eval'])} / {format_sequences(r[f'{n}_interp'])}"
                  + (" (recrossed)" if r[f"{n}_recrossed"] else "") for n in names]
@@ -518,7 +524,7 @@ def print_timing(table, summary, evaluator: str, metric: str) -> None:
         out.add_row(r.run, r.status, *cells, plateau, f"{r.final_loss:.4f}")
     Console().print(out)
     if summary is not None and not summary.empty:
-        groups = Table(title=f"time to {evaluator} loss < {metric} by group, ordered by median (interpolated)")
+        groups = Table(title=f"time to {evaluator} {column} < {metric} by group, ordered by median (interpolated)")
         for column in summary.columns:
             groups.add_column(str(column))
         for _, r in summary.iterrows():

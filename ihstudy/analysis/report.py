@@ -250,14 +250,15 @@ def plot_progress(progress: pd.DataFrame, change: float | None) -> Figure:
 
 
 def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl_train", metric: str = "0.4ln2",
-                  thresholds: dict | None = None, band: float | None = None) -> tuple[Report, pd.DataFrame, pd.DataFrame]:
+                  thresholds: dict | None = None, band: float | None = None,
+                  column: str = "loss") -> tuple[Report, pd.DataFrame, pd.DataFrame]:
     """The timing analysis of `runs` (timing.find_runs): the report, the per-run timing table and
-    the group summary (empty without `by`)."""
+    the group summary (empty without `by`); the thresholds apply to the eval column `column`."""
     from ihstudy.analysis import timing
 
     thresholds = thresholds or timing.THRESHOLDS
     band = timing.PLATEAU_BAND if band is None else band
-    table = timing.timing_table(runs, thresholds, band)
+    table = timing.timing_table(runs, thresholds, band, column)
     report = Report("Phase-change timing")
     report.notes += [f"{run.name} ({run.status}): {note}" for run in runs for note in run.notes]
     report.notes += [f"{run.name} is {run.status}: analysed up to its last eval point" for run in runs
@@ -266,7 +267,7 @@ def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl
         return report, table, pd.DataFrame()
     names = ", ".join(f"{n} = {v:.4g}" for n, v in thresholds.items())
     report.table("timing", per_run_columns(table, thresholds),
-                 f"Per run and evaluator: first eval point and log-loss-interpolated time of each loss threshold "
+                 f"Per run and evaluator: first eval point and log-interpolated time of each {column} threshold "
                  f"({names}; '_censored': never crossed up to the last eval; '_recrossed': the loss later came back "
                  f"above it), the plateau within ln 2 ± {band:g}, the steepest descent and the final loss.")
     summary = pd.DataFrame()
@@ -278,7 +279,7 @@ def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl
             report.notes.append(f"runs of different tasks are grouped together (they differ in {', '.join(mixed)}); "
                                 f"add them to --by to separate them")
         report.table("groups", summary,
-                     f"Time to {evaluator} loss < {metric} per group of runs (by {', '.join(fields)}), ordered by "
+                     f"Time to {evaluator} {column} < {metric} per group of runs (by {', '.join(fields)}), ordered by "
                      f"median over the remaining fields (usually seeds); 'censored' runs never crossed and count as "
                      f"later than every crossing.")
     groups = train.apply(lambda row: timing.group_label(row, fields), axis=1) if fields else train.run
@@ -291,7 +292,8 @@ def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl
         medians = summary["median"] if fields else train[f"{metric}_interp"]
         order_summary = pd.DataFrame({"group": order, "median": medians.values})
         report.figure("timing", plot_timing(points, order_summary, label, metric),
-                      f"Sequences until the {evaluator} loss falls below {metric} per {label}: dots are runs, bars the median.")
+                      f"Sequences until the {evaluator} {column} falls below {metric} per {label}: dots are runs, "
+                      f"bars the median.")
         by_run = {run.name: run for run in runs}
         curves = [(g, by_run[r].evals[by_run[r].evals.evaluator == evaluator].sort_values("sequences"))
                   for g, r in zip(groups, train.run)]

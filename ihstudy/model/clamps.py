@@ -52,6 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 from ihstudy.errors import ConfigError, UserError
 from ihstudy.model.transformer import ModelShape, Transformer, check_checkpoint_model
 from ihstudy.run_files import load_checkpoint_file
+from ihstudy.tasks.base import TensorBatch
 from ihstudy.tasks.fsl import Batch
 
 NEG = -1e9  # "never attend / never predict" without the NaN gradients of -inf
@@ -444,6 +445,10 @@ class ClampSet:
     def query_logits(self, model: Transformer, batch: Batch) -> torch.Tensor:
         """Logits at the query token [R, B, n_labels], as the training loss reads them."""
         return self.forward(model, batch, query_only=True)[..., -1, :]
+
+    def all_logits(self, model: Transformer, batch: TensorBatch) -> torch.Tensor:
+        """Logits at every position [R, B, T, V], as a next-token loss reads them."""
+        return self.forward(model, batch)
 
     def run_with_cache(self, model: Transformer, batch: Batch, names, query_only: bool = False):
         hooks = self.hooks(model, batch, query_only) if self.groups else ()

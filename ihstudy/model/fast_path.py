@@ -45,7 +45,7 @@ LAYER_NORM_BACKWARD = torch.ops.aten.native_layer_norm_backward.default
 # A new model option is therefore trained through autograd until it is added here (with its backward).
 SUPPORTED_OPTIONS = {"n_layers": None, "n_heads": None, "d_model": None, "n_features": None, "n_labels": None,
                      "context_len": None, "positional": ("rotary", "learned", "sinusoidal"), "rotary_base": None,
-                     "mlp_ratio": None}
+                     "mlp_ratio": None, "input": ("exemplar_label",)}
 
 
 def unsupported(shape: ModelShape) -> str | None:

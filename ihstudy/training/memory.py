@@ -44,7 +44,7 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
     cfg, R = cfgs[0], len(cfgs)
     shape = ModelShape.of_config(cfg, exemplar_shapes[0][2])
     T, D, H, F, L = shape.n_tokens, shape.d_model, shape.n_heads, shape.n_features, shape.n_labels
-    B, N = cfg.train.batch_size, cfg.task.context_len
+    B, N = cfg.train.batch_size, shape.context_len
     n_params = sum(math.prod(s) for s in shape.param_shapes().values())
     n_steps = math.ceil(cfg.train.sequences / B)
     n_eval = len(cfg.eval.evaluators) * cfg.eval.n_sequences  # eval sequences per run

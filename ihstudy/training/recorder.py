@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.errors import ConfigError
 from ihstudy.run_files import CHECKPOINT_FORMAT, RunFiles, first_line, now, versions
+from ihstudy.tasks.base import TaskFamily, task_family, threshold_value
+from ihstudy.tasks.fsl import FewShotTask
 from ihstudy.training.evaluate import PHASE_CHANGE_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -137,7 +139,7 @@ class RunRecorder:
             if self.errors[r] is not None:
                 results.append(RunResult(spec.name, spec.run_dir, "failed", {"error": self.errors[r]}))
                 continue
-            summary = summarize(pd.DataFrame(self.eval_columns[r]))
+            summary = summarize(pd.DataFrame(self.eval_columns[r]), task_family(spec.cfg.task))
             files.write_status(status=status, ended=now(), step=step, summary=summary)
             results.append(RunResult(spec.name, spec.run_dir, status, summary))
         return results
@@ -152,19 +154,26 @@ def config_difference(saved, current: dict) -> str:
     return "differs in " + ", ".join(keys) if keys else "another checkpoint format"
 
 
-def phase_change_sequences(eval_frame: pd.DataFrame, threshold: float = PHASE_CHANGE_THRESHOLD) -> float | None:
-    """First eval point (sequences) at which the fsl_train loss is below the threshold (0.4 ln 2)."""
-    train = eval_frame[eval_frame.evaluator == "fsl_train"]
-    below = train[train["loss"] < threshold]
+def phase_change_sequences(eval_frame: pd.DataFrame, threshold: float = PHASE_CHANGE_THRESHOLD,
+                           evaluator: str = "fsl_train", column: str = "loss") -> float | None:
+    """First eval point (sequences) at which the evaluator's `column` is below the threshold (fsl: the
+    fsl_train loss below 0.4 ln 2)."""
+    train = eval_frame[eval_frame.evaluator == evaluator]
+    below = train[train[column] < threshold]
     return int(below.sequences.iloc[0]) if len(below) else None
 
 
-def summarize(eval_frame: pd.DataFrame) -> dict:
+def summarize(eval_frame: pd.DataFrame, family: type[TaskFamily] = FewShotTask) -> dict:
+    """run.json's summary: the phase change by the task family's criterion, and each evaluator's final
+    loss (and accuracy, where the family measures one)."""
     if eval_frame.empty:
         return {}
     last = eval_frame[eval_frame.step == eval_frame.step.max()]
-    summary = {"phase_change_sequences": phase_change_sequences(eval_frame) if "fsl_train" in set(eval_frame.evaluator) else None}
+    found = family.main_evaluator in set(eval_frame.evaluator) and family.timed_column in eval_frame
+    summary = {"phase_change_sequences": phase_change_sequences(eval_frame, threshold_value(family.phase_change),
+                                                                family.main_evaluator, family.timed_column) if found else None}
     for _, row in last.iterrows():
         summary[f"{row.evaluator}.loss"] = float(row["loss"])
-        summary[f"{row.evaluator}.acc"] = float(row["acc"])
+        if "acc" in row:
+            summary[f"{row.evaluator}.acc"] = float(row["acc"])
     return summary

@@ -62,8 +62,9 @@ from ihstudy.run_files import (
     lock_run_dir,
     outputs_root,
 )
+from ihstudy.tasks.base import task_family
 from ihstudy.training.memory import check_fits, fits
-from ihstudy.training.train import Pack, RunResult, RunSpec, exemplar_shape, resolve_device, schedule_steps, sequences_to_step
+from ihstudy.training.train import Pack, RunResult, RunSpec, input_shape, resolve_device, schedule_steps, sequences_to_step
 
 log = logging.getLogger(__name__)
 PLAN = "plan.json"
@@ -188,7 +189,7 @@ def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int 
     for overrides, name in zip(expanded, run_names(expanded)):
         try:
             cfg, _ = compose_config(overrides)
-            shape = exemplar_shape(cfg.data, features)
+            shape = input_shape(cfg, features)
             validate(cfg, *shape[:2])
             check_fits([cfg], [shape], resolve_device(cfg.device), memory_budget)
             build_clamps(cfg.clamp, ModelShape.of_config(cfg, shape[2]))
@@ -220,7 +221,7 @@ def pack_key(run: Run) -> str:
     c = run.cfg
     shared = {"model": c.model, "train": c.train, "eval": c.eval, "device": c.device,
               "optim": {k: v for k, v in c.optim.items() if k in ("name", "betas", "eps")},
-              "task": {k: c.task[k] for k in ("n_labels", "context_len")}}
+              "task": [c.task.get("_target_"), *task_family(c.task).model_dims(c.task)]}
     resume_step = max(run.files.checkpoint_steps(), default=0)
     return json.dumps([OmegaConf.to_container(OmegaConf.create(shared)), run.n_features, resume_step], sort_keys=True)
 
