@@ -487,7 +487,8 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
         if evaluator not in {e for r in usable for e in r.evaluators}:
             found = sorted({e for r in usable for e in r.evaluators})
             raise ConfigError(f"no run has evaluator '{evaluator}' (found: {', '.join(found)})")
-        result, table, summary = timing_report(runs, by or None, evaluator, metric, limits, band, family.timed_column)
+        result, table, summary = timing_report(runs, by or None, evaluator, metric, limits, band, family.timed_column,
+                                               family.curves)
     except UserError as exc:
         fail(str(exc))
     for note in result.notes:

@@ -122,7 +122,7 @@ def test_markov_checks_its_config():
 
 
 def repeat_task(**changes) -> RepeatTask:
-    return RepeatTask(OmegaConf.create({"vocab": 20, "length": 24, "segment": 8} | changes))
+    return RepeatTask(OmegaConf.create({"vocab": 20, "length": 24, "min_segment": 4, "max_segment": 8} | changes))
 
 
 def test_repeat_sequences_repeat_their_segment_and_the_induction_target_points_after_the_first_copy():
@@ -130,20 +130,21 @@ def test_repeat_sequences_repeat_their_segment_and_the_induction_target_points_a
     batch = task.sample(100, torch.Generator().manual_seed(1))
     tokens, target = batch.tokens, task.induction_target(batch)
     for b in range(100):
-        o = int(batch.offset[b])
-        assert torch.equal(tokens[b, o + 8:o + 16], tokens[b, o:o + 8])
+        o, L = int(batch.offset[b]), int(batch.segment[b])
+        assert 4 <= L <= 8 and o + 2 * L <= 24
+        assert torch.equal(tokens[b, o + L:o + 2 * L], tokens[b, o:o + L])
         rows = target[b].sum(-1).nonzero().flatten()
-        assert rows.tolist() == list(range(o + 8, o + 16))
+        assert rows.tolist() == list(range(o + L, o + 2 * L))
         for t in rows.tolist():
             s = int(target[b, t].argmax())
             assert tokens[b, s - 1] == tokens[b, t] and target[b, t, s] == 1  # the token after the earlier copy
-    assert len(set(batch.offset.tolist())) > 5  # the segment sits at random offsets
+    assert len(set(batch.offset.tolist())) > 5 and len(set(batch.segment.tolist())) == 5  # random offsets and lengths
 
 
 def test_repeat_metrics_separate_the_repeat_from_its_first_occurrence():
     task = repeat_task()
     batch = task.sample(50, torch.Generator().manual_seed(2))
-    batch = type(batch)(*(t[None] for t in (batch.tokens, batch.target, batch.offset)))
+    batch = batch.map(lambda t: t[None])
     perfect = torch.nn.functional.one_hot(batch.target, 20).float() * 50  # knows every next token
     repeat_only = torch.where(task.parts(batch)["repeat"].unsqueeze(-1), perfect, 0.0)
     m = task.metrics(repeat_only, batch)
@@ -154,7 +155,7 @@ def test_repeat_metrics_separate_the_repeat_from_its_first_occurrence():
 def test_head_scores_of_an_ideal_induction_pattern():
     task = repeat_task()
     batch = task.sample(10, torch.Generator().manual_seed(3))
-    batch = type(batch)(*(t[None] for t in (batch.tokens, batch.target, batch.offset)))
+    batch = batch.map(lambda t: t[None])
     target = task.induction_target(batch)  # [1, B, T, T]
     T = target.shape[-1]
     previous = torch.eye(T).roll(-1, 1).tril()  # row t on t-1

@@ -159,8 +159,10 @@ def plot_curves(curves: list[tuple[str, pd.DataFrame]], order: list[str], by_lab
     return fig
 
 
-def plot_run(evals: pd.DataFrame, name: str, change: float | None, evaluator: str = "fsl_train") -> Figure:
-    """One run (Fig 3a/3b): loss per evaluator; induction strength of every last-layer head and
+def plot_run(evals: pd.DataFrame, name: str, change: float | None, evaluator: str = "fsl_train",
+             curves: tuple[str, ...] = ("loss",)) -> Figure:
+    """One run (Fig 3a/3b): loss per evaluator (or the task family's `curves` of `evaluator`, e.g.
+    markov's KL to each reference strategy); induction strength of every last-layer head and
     previous-token score of every first-layer head over training; the phase change marked."""
     heads = sorted(c for c in evals.columns if c.startswith("induction."))
     last_layer = max((c.split(".")[1][1:].split("H")[0] for c in heads), key=int, default=None)
@@ -169,12 +171,19 @@ def plot_run(evals: pd.DataFrame, name: str, change: float | None, evaluator: st
     panels = 1 + bool(induction) + bool(prev)
     fig, axes = subplots(1, panels, figsize=(4.6 * panels, 3.6), squeeze=False)
     ax = axes[0, 0]
-    for e, curve in evals.groupby("evaluator", sort=False):
-        ax.plot(curve.sequences, curve["loss"], label=e, lw=1)
-    loss_lines(ax)
+    train = evals[evals.evaluator == evaluator].sort_values("sequences")
+    if curves == ("loss",):
+        for e, curve in evals.groupby("evaluator", sort=False):
+            ax.plot(curve.sequences, curve["loss"], label=e, lw=1)
+        loss_lines(ax)
+    else:
+        for column in curves:
+            ax.plot(train.sequences, train[column], label=column, lw=1.2, marker=".", ms=3)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequences seen")
+        ax.set_ylabel(evaluator)
     ax.legend(fontsize=7)
     ax.set_title(name, fontsize=9)
-    train = evals[evals.evaluator == evaluator].sort_values("sequences")
     for ax, columns, title in zip(axes[0, 1:], [c for c in (induction, prev) if c],
                                   [t for t, c in (("induction strength, last layer", induction),
                                                   ("previous-token score, first layer", prev)) if c]):
@@ -250,10 +259,11 @@ def plot_progress(progress: pd.DataFrame, change: float | None) -> Figure:
 
 
 def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl_train", metric: str = "0.4ln2",
-                  thresholds: dict | None = None, band: float | None = None,
-                  column: str = "loss") -> tuple[Report, pd.DataFrame, pd.DataFrame]:
+                  thresholds: dict | None = None, band: float | None = None, column: str = "loss",
+                  curves: tuple[str, ...] = ("loss",)) -> tuple[Report, pd.DataFrame, pd.DataFrame]:
     """The timing analysis of `runs` (timing.find_runs): the report, the per-run timing table and
-    the group summary (empty without `by`); the thresholds apply to the eval column `column`."""
+    the group summary (empty without `by`); the thresholds apply to the eval column `column`, the
+    per-run figures show `curves` (plot_run)."""
     from ihstudy.analysis import timing
 
     thresholds = thresholds or timing.THRESHOLDS
@@ -303,9 +313,9 @@ def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl
         if run.evals is not None:
             row = table[(table.run == run.name) & (table.evaluator == evaluator)]
             change = float(row[f"{metric}_interp"].iloc[0]) if len(row) else None
-            report.figure(f"run_{safe_name(run.name)}", plot_run(run.evals, run.name, change, evaluator),
-                          f"{run.name}: loss per evaluator, last-layer induction strengths and first-layer previous-token "
-                          f"scores over training; red line: {metric} crossing.")
+            report.figure(f"run_{safe_name(run.name)}", plot_run(run.evals, run.name, change, evaluator, curves),
+                          f"{run.name}: {', '.join(curves)} over training, last-layer induction scores and first-layer "
+                          f"previous-token scores; red line: {column} < {metric}.")
     return report, table, summary
 
 

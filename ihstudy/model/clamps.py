@@ -90,7 +90,19 @@ class Clamp:
     `runs` [R] bool says which runs of the pack the clamp acts on."""
 
     kind: ClassVar[str]
+    few_shot_only: ClassVar[bool] = False  # reads the few-shot layout (label tokens, the query): fsl's models only
     name: str = field(default="", compare=False)
+
+    def check_layout(self, shape: ModelShape) -> None:
+        """Refuse (ConfigError) a clamp that reads the few-shot layout on a model of another task family."""
+        if self.layout_specific and shape.input != "exemplar_label":
+            raise ConfigError("needs the few-shot task's exemplar-label layout (label tokens, a query); "
+                              "this task family's model reads tokens")
+
+    @property
+    def layout_specific(self) -> bool:
+        """Whether this clamp, with its fields, reads the few-shot layout."""
+        return self.few_shot_only
 
     def check(self, shape: ModelShape) -> None:
         """Raise ConfigError (without the clamp's name) if the model cannot take this clamp."""
@@ -151,6 +163,10 @@ class PrevTokenPattern(PatternClamp):
     strength: float = within(0, 1, default=1.0)
     label_rows_only: bool = False
 
+    @property
+    def layout_specific(self) -> bool:
+        return self.label_rows_only
+
     def rows(self, pattern):
         row, _ = _positions(pattern)
         return row % 2 == 1 if self.label_rows_only else torch.ones_like(row, dtype=torch.bool)
@@ -167,6 +183,7 @@ class InductionPattern(PatternClamp):
     equally) and 1-strength on the other label tokens (split equally)."""
 
     kind = "induction_pattern"
+    few_shot_only = True
     strength: float = within(0, 1, default=1.0)
 
     def weights(self, pattern, batch):
@@ -181,6 +198,7 @@ class MatchPattern(PatternClamp):
     over the context; T=0 is a hardmax splitting ties equally."""
 
     kind = "match_pattern"
+    few_shot_only = True
     temperature: float = within(0, math.inf, default=0.0)
 
     def weights(self, pattern, batch):
@@ -224,6 +242,10 @@ class NoPrevToken(ScoreClamp):
     kind = "no_prev_token"
     label_rows_only: bool = False
 
+    @property
+    def layout_specific(self) -> bool:
+        return self.label_rows_only
+
     def cells(self, scores):
         row, col = _positions(scores)
         previous = col == row - 1
@@ -236,6 +258,7 @@ class SilenceNonLabel(ScoreClamp):
     a label token, so the heads attend to label tokens only. Carries no gradient at those cells."""
 
     kind = "silence_non_label"
+    few_shot_only = True
 
     def cells(self, scores):
         row, col = _positions(scores)
@@ -262,6 +285,7 @@ class PerfectCopy(Clamp):
     tokens can hold exemplar information."""
 
     kind = "perfect_copy"
+    few_shot_only = True
     head: Head
 
     def check(self, shape):
@@ -293,6 +317,7 @@ class Layer1Input(Clamp):
     embedding."""
 
     kind = "layer1_input"
+    few_shot_only = True
 
     def check(self, shape):
         if shape.n_layers < 2:
@@ -513,6 +538,7 @@ def _build(name: str, spec, shape: ModelShape) -> Clamp:
         if kind == "keep_only":
             kwargs["heads"] = _complement(kwargs["heads"], shape)
         clamp = cls(name=name, **kwargs)
+        clamp.check_layout(shape)
         clamp.check(shape)
     except UserError as exc:  # a bad field, or a graft checkpoint that cannot be loaded (CheckpointError)
         raise type(exc)(f"{where}: {exc}") from None

@@ -134,7 +134,7 @@ def check_checkpoint_model(state: dict, shape: ModelShape, source: str) -> None:
         raise ConfigError(f"{source} holds a model of another shape ({', '.join(differ)}: saved vs wanted)")
 
 
-INIT_SCHEMES = ("lecun_normal", "uniform")
+INIT_SCHEMES = ("lecun_normal", "uniform", "small_normal")
 # A standard normal truncated at +-2 has std 0.8796: dividing by it restores the intended std
 # (JAX's variance_scaling(1, "fan_in", "truncated_normal"), the authors' lecun_normal).
 TRUNCATED_NORMAL_STD = 0.87962566103423978
@@ -148,6 +148,7 @@ def init_param(name: str, shape: tuple[int, ...], g: torch.Generator, scheme: st
       lecun_normal (default, the authors'): normal truncated at +-2 std, variance 1/fan_in.
       uniform (ihstudy's earlier default): uniform(+-1/sqrt(fan_in)) (variance 1/(3 fan_in)), and an
         untruncated normal of variance 1/fan_in for the exemplar embedding.
+      small_normal (minGPT's, which Edelman et al. use for Markov chains): normal with std 0.02, W_O 0.01.
     """
     leaf = name.rsplit(".", 1)[1]
     if name in ("embed.W_y", "embed.W_E", "pos_embed.W_pos"):
@@ -156,6 +157,8 @@ def init_param(name: str, shape: tuple[int, ...], g: torch.Generator, scheme: st
         return torch.ones(shape)
     if leaf.startswith("b"):
         return torch.zeros(shape)
+    if scheme == "small_normal":
+        return torch.randn(shape, generator=g) * (0.01 if leaf == "W_O" else 0.02)
     fan_in = shape[0]
     if scheme == "lecun_normal":
         std = 1 / math.sqrt(fan_in) / TRUNCATED_NORMAL_STD

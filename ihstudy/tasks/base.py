@@ -77,6 +77,7 @@ class TaskFamily:
     timed_column: ClassVar[str] = "loss"
     timing_thresholds: ClassVar[str] = "ln2,0.4ln2,0.1"
     phase_change: ClassVar[str] = "0.4ln2"
+    curves: ClassVar[tuple[str, ...]] = ("loss",)  # the eval columns a run's figure shows
 
     @classmethod
     def from_config(cls, cfg, data) -> TaskFamily:

@@ -31,6 +31,7 @@ class MarkovTask(TaskFamily):
     # the bigram phase: the KL to the Bayes bigram predictor falls below 0.04 nats (k=2: ~0.065 on the
     # unigram plateau, ~0.02 after the transition; see docs/tasks.md)
     timed_column, timing_thresholds, phase_change = "kl_bigram", "0.05,0.04,0.03", "0.04"
+    curves = tuple(f"kl_{name}" for name in REFERENCES)
 
     def __init__(self, task_cfg):
         self.k, self.length = int(task_cfg.vocab), int(task_cfg.length)
