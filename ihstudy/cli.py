@@ -173,10 +173,8 @@ def progress_bar(bars: Progress, description: str, total_sequences: int):
 
 def print_summary(results, root: Path | None = None) -> None:
     """One row per run; with `root`, runs are named by their folder inside it."""
-    from ihstudy.training.evaluate import PHASE_CHANGE_THRESHOLD
-
-    title = (f"Final loss per evaluator; phase change = first eval with fsl_train loss < 0.4·ln2 "
-             f"= {PHASE_CHANGE_THRESHOLD:.3f}")
+    criteria = sorted({r.summary["phase_change"] for r in results if "phase_change" in r.summary})
+    title = f"Final loss per evaluator; phase change = first eval with {' or '.join(criteria) or 'its criterion'}"
     table = Table(title=title if root is None else f"{escape(str(root))}\n{title}")
     keys = sorted({k for r in results for k in r.summary if k.endswith(".loss")})
     table.add_column("run", overflow="fold")

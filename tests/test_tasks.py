@@ -234,3 +234,65 @@ def test_analyze_times_the_family_s_own_column(tmp_path):
     assert "markov kl_bigram" in analysed.output
     table = pd.read_csv(tmp_path / "report" / "timing.csv")
     assert "0.04_eval" in table.columns and set(table.evaluator) == {"markov"}
+
+
+# --- judging Edelman et al.'s findings --------------------------------------------------------------------------
+
+
+def markov_evals(kls, prev=(0.04, 0.5), induction=(0.6, 0.85)) -> pd.DataFrame:
+    """An eval table whose rows carry the KL triples `kls` (uniform, unigram, bigram) and head scores
+    moving linearly between the given start and end values."""
+    n = len(kls)
+    ramp = lambda a, b: np.linspace(a, b, n)  # noqa: E731
+    return pd.DataFrame({"sequences": np.arange(n) * 1000, "evaluator": "markov",
+                         "kl_uniform": [k[0] for k in kls], "kl_unigram": [k[1] for k in kls], "kl_bigram": [k[2] for k in kls],
+                         "prev_token.L0H0": ramp(*prev), "induction.L1H0": ramp(*induction)})
+
+
+def test_markov_findings_judge_phases_heads_and_the_prior():
+    from ihstudy.analysis import markov_findings as findings
+
+    three = markov_evals([(0.0, 0.1, 0.2), (0.1, 0.02, 0.06), (0.15, 0.03, 0.05), (0.2, 0.06, 0.02)])
+    holds, what = findings.three_phases_in_order(three)
+    assert holds and what == "uniform from 0; unigram from 1,000; bigram from 3,000"
+    assert not findings.three_phases_in_order(markov_evals([(0.0, 0.1, 0.2), (0.1, 0.05, 0.02)]))[0]  # no unigram phase
+    assert findings.statistical_induction_head(three)[0]
+    assert not findings.statistical_induction_head(markov_evals(three.iloc[:, 2:5].to_numpy(), induction=(0.6, 0.62)))[0]
+    late = markov_evals([(0.0, 0.1, 0.2), (0.1, 0.02, 0.06), (0.15, 0.03, 0.05), (0.15, 0.03, 0.05), (0.2, 0.06, 0.02)])
+    assert findings.bigram_time(three) == 3000 and findings.bigram_time(late) == 4000
+    assert findings.doubly_stochastic_sooner([late, late], [three, three])[0]
+    assert not findings.doubly_stochastic_sooner([three], [late])[0]
+
+
+# --- clamps on token families ------------------------------------------------------------------------------
+
+
+def test_clamps_act_on_a_token_model_where_they_should_and_nowhere_else(tmp_path):
+    from ihstudy.model.clamps import ClampSet, build_clamps
+
+    cfg, _ = compose_config(["experiment=repeat", *QUICK])
+    pack = Pack([RunSpec(cfg, tmp_path / "run")])
+    batch = pack.stream.batch(0)
+    sites = ["hook_embed", "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z"]
+    _, clean = pack.clamps.run_with_cache(pack.model, batch, sites)
+    specs = {"pt": {"kind": "prev_token_pattern", "heads": ["0:1"]}, "off": {"kind": "ablate", "heads": ["0:2"]}}
+    clamped = ClampSet([build_clamps(specs, pack.shape)])
+    _, cache = clamped.run_with_cache(pack.model, batch, sites)
+    T = pack.shape.n_tokens
+    previous = torch.eye(T).roll(-1, 1).tril()
+    previous[0, 0] = 1
+    assert torch.equal(cache["blocks.0.attn.hook_pattern"][:, :, 1], previous.expand(1, 32, T, T))
+    assert torch.equal(cache["blocks.0.attn.hook_z"][:, :, :, 2], torch.zeros_like(cache["blocks.0.attn.hook_z"][:, :, :, 2]))
+    untouched = [0, 3]
+    assert torch.equal(cache["blocks.0.attn.hook_pattern"][:, :, untouched], clean["blocks.0.attn.hook_pattern"][:, :, untouched])
+    assert torch.equal(cache["blocks.0.attn.hook_z"][:, :, :, untouched], clean["blocks.0.attn.hook_z"][:, :, :, untouched])
+    assert torch.equal(cache["hook_embed"], clean["hook_embed"])
+
+
+@pytest.mark.parametrize("clamp", ["induction_pattern", "perfect_copy", "layer1_input", "match_pattern", "silence_non_label"])
+def test_clamps_that_read_the_few_shot_layout_are_refused_on_token_families(clamp):
+    fields = {"induction_pattern": 'heads: ["1:0"]', "match_pattern": 'heads: ["1:0"]', "silence_non_label": 'heads: ["1:0"]',
+              "perfect_copy": 'head: "1:0"', "layer1_input": ""}[clamp]
+    spec = f"+clamp.c={{kind: {clamp}{', ' + fields if fields else ''}}}"
+    result = CliRunner().invoke(app, ["train", "experiment=markov", spec, *QUICK])
+    assert result.exit_code == 2 and "exemplar-label layout" in result.output and len(result.output.strip().splitlines()) == 1

@@ -181,7 +181,7 @@ def plot_run(evals: pd.DataFrame, name: str, change: float | None, evaluator: st
             ax.plot(train.sequences, train[column], label=column, lw=1.2, marker=".", ms=3)
         ax.set_yscale("log")
         ax.set_xlabel("sequences seen")
-        ax.set_ylabel(evaluator)
+        ax.set_ylabel(f"{evaluator} (log scale)")
     ax.legend(fontsize=7)
     ax.set_title(name, fontsize=9)
     for ax, columns, title in zip(axes[0, 1:], [c for c in (induction, prev) if c],
@@ -260,7 +260,7 @@ def plot_progress(progress: pd.DataFrame, change: float | None) -> Figure:
 
 def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl_train", metric: str = "0.4ln2",
                   thresholds: dict | None = None, band: float | None = None, column: str = "loss",
-                  curves: tuple[str, ...] = ("loss",)) -> tuple[Report, pd.DataFrame, pd.DataFrame]:
+                  run_curves: tuple[str, ...] = ("loss",)) -> tuple[Report, pd.DataFrame, pd.DataFrame]:
     """The timing analysis of `runs` (timing.find_runs): the report, the per-run timing table and
     the group summary (empty without `by`); the thresholds apply to the eval column `column`, the
     per-run figures show `curves` (plot_run)."""
@@ -313,8 +313,8 @@ def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl
         if run.evals is not None:
             row = table[(table.run == run.name) & (table.evaluator == evaluator)]
             change = float(row[f"{metric}_interp"].iloc[0]) if len(row) else None
-            report.figure(f"run_{safe_name(run.name)}", plot_run(run.evals, run.name, change, evaluator, curves),
-                          f"{run.name}: {', '.join(curves)} over training, last-layer induction scores and first-layer "
+            report.figure(f"run_{safe_name(run.name)}", plot_run(run.evals, run.name, change, evaluator, run_curves),
+                          f"{run.name}: {', '.join(run_curves)} over training, last-layer induction scores and first-layer "
                           f"previous-token scores; red line: {column} < {metric}.")
     return report, table, summary
 

@@ -163,6 +163,11 @@ def phase_change_sequences(eval_frame: pd.DataFrame, threshold: float = PHASE_CH
     return int(below.sequences.iloc[0]) if len(below) else None
 
 
+def phase_change_criterion(family: type[TaskFamily]) -> str:
+    """How the family's phase change is timed, in words: e.g. "fsl_train loss < 0.4ln2 = 0.277"."""
+    return f"{family.main_evaluator} {family.timed_column} < {family.phase_change} = {threshold_value(family.phase_change):.3g}"
+
+
 def summarize(eval_frame: pd.DataFrame, family: type[TaskFamily] = FewShotTask) -> dict:
     """run.json's summary: the phase change by the task family's criterion, and each evaluator's final
     loss (and accuracy, where the family measures one)."""
@@ -171,7 +176,8 @@ def summarize(eval_frame: pd.DataFrame, family: type[TaskFamily] = FewShotTask) 
     last = eval_frame[eval_frame.step == eval_frame.step.max()]
     found = family.main_evaluator in set(eval_frame.evaluator) and family.timed_column in eval_frame
     summary = {"phase_change_sequences": phase_change_sequences(eval_frame, threshold_value(family.phase_change),
-                                                                family.main_evaluator, family.timed_column) if found else None}
+                                                                family.main_evaluator, family.timed_column) if found else None,
+               "phase_change": phase_change_criterion(family)}
     for _, row in last.iterrows():
         summary[f"{row.evaluator}.loss"] = float(row["loss"])
         if "acc" in row:
