@@ -29,8 +29,8 @@ class RepeatBatch(TokenBatch):
 class RepeatTask(TaskFamily):
     evaluators = ("repeat",)
     main_evaluator = "repeat"
-    # the loss on the repeat (ln vocab before induction heads, near 0 after)
-    timed_column, timing_thresholds, phase_change = "loss_repeat", "2,1,0.5", "1"
+    # the loss on the repeat: ln vocab before the induction heads form; below 2 nats once they have
+    timed_column, timing_thresholds, phase_change = "loss_repeat", "3,2,1", "2"
     curves = ("loss_first", "loss_repeat")
 
     def __init__(self, task_cfg):
