@@ -438,7 +438,8 @@ def analyze_eval(args: list[str], step: int | None) -> None:
         fail(str(exc))
     clamped = f" with {' '.join(overrides)}" if overrides else ""
     table = Table(title=escape(f"{run_dir} at {int(rows.sequences.iloc[0]):,} sequences{clamped}"))
-    columns = ["loss", "acc", "icl_acc", "in_context_mass"]
+    columns = [c for c in ("loss", "acc", "icl_acc", "in_context_mass") if c in rows] if "acc" in rows else \
+        [c for c in rows.columns if c not in ("step", "sequences", "evaluator") and "." not in c]  # the family's metrics
     for column in ["evaluator", *columns]:
         table.add_column(column)
     for _, row in rows.iterrows():

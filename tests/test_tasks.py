@@ -234,6 +234,10 @@ def test_analyze_times_the_family_s_own_column(tmp_path):
     assert "markov kl_bigram" in analysed.output
     table = pd.read_csv(tmp_path / "report" / "timing.csv")
     assert "0.04_eval" in table.columns and set(table.evaluator) == {"markov"}
+    evaluated = CliRunner().invoke(app, ["analyze", "eval", str(tmp_path / "run")])
+    assert evaluated.exit_code == 0 and "kl_bigram" in evaluated.output, evaluated.output
+    heads = CliRunner().invoke(app, ["analyze", "heads", str(tmp_path / "run")])
+    assert heads.exit_code == 2 and "few-shot task only" in heads.output
 
 
 # --- judging Edelman et al.'s findings --------------------------------------------------------------------------
