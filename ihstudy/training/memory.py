@@ -78,7 +78,10 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
 
 
 def _query_rows(shape: ModelShape) -> int:
-    """Query rows per sequence summed over the layers: all T but the last layer's (the query alone)."""
+    """Query rows per sequence summed over the layers: all T but the last layer's (the query alone);
+    all T in every layer for a token family's model (next-token loss at every position)."""
+    if shape.input == "tokens":
+        return shape.n_layers * shape.n_tokens
     return (shape.n_layers - 1) * shape.n_tokens + 1
 
 
