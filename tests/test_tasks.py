@@ -300,3 +300,14 @@ def test_clamps_that_read_the_few_shot_layout_are_refused_on_token_families(clam
     spec = f"+clamp.c={{kind: {clamp}{', ' + fields if fields else ''}}}"
     result = CliRunner().invoke(app, ["train", "experiment=markov", spec, *QUICK])
     assert result.exit_code == 2 and "exemplar-label layout" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_token_run_in_a_pack_matches_the_same_run_alone(tmp_path):
+    cfg, _ = compose_config(["experiment=markov", *QUICK])
+    mate, _ = compose_config(["experiment=markov", "seed=6", "data_seed=3", "clamp=prev_token_first", *QUICK])
+    Pack([RunSpec(cfg, tmp_path / "packed"), RunSpec(mate, tmp_path / "mate")]).train()
+    Pack([RunSpec(cfg, tmp_path / "solo")]).train()
+    alone, inside, other = (pd.read_parquet(tmp_path / d / "eval.parquet") for d in ("solo", "packed", "mate"))
+    numeric = alone.columns.drop(["step", "sequences", "evaluator"])
+    assert (inside[numeric] - alone[numeric]).abs().max().max() < 1e-4
+    assert (other[numeric] - alone[numeric]).abs().max().max() > 1e-3
