@@ -13,6 +13,7 @@ import torch
 from ihstudy.model.transformer import cross_entropy, log_softmax
 from ihstudy.tasks.base import TaskFamily
 from ihstudy.tasks.fsl import Batch
+from ihstudy.training.pack_settings import shared_group
 
 LN2 = math.log(2)
 PHASE_CHANGE_THRESHOLD = 0.4 * LN2  # the paper's phase-change criterion on the fsl_train loss
@@ -25,9 +26,9 @@ class Evaluator:
     """The eval sequences of R runs (every evaluator's n_sequences, concatenated) and their rows."""
 
     def __init__(self, tasks: list[TaskFamily], cfgs: list, device: torch.device):
-        self.names = list(cfgs[0].eval.evaluators)
+        shared = shared_group([cfg.eval for cfg in cfgs], "eval")
+        self.names, n = list(shared.evaluators), shared.n_sequences
         self.task = tasks[0]  # runs pack together only with equal task families
-        n = cfgs[0].eval.n_sequences
         sets = [[task.eval_set(name, n, cfg.eval_seed) for name in self.names] for task, cfg in zip(tasks, cfgs)]
         kind = type(sets[0][0])
         self.batch = kind.stack([kind.concat(run_sets) for run_sets in sets]).to(device)
