@@ -194,11 +194,10 @@ def print_summary(results, root: Path | None = None) -> None:
     """One row per run, labelled by its folder name inside `root` (a sweep) or, for one run, by its
     folder's name, the whole folder on a line of its own."""
     from ihstudy.terminal import print_table
-    from ihstudy.training.evaluate import PHASE_CHANGE_THRESHOLD
 
     title = [f"sweep folder: {root}" if root is not None else f"run folder: {results[0].run_dir}",
-             f"final loss per evaluator; phase change: sequences at the first eval with fsl_train loss "
-             f"< 0.4·ln2 = {PHASE_CHANGE_THRESHOLD:.3f} (-: not yet)"]
+             f"final loss per evaluator; phase change: sequences at the first eval with "
+             f"{' or '.join(sorted({r.summary['phase_change'] for r in results if 'phase_change' in r.summary}))} (-: not yet)"]
     statuses = {r.status for r in results}
     if len(statuses) == 1:  # one status for all: said once, not in a column
         title.append(f"{'all ' if len(results) > 1 else ''}{len(results)} run{'s' * (len(results) > 1)} {statuses.pop()}")
@@ -427,10 +426,12 @@ def analyze(
     args: list[str] | None = typer.Argument(None, metavar="[eval|heads|wiring|progress|subsets] PATH...",
                                                help="Run or sweep folders (timing), or an analysis and one run folder."),
     by: str = typer.Option("", "--by", help="Group runs by config field(s), e.g. clamp, task.n_labels or clamp,seed."),
-    evaluator: str = typer.Option("fsl_train", "--evaluator", help="Evaluator whose loss is timed."),
-    thresholds: str = typer.Option(defaults.THRESHOLDS, "--thresholds", help="Loss thresholds to time (numbers or Xln2)."),
-    metric: str = typer.Option(defaults.PHASE_CHANGE, "--metric",
-                               help="The threshold summarised over groups (the phase change)."),
+    evaluator: str = typer.Option("", "--evaluator", help="Evaluator whose curve is timed (default: the task family's "
+                                                          "main one, e.g. fsl_train)."),
+    thresholds: str = typer.Option("", "--thresholds", help="Thresholds to time, numbers or Xln2 (default: the task "
+                                                            "family's, fsl: ln2,0.4ln2,0.1)."),
+    metric: str = typer.Option("", "--metric", help="The threshold summarised over groups (default: the family's "
+                                                    "phase change, fsl: 0.4ln2)."),
     band: float = typer.Option(defaults.PLATEAU_BAND, "--band", help="Plateau: the loss within ln 2 ± band."),
     report: Path | None = typer.Option(None, "--report", help="Report folder (default: analysis/<analysis> next to the runs)."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png, svg or pdf."),
@@ -490,7 +491,9 @@ def analyze_eval(args: list[str], step: int | None) -> None:
     from ihstudy.terminal import frame_rows, print_table
 
     clamped = f" with {' '.join(overrides)}" if overrides else ""
-    columns = ["evaluator", "loss", "acc", "icl_acc", "in_context_mass"]
+    columns = [c for c in ("loss", "acc", "icl_acc", "in_context_mass") if c in rows] if "acc" in rows else \
+        [c for c in rows.columns if c not in ("step", "sequences", "evaluator") and "." not in c]  # the family's metrics
+    columns = ["evaluator", *columns]
     print_table(columns, frame_rows(rows[columns]),
                 [f"run folder: {run_dir}", f"eval at {int(rows.sequences.iloc[0]):,} sequences{clamped}"])
 
@@ -506,9 +509,6 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
         check_report_dir(out)
         if not 0 < band < math.inf:
             raise ConfigError(f"--band {band} must be a positive finite number")
-        limits = defaults.parse_thresholds(thresholds)
-        if metric not in limits:
-            raise ConfigError(f"--metric '{metric}' is not one of --thresholds ({', '.join(limits)})")
         runs = timing.find_runs(paths)
         usable = [r for r in runs if r.evals is not None]
         notes = [f"{run.dir}: {note}" for run in runs for note in run.notes]
@@ -516,16 +516,23 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
             raise ConfigError("none of the runs found has eval rows to analyse" + (f" ({notes[0]})" if notes else ""))
         for note in notes:
             say(note, "[yellow]warning:[/] ")
+        family = timing.task_family_of(usable[0])
+        evaluator, thresholds, metric = evaluator or family.main_evaluator, thresholds or family.timing_thresholds, \
+            metric or family.phase_change
+        limits = defaults.parse_thresholds(thresholds)
+        if metric not in limits:
+            raise ConfigError(f"--metric '{metric}' is not one of --thresholds ({', '.join(limits)})")
         if evaluator not in {e for r in usable for e in r.evaluators}:
             found = sorted({e for r in usable for e in r.evaluators})
             raise ConfigError(f"no run has evaluator '{evaluator}' (found: {', '.join(found)})")
-        result, table, summary = timing_report(runs, by or None, evaluator, metric, limits, band)
+        result, table, summary = timing_report(runs, by or None, evaluator, metric, limits, band, family.timed_column,
+                                               family.curves)
     except UserError as exc:
         fail(str(exc))
     for note in result.notes:
         if "different tasks" in note:
             say(note, "[yellow]warning:[/] ")
-    print_timing(table, summary, evaluator, metric)
+    print_timing(table, summary, evaluator, metric, family.timed_column)
     save_report(result, out, fmt)
 
 
@@ -549,7 +556,7 @@ def default_report_dir(paths: list[Path], name: str) -> Path:
     return common_root([p.resolve() for p in paths]) / ANALYSIS_FOLDER / name
 
 
-def print_timing(table, summary, evaluator: str, metric: str) -> None:
+def print_timing(table, summary, evaluator: str, metric: str, column: str = "loss") -> None:
     from ihstudy.analysis.timing import format_sequences
     from ihstudy.terminal import print_table
 
@@ -561,13 +568,13 @@ def print_timing(table, summary, evaluator: str, metric: str) -> None:
                      + (" (recrossed)" if r[f"{n}_recrossed"] else "") for n in names]
         plateau = "-" if not r.plateau_length else f"{format_sequences(r.plateau_start)}-{format_sequences(r.plateau_end)}"
         cells.append([r.run, r.status, *crossings, plateau, f"{r.final_loss:.4f}"])
-    print_table(["run", "status", *names, "plateau", "final loss"], cells,
-                [f"{evaluator} loss: sequences to each threshold (first eval point / interpolated);",
+    print_table(["run", "status", *names, "plateau", f"final {column}"], cells,
+                [f"{evaluator} {column}: sequences to each threshold (first eval point / interpolated);",
                  "-: never crossed (censored at the last eval)"])
     if summary is not None and not summary.empty:
         print_table([str(c) for c in summary.columns],
                     [[format_sequences(v) if isinstance(v, float) else str(v) for v in r] for _, r in summary.iterrows()],
-                    [f"time to {evaluator} loss < {metric} by group, ordered by median (interpolated)"])
+                    [f"time to {evaluator} {column} < {metric} by group, ordered by median (interpolated)"])
 
 
 def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: int, report_dir: Path | None,

@@ -23,7 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 from ihstudy.errors import ConfigError
 from ihstudy.model.transformer import INIT_SCHEMES, POSITIONALS
 from ihstudy.run_files import check_folder_path, outputs_setting
-from ihstudy.tasks.fsl import EVALUATORS, MAX_FEATURE_ELEMENTS
+from ihstudy.tasks.base import task_family
+from ihstudy.tasks.fsl import MAX_FEATURE_ELEMENTS, FewShotTask
 from ihstudy.training.trackers import check_trackers
 
 CONF_DIR_ENV = "IHSTUDY_CONF_DIR"  # a config tree of the user's own, in place of ihstudy's
@@ -54,6 +55,8 @@ def compose_config(overrides: list[str], single_run: bool = False) -> tuple[Dict
         with open_dict(cfg):
             del cfg["hydra"]
         OmegaConf.resolve(cfg)
+        if OmegaConf.select(cfg, "eval.evaluators") is None:  # the task family's own
+            cfg.eval.evaluators = list(task_family(cfg.task).evaluators)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing config value: {', '.join(missing)} (set it on the command line, e.g. {missing[0]}=...)")
@@ -268,11 +271,27 @@ def validate(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
 
     `n_classes` and `n_exemplars` are the size of the exemplar array the run will read.
     """
-    m, t, o, tr, ev = cfg.model, cfg.task, cfg.optim, cfg.train, cfg.eval
+    m, o, tr, ev = cfg.model, cfg.optim, cfg.train, cfg.eval
     _require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     _require(m.positional in POSITIONALS, f"model.positional must be one of {', '.join(POSITIONALS)}")
     _require(m.init in INIT_SCHEMES, f"model.init must be one of {', '.join(INIT_SCHEMES)}")
     _require(m.positional != "rotary" or (m.d_model // m.n_heads) % 2 == 0, "rotary positions need an even head dimension")
+    _require(o.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}")
+    _require(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    _require(tr.sequences >= tr.batch_size, "train.sequences must be at least one batch")
+    _require(all(0 <= s <= tr.sequences for s in list(tr.eval_at) + list(tr.ckpt_at)),
+             "train.eval_at and train.ckpt_at must lie within [0, train.sequences]")
+    family = task_family(cfg.task)
+    for name in ev.evaluators:
+        _require(name in family.evaluators, f"unknown evaluator '{name}' (known: {', '.join(family.evaluators)})")
+    if family is FewShotTask:
+        _validate_fsl(cfg, n_classes, n_exemplars)
+    else:
+        family.check(cfg.task)
+
+
+def _validate_fsl(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
+    t, ev = cfg.task, cfg.eval
     fillers = t.context_len - 2 * t.burstiness
     _require(fillers >= 0, f"task.burstiness={t.burstiness} needs a context of at least {2 * t.burstiness} pairs "
                            f"(query class and distractor each appear burstiness times), got task.context_len={t.context_len}")
@@ -284,13 +303,6 @@ def validate(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
     _require(t.class_split[0] >= per_sequence, f"task.class_split gives {t.class_split[0]} train classes; "
                                                f"each sequence needs {per_sequence} distinct classes")
     _require(t.exemplar_split[0] >= 1, "task.exemplar_split needs at least one train exemplar")
-    _require(o.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}")
-    _require(o.lr > 0, f"optim.lr={o.lr} must be positive")
-    _require(tr.sequences >= tr.batch_size, "train.sequences must be at least one batch")
-    _require(all(0 <= s <= tr.sequences for s in list(tr.eval_at) + list(tr.ckpt_at)),
-             "train.eval_at and train.ckpt_at must lie within [0, train.sequences]")
-    for name in ev.evaluators:
-        _require(name in EVALUATORS, f"unknown evaluator '{name}' (known: {', '.join(EVALUATORS)})")
     if "fsl_train_valex" in ev.evaluators:
         _require(t.exemplar_split[1] >= 1, "evaluator fsl_train_valex needs val exemplars (task.exemplar_split[1] > 0)")
     if "fsl_test_class" in ev.evaluators:
@@ -316,8 +328,9 @@ def with_later_defaults(saved: DictConfig) -> DictConfig:
     with config_errors(), hydra_initialized(job_name="ihstudy"):
         defaults = compose("config")
     completed = OmegaConf.merge(saved, {k: v for k, v in defaults.items() if k not in saved and k != "hydra"})
+    same_family = task_family(saved.get("task") or {}) is task_family(defaults.task)
     for group in STABLE_GROUPS:
-        if isinstance(saved.get(group), DictConfig):
+        if isinstance(saved.get(group), DictConfig) and (group != "task" or same_family):
             completed[group] = OmegaConf.merge(defaults[group], saved[group])
     optim = completed.get("optim")
     if isinstance(optim, DictConfig) and optim.get("name") in OPTIMIZER_KEYS:
@@ -337,26 +350,15 @@ def run_identity(cfg):
 def check_values(cfg: DictConfig) -> None:
     """Types and sane ranges of every value, checked before anything is loaded or allocated: a word
     where a count belongs, a negative seed or a billion-wide model ends here in one line, not in a traceback."""
-    for key in ("seed", "data_seed", "eval_seed", "task.pair_seed"):
+    for key in ("seed", "data_seed", "eval_seed"):
         _number(cfg, key, int, 0, MAX_SEED)
     _number(cfg, "model.n_layers", int, 1, 64)
     _number(cfg, "model.n_heads", int, 1, 1024)
     _number(cfg, "model.d_model", int, 1, 16384)
     _number(cfg, "model.rotary_base", float, 1, 1e12)
     _number(cfg, "model.mlp_ratio", float, 0, 64)
-    _number(cfg, "task.n_labels", int, 2, 1000)  # the label pairs are enumerated
-    _number(cfg, "task.context_len", int, 1, 1024)
-    _number(cfg, "task.burstiness", int, 1, 1024)
-    _number(cfg, "task.zipf_alpha", float, 0, 100)
-    _number(cfg, "task.exemplar_noise", float, 0)
-    _number(cfg, "task.val_pair_fraction", float, 0, 1)
-    val_pairs = OmegaConf.select(cfg, "task.val_pairs")
-    if val_pairs is not None:
-        _require(isinstance(val_pairs, ListConfig), f"task.val_pairs must be null or a list of label pairs, got {val_pairs!r}")
-        for i in range(len(val_pairs)):
-            _numbers(cfg, f"task.val_pairs.{i}", int, 0, cfg.task.n_labels - 1, length=2)
-    _numbers(cfg, "task.class_split", int, 0, MAX_FEATURE_ELEMENTS, length=3)
-    _numbers(cfg, "task.exemplar_split", int, 0, MAX_FEATURE_ELEMENTS, length=3)
+    if task_family(cfg.task) is FewShotTask:
+        _check_fsl_values(cfg)
     _check_optim(cfg)
     _number(cfg, "train.batch_size", int, 1, 2**20)
     _number(cfg, "train.sequences", int, 1, MAX_STEPS * cfg.train.batch_size)
@@ -374,6 +376,23 @@ def check_values(cfg: DictConfig) -> None:
              f"eval.evaluators must be a non-empty list of names, got {evaluators!r}")
     _check_device(str(OmegaConf.select(cfg, "device")))
     _check_data(cfg)
+
+
+def _check_fsl_values(cfg: DictConfig) -> None:
+    _number(cfg, "task.pair_seed", int, 0, MAX_SEED)
+    _number(cfg, "task.n_labels", int, 2, 1000)  # the label pairs are enumerated
+    _number(cfg, "task.context_len", int, 1, 1024)
+    _number(cfg, "task.burstiness", int, 1, 1024)
+    _number(cfg, "task.zipf_alpha", float, 0, 100)
+    _number(cfg, "task.exemplar_noise", float, 0)
+    _number(cfg, "task.val_pair_fraction", float, 0, 1)
+    val_pairs = OmegaConf.select(cfg, "task.val_pairs")
+    if val_pairs is not None:
+        _require(isinstance(val_pairs, ListConfig), f"task.val_pairs must be null or a list of label pairs, got {val_pairs!r}")
+        for i in range(len(val_pairs)):
+            _numbers(cfg, f"task.val_pairs.{i}", int, 0, cfg.task.n_labels - 1, length=2)
+    _numbers(cfg, "task.class_split", int, 0, MAX_FEATURE_ELEMENTS, length=3)
+    _numbers(cfg, "task.exemplar_split", int, 0, MAX_FEATURE_ELEMENTS, length=3)
 
 
 def _check_optim(cfg: DictConfig) -> None:

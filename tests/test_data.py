@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ihstudy.errors import ConfigError
-from ihstudy.tasks.fsl import FewShotSampler, TrainStream, gaussian_features, label_pair_split
+from ihstudy.tasks.base import TrainStream
+from ihstudy.tasks.fsl import FewShotSampler, gaussian_features, label_pair_split
 
 N_CLASSES, N_EXEMPLARS = 60, 5
 

@@ -83,6 +83,9 @@ class Subject:
         with loading_errors(run_dir):
             pack = pack_from_checkpoint(run_dir, step)  # validates the config and loads one checkpoint
         self.dir, self.files = Path(run_dir), RunFiles(run_dir)
+        if not isinstance(pack.tasks[0], FewShotTask):  # the circuit analyses read label tokens and the query
+            raise ConfigError(f"{run_dir} is a run of {type(pack.tasks[0]).__name__}: the checkpoint analyses "
+                              f"(heads, wiring, progress) are defined for the few-shot task only; use analyze eval or timing")
         self.shape: ModelShape = pack.shape
         self.task: FewShotTask = pack.tasks[0]
         self.cfg = pack.specs[0].cfg

@@ -175,8 +175,10 @@ def plot_curves(curves: list[tuple[str, pd.DataFrame]], order: list[str], by_lab
     return fig
 
 
-def plot_run(evals: pd.DataFrame, name: str, change: float | None, evaluator: str = "fsl_train") -> Figure:
-    """One run (Fig 3a/3b): loss per evaluator; induction strength of every last-layer head and
+def plot_run(evals: pd.DataFrame, name: str, change: float | None, evaluator: str = "fsl_train",
+             curves: tuple[str, ...] = ("loss",)) -> Figure:
+    """One run (Fig 3a/3b): loss per evaluator (or the task family's `curves` of `evaluator`, e.g.
+    markov's KL to each reference strategy); induction strength of every last-layer head and
     previous-token score of every first-layer head over training; the phase change marked."""
     heads = sorted(c for c in evals.columns if c.startswith("induction."))
     last_layer = max((c.split(".")[1][1:].split("H")[0] for c in heads), key=int, default=None)
@@ -185,12 +187,19 @@ def plot_run(evals: pd.DataFrame, name: str, change: float | None, evaluator: st
     panels = 1 + bool(induction) + bool(prev)
     fig, axes = subplots(1, panels, figsize=(4.6 * panels, 3.6), squeeze=False)
     ax = axes[0, 0]
-    for e, curve in evals.groupby("evaluator", sort=False):
-        ax.plot(curve.sequences, curve["loss"], label=e, lw=1)
-    loss_lines(ax)
+    train = evals[evals.evaluator == evaluator].sort_values("sequences")
+    if curves == ("loss",):
+        for e, curve in evals.groupby("evaluator", sort=False):
+            ax.plot(curve.sequences, curve["loss"], label=e, lw=1)
+        loss_lines(ax)
+    else:
+        for column in curves:
+            ax.plot(train.sequences, train[column], label=column, lw=1.2, marker=".", ms=3)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequences seen")
+        ax.set_ylabel(f"{evaluator} (log scale)")
     ax.legend(fontsize=7)
     ax.set_title(name, fontsize=9)
-    train = evals[evals.evaluator == evaluator].sort_values("sequences")
     for ax, columns, title in zip(axes[0, 1:], [c for c in (induction, prev) if c],
                                   [t for t, c in (("induction strength, last layer", induction),
                                                   ("previous-token score, first layer", prev)) if c]):
@@ -266,14 +275,16 @@ def plot_progress(progress: pd.DataFrame, change: float | None) -> Figure:
 
 
 def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl_train", metric: str = defaults.PHASE_CHANGE,
-                  thresholds: dict | None = None, band: float | None = None) -> tuple[Report, pd.DataFrame, pd.DataFrame]:
+                  thresholds: dict | None = None, band: float | None = None, column: str = "loss",
+                  run_curves: tuple[str, ...] = ("loss",)) -> tuple[Report, pd.DataFrame, pd.DataFrame]:
     """The timing analysis of `runs` (timing.find_runs): the report, the per-run timing table and
-    the group summary (empty without `by`)."""
+    the group summary (empty without `by`); the thresholds apply to the eval column `column`, the
+    per-run figures show `curves` (plot_run)."""
     from ihstudy.analysis import timing
 
     thresholds = thresholds or timing.THRESHOLDS
     band = timing.PLATEAU_BAND if band is None else band
-    table = timing.timing_table(runs, thresholds, band)
+    table = timing.timing_table(runs, thresholds, band, column)
     report = Report("Phase-change timing")
     report.notes += [f"{run.name} ({run.status}): {note}" for run in runs for note in run.notes]
     report.notes += [f"{run.name} is {run.status}: analysed up to its last eval point" for run in runs
@@ -282,7 +293,7 @@ def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl
         return report, table, pd.DataFrame()
     names = ", ".join(f"{n} = {v:.4g}" for n, v in thresholds.items())
     report.table("timing", per_run_columns(table, thresholds),
-                 f"Per run and evaluator: first eval point and log-loss-interpolated time of each loss threshold "
+                 f"Per run and evaluator: first eval point and log-interpolated time of each {column} threshold "
                  f"({names}; '_censored': never crossed up to the last eval; '_recrossed': the loss later came back "
                  f"above it), the plateau within ln 2 ± {band:g}, the steepest descent and the final loss.")
     summary = pd.DataFrame()
@@ -294,7 +305,7 @@ def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl
             report.notes.append(f"runs of different tasks are grouped together (they differ in {', '.join(mixed)}); "
                                 f"add them to --by to separate them")
         report.table("groups", summary,
-                     f"Time to {evaluator} loss < {metric} per group of runs (by {', '.join(fields)}), ordered by "
+                     f"Time to {evaluator} {column} < {metric} per group of runs (by {', '.join(fields)}), ordered by "
                      f"median over the remaining fields (usually seeds); 'censored' runs never crossed and count as "
                      f"later than every crossing.")
     groups = train.apply(lambda row: timing.group_label(row, fields), axis=1) if fields else train.run
@@ -307,7 +318,8 @@ def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl
         medians = summary["median"] if fields else train[f"{metric}_interp"]
         order_summary = pd.DataFrame({"group": order, "median": medians.values})
         report.figure("timing", plot_timing(points, order_summary, label, metric),
-                      f"Sequences until the {evaluator} loss falls below {metric} per {label}: dots are runs, bars the median.")
+                      f"Sequences until the {evaluator} {column} falls below {metric} per {label}: dots are runs, "
+                      f"bars the median.")
         by_run = {run.name: run for run in runs}
         curves = [(g, by_run[r].evals[by_run[r].evals.evaluator == evaluator].sort_values("sequences"))
                   for g, r in zip(groups, train.run)]
@@ -317,9 +329,9 @@ def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl
         if run.evals is not None:
             row = table[(table.run == run.name) & (table.evaluator == evaluator)]
             change = float(row[f"{metric}_interp"].iloc[0]) if len(row) else None
-            report.figure(f"run_{safe_name(run.name)}", plot_run(run.evals, run.name, change, evaluator),
-                          f"{run.name}: loss per evaluator, last-layer induction strengths and first-layer previous-token "
-                          f"scores over training; red line: {metric} crossing.")
+            report.figure(f"run_{safe_name(run.name)}", plot_run(run.evals, run.name, change, evaluator, run_curves),
+                          f"{run.name}: {', '.join(run_curves)} over training, last-layer induction scores and first-layer "
+                          f"previous-token scores; red line: {column} < {metric}.")
     return report, table, summary
 
 

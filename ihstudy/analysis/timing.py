@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from ihstudy.analysis import defaults
 from ihstudy.errors import ConfigError
 from ihstudy.run_files import SWEEP_INDEX, RunFiles
+from ihstudy.tasks.base import TaskFamily, task_family
 from ihstudy.training.evaluate import LN2
 
 THRESHOLDS = defaults.parse_thresholds(defaults.THRESHOLDS)
@@ -75,6 +76,11 @@ def find_runs(paths) -> list[Run]:
         raise ConfigError(f"no runs (folders with run.json and config.yaml) under {', '.join(map(str, paths))}")
     root = common_root(list(dirs))
     return [load_run(run_dir, str(run_dir.relative_to(root))) for run_dir in dirs]
+
+
+def task_family_of(run: Run) -> type[TaskFamily]:
+    """The task family a run was trained on (fsl for runs saved before families had a `_target_`)."""
+    return task_family(OmegaConf.load(run.dir / "config.yaml").get("task") or {})
 
 
 def is_run_dir(path: Path) -> bool:
@@ -240,21 +246,26 @@ def curve_timing(sequences, loss, thresholds: dict[str, float] = THRESHOLDS, ban
 # --- runs and groups ----------------------------------------------------------------------------------
 
 
-def crossings(run: Run, thresholds: dict[str, float] = THRESHOLDS, band: float = PLATEAU_BAND) -> pd.DataFrame:
-    """One row per evaluator of `run`: the detectors of its loss curve (empty without eval rows)."""
+def crossings(run: Run, thresholds: dict[str, float] = THRESHOLDS, band: float = PLATEAU_BAND,
+              column: str = "loss") -> pd.DataFrame:
+    """One row per evaluator of `run`: the detectors of its `column` curve (the loss, or another metric
+    a task family times, e.g. markov's kl_bigram; empty without eval rows or that column)."""
+    if run.evals is not None and column not in run.evals.columns:
+        return pd.DataFrame()
     if run.evals is None:
         return pd.DataFrame()
     rows = []
     for evaluator, curve in run.evals.groupby("evaluator", sort=False):
         curve = curve.sort_values("sequences")
         rows.append({"run": run.name, "status": run.status, "evaluator": evaluator,
-                     **curve_timing(curve.sequences, curve["loss"], thresholds, band)})
+                     **curve_timing(curve.sequences, curve[column], thresholds, band)})
     return pd.DataFrame(rows)
 
 
-def timing_table(runs: list[Run], thresholds: dict[str, float] = THRESHOLDS, band: float = PLATEAU_BAND) -> pd.DataFrame:
+def timing_table(runs: list[Run], thresholds: dict[str, float] = THRESHOLDS, band: float = PLATEAU_BAND,
+                 column: str = "loss") -> pd.DataFrame:
     """crossings() of every run, one row per run and evaluator, with each run's config fields."""
-    frames = [crossings(run, thresholds, band).assign(**{f"config.{k}": v for k, v in run.config.items()})
+    frames = [crossings(run, thresholds, band, column).assign(**{f"config.{k}": v for k, v in run.config.items()})
               for run in runs if run.evals is not None]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

@@ -52,6 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 from ihstudy.errors import ConfigError, UserError
 from ihstudy.model.transformer import ModelShape, Transformer, check_checkpoint_model
 from ihstudy.run_files import load_checkpoint_file
+from ihstudy.tasks.base import TensorBatch
 from ihstudy.tasks.fsl import Batch
 
 NEG = -1e9  # "never attend / never predict" without the NaN gradients of -inf
@@ -89,7 +90,19 @@ class Clamp:
     `runs` [R] bool says which runs of the pack the clamp acts on."""
 
     kind: ClassVar[str]
+    few_shot_only: ClassVar[bool] = False  # reads the few-shot layout (label tokens, the query): fsl's models only
     name: str = field(default="", compare=False)
+
+    def check_layout(self, shape: ModelShape) -> None:
+        """Refuse (ConfigError) a clamp that reads the few-shot layout on a model of another task family."""
+        if self.layout_specific and shape.input != "exemplar_label":
+            raise ConfigError("needs the few-shot task's exemplar-label layout (label tokens, a query); "
+                              "this task family's model reads tokens")
+
+    @property
+    def layout_specific(self) -> bool:
+        """Whether this clamp, with its fields, reads the few-shot layout."""
+        return self.few_shot_only
 
     def check(self, shape: ModelShape) -> None:
         """Raise ConfigError (without the clamp's name) if the model cannot take this clamp."""
@@ -150,6 +163,10 @@ class PrevTokenPattern(PatternClamp):
     strength: float = within(0, 1, default=1.0)
     label_rows_only: bool = False
 
+    @property
+    def layout_specific(self) -> bool:
+        return self.label_rows_only
+
     def rows(self, pattern):
         row, _ = _positions(pattern)
         return row % 2 == 1 if self.label_rows_only else torch.ones_like(row, dtype=torch.bool)
@@ -166,6 +183,7 @@ class InductionPattern(PatternClamp):
     equally) and 1-strength on the other label tokens (split equally)."""
 
     kind = "induction_pattern"
+    few_shot_only = True
     strength: float = within(0, 1, default=1.0)
 
     def weights(self, pattern, batch):
@@ -180,6 +198,7 @@ class MatchPattern(PatternClamp):
     over the context; T=0 is a hardmax splitting ties equally."""
 
     kind = "match_pattern"
+    few_shot_only = True
     temperature: float = within(0, math.inf, default=0.0)
 
     def weights(self, pattern, batch):
@@ -223,6 +242,10 @@ class NoPrevToken(ScoreClamp):
     kind = "no_prev_token"
     label_rows_only: bool = False
 
+    @property
+    def layout_specific(self) -> bool:
+        return self.label_rows_only
+
     def cells(self, scores):
         row, col = _positions(scores)
         previous = col == row - 1
@@ -235,6 +258,7 @@ class SilenceNonLabel(ScoreClamp):
     a label token, so the heads attend to label tokens only. Carries no gradient at those cells."""
 
     kind = "silence_non_label"
+    few_shot_only = True
 
     def cells(self, scores):
         row, col = _positions(scores)
@@ -261,6 +285,7 @@ class PerfectCopy(Clamp):
     tokens can hold exemplar information."""
 
     kind = "perfect_copy"
+    few_shot_only = True
     head: Head
 
     def check(self, shape):
@@ -292,6 +317,7 @@ class Layer1Input(Clamp):
     embedding."""
 
     kind = "layer1_input"
+    few_shot_only = True
 
     def check(self, shape):
         if shape.n_layers < 2:
@@ -445,6 +471,10 @@ class ClampSet:
         """Logits at the query token [R, B, n_labels], as the training loss reads them."""
         return self.forward(model, batch, query_only=True)[..., -1, :]
 
+    def all_logits(self, model: Transformer, batch: TensorBatch) -> torch.Tensor:
+        """Logits at every position [R, B, T, V], as a next-token loss reads them."""
+        return self.forward(model, batch)
+
     def run_with_cache(self, model: Transformer, batch: Batch, names, query_only: bool = False):
         hooks = self.hooks(model, batch, query_only) if self.groups else ()
         return model.run_with_cache(batch, names, fwd_hooks=hooks, query_only=query_only)
@@ -509,6 +539,7 @@ def _build(name: str, spec, shape: ModelShape) -> Clamp:
         if kind == "keep_only":
             kwargs["heads"] = _complement(kwargs["heads"], shape)
         clamp = cls(name=name, **kwargs)
+        clamp.check_layout(shape)
         clamp.check(shape)
     except UserError as exc:  # a bad field, or a graft checkpoint that cannot be loaded (CheckpointError)
         raise type(exc)(f"{where}: {exc}") from None

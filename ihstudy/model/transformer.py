@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ihstudy.errors import ConfigError
+from ihstudy.tasks.base import TokenBatch, task_family
 from ihstudy.tasks.fsl import Batch
 
 # Parameters are views into one flat buffer; autograd notes that their strides skip the other runs.
@@ -72,14 +73,17 @@ class ModelShape:
     positional: str = "rotary"  # one of POSITIONALS
     rotary_base: float = 10000.0
     mlp_ratio: float = 0.0  # 0: attention-only
+    input: str = "exemplar_label"  # exemplar_label (fsl) | tokens: the task family's model_input
 
     @classmethod
     def of_config(cls, cfg, n_features: int) -> ModelShape:
-        """The shape a run config (a DictConfig, or a checkpoint's saved dict) gives `n_features`-dim exemplars."""
-        m, t = cfg["model"], cfg["task"]
+        """The shape a run config (a DictConfig, or a checkpoint's saved dict) gives `n_features`-dim exemplars.
+        For a token family, n_labels is the vocabulary and context_len the sequence length."""
+        m, family = cfg["model"], task_family(cfg["task"])
+        outputs, positions = family.model_dims(cfg["task"])
         return cls(n_layers=m["n_layers"], n_heads=m["n_heads"], d_model=m["d_model"], n_features=n_features,
-                   n_labels=t["n_labels"], context_len=t["context_len"], positional=m["positional"],
-                   rotary_base=float(m["rotary_base"]), mlp_ratio=float(m["mlp_ratio"]))
+                   n_labels=outputs, context_len=positions, positional=m["positional"],
+                   rotary_base=float(m["rotary_base"]), mlp_ratio=float(m["mlp_ratio"]), input=family.model_input)
 
     @property
     def d_head(self) -> int:
@@ -87,7 +91,7 @@ class ModelShape:
 
     @property
     def n_tokens(self) -> int:
-        return 2 * self.context_len + 1
+        return self.context_len if self.input == "tokens" else 2 * self.context_len + 1
 
     @property
     def d_mlp(self) -> int:
@@ -96,7 +100,10 @@ class ModelShape:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter of one run, in a fixed order (the order of the flat buffer and of init)."""
         D, L = self.d_model, self.n_labels
-        shapes = {"embed.W_x": (self.n_features, D), "embed.b_x": (D,), "embed.W_y": (L, D)}
+        if self.input == "tokens":
+            shapes = {"embed.W_E": (L, D)}
+        else:
+            shapes = {"embed.W_x": (self.n_features, D), "embed.b_x": (D,), "embed.W_y": (L, D)}
         if self.positional == "learned":
             shapes["pos_embed.W_pos"] = (self.n_tokens, D)
         for layer in range(self.n_layers):
@@ -114,8 +121,9 @@ def check_checkpoint_model(state: dict, shape: ModelShape, source: str) -> None:
     shapes, or equal tensor shapes that mean something else (8 heads of width 8 or 4 of width 16,
     other positions), as the run config saved in it tells."""
     try:
-        saved = ModelShape.of_config(state["config"], state["model"]["embed.W_x"].shape[0])
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        exemplars = state["model"].get("embed.W_x")
+        saved = ModelShape.of_config(state["config"], 0 if exemplars is None else exemplars.shape[0])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ConfigError):
         raise ConfigError(f"{source} holds no model and config of an ihstudy run") from None
     differ = [f"{f.name} {getattr(saved, f.name)} vs {getattr(shape, f.name)}" for f in fields(ModelShape)
               if getattr(saved, f.name) != getattr(shape, f.name)]
@@ -123,7 +131,7 @@ def check_checkpoint_model(state: dict, shape: ModelShape, source: str) -> None:
         raise ConfigError(f"{source} holds a model of another shape ({', '.join(differ)}: saved vs wanted)")
 
 
-INIT_SCHEMES = ("lecun_normal", "uniform")
+INIT_SCHEMES = ("lecun_normal", "uniform", "small_normal")
 POSITIONALS = ("rotary", "learned", "sinusoidal")  # model.positional: rotary embedding, or absolute positions added
 # A standard normal truncated at +-2 has std 0.8796: dividing by it restores the intended std
 # (JAX's variance_scaling(1, "fan_in", "truncated_normal"), the authors' lecun_normal).
@@ -133,19 +141,22 @@ TRUNCATED_NORMAL_STD = 0.87962566103423978
 def init_param(name: str, shape: tuple[int, ...], g: torch.Generator, scheme: str = "lecun_normal") -> torch.Tensor:
     """One parameter's initial value (docs/science.md, "Model").
 
-    Both schemes: label embedding (and learned positions) truncated normal with std 0.02 cut at
+    Both schemes: label (or token) embedding and learned positions: truncated normal with std 0.02 cut at
     +-2 std, zero biases, unit LayerNorm gains. Weight matrices:
       lecun_normal (default, the authors'): normal truncated at +-2 std, variance 1/fan_in.
       uniform (ihstudy's earlier default): uniform(+-1/sqrt(fan_in)) (variance 1/(3 fan_in)), and an
         untruncated normal of variance 1/fan_in for the exemplar embedding.
+      small_normal (minGPT's, which Edelman et al. use for Markov chains): normal with std 0.02, W_O 0.01.
     """
     leaf = name.rsplit(".", 1)[1]
-    if name in ("embed.W_y", "pos_embed.W_pos"):
+    if name in ("embed.W_y", "embed.W_E", "pos_embed.W_pos"):
         return torch.nn.init.trunc_normal_(torch.empty(shape), std=0.02, a=-0.04, b=0.04, generator=g)
     if leaf == "w":
         return torch.ones(shape)
     if leaf.startswith("b"):
         return torch.zeros(shape)
+    if scheme == "small_normal":
+        return torch.randn(shape, generator=g) * (0.01 if leaf == "W_O" else 0.02)
     fan_in = shape[0]
     if scheme == "lecun_normal":
         std = 1 / math.sqrt(fan_in) / TRUNCATED_NORMAL_STD
@@ -234,9 +245,12 @@ class Transformer:
         """Every site the forward code reaches, in order: a dry pass without, then with the opt-in
         sites' branches (which replace ln1.hook_normalized), merged."""
         s, R = self.shape, self.n_runs
-        batch = Batch(torch.zeros(R, 1, s.context_len + 1, s.n_features, device=self.device),
-                      torch.zeros(R, 1, s.context_len, dtype=torch.long, device=self.device),
-                      torch.zeros(R, 1, dtype=torch.long, device=self.device))
+        if s.input == "tokens":
+            batch = TokenBatch(*[torch.zeros(R, 1, s.n_tokens, dtype=torch.long, device=self.device)] * 2)
+        else:
+            batch = Batch(torch.zeros(R, 1, s.context_len + 1, s.n_features, device=self.device),
+                          torch.zeros(R, 1, s.context_len, dtype=torch.long, device=self.device),
+                          torch.zeros(R, 1, dtype=torch.long, device=self.device))
         plain, opt_in = SiteTrace(opt_in=False), SiteTrace(opt_in=True)
         with torch.no_grad():
             for trace in (plain, opt_in):
@@ -329,7 +343,9 @@ class Transformer:
     def embedding_inputs(self, batch: Batch) -> torch.Tensor:
         """One matmul embeds all tokens: a token's input row [..., T, F+1+L] is [exemplar, 1, 0...] or
         [0..., 0, one-hot label], the weights [W_x; b_x; W_y] (fewer, larger ops are what make a small
-        model fast on a CPU)."""
+        model fast on a CPU). A token family's input row is the token's one-hot, its weights W_E."""
+        if self.shape.input == "tokens":
+            return F.one_hot(batch.tokens, self.shape.n_labels).to(torch.float32)
         F_ = self.shape.n_features
         *lead, N = batch.labels.shape
         inputs = batch.exemplars.new_zeros(*lead, 2 * N + 1, F_ + 1 + self.shape.n_labels)
@@ -465,7 +481,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
 
 
 def embedding_matrix(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[R, F+1+L, D]: the weights [W_x; b_x; W_y] that Transformer.embedding_inputs multiply."""
+    """[R, F+1+L, D]: the weights [W_x; b_x; W_y] that Transformer.embedding_inputs multiply (W_E for tokens)."""
+    if "embed.W_E" in params:
+        return params["embed.W_E"]
     return torch.cat([params["embed.W_x"], params["embed.b_x"].unsqueeze(1), params["embed.W_y"]], 1)
 
 

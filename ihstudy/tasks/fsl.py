@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from ihstudy.errors import ConfigError
+from ihstudy.tasks.base import TaskFamily, TensorBatch, chunk_generator
 
 MAX_FEATURE_ELEMENTS = 2_000_000_000  # refuse absurd files before reading them
 
 
 @dataclass
-class Batch:
+class Batch(TensorBatch):
     """Sequences of one or more runs. Leading axes: [runs, batch] (the run axis may be absent)."""
 
     exemplars: torch.Tensor  # [..., N+1, dim] float: context exemplars then the query exemplar
@@ -30,22 +31,6 @@ class Batch:
     @property
     def context_len(self) -> int:
         return self.labels.shape[-1]
-
-    @staticmethod
-    def stack(batches: list[Batch]) -> Batch:
-        """Stack per-run batches along a new leading run axis."""
-        return Batch(*(torch.stack([getattr(b, f) for b in batches]) for f in ("exemplars", "labels", "target")))
-
-    @staticmethod
-    def concat(batches: list[Batch]) -> Batch:
-        """Concatenate batches along the (first) sequence axis."""
-        return Batch(*(torch.cat([getattr(b, f) for b in batches]) for f in ("exemplars", "labels", "target")))
-
-    def __getitem__(self, index) -> Batch:
-        return Batch(self.exemplars[index], self.labels[index], self.target[index])
-
-    def to(self, device) -> Batch:
-        return Batch(self.exemplars.to(device), self.labels.to(device), self.target.to(device))
 
 
 # --- exemplar sources ---------------------------------------------------------------------------
@@ -199,53 +184,6 @@ class FewShotSampler:
         return labels + (labels >= high)
 
 
-def chunk_generator(seed: int, chunk: int) -> torch.Generator:
-    """An independent generator for chunk `chunk` of the stream seeded by `seed`."""
-    state = np.random.SeedSequence([seed, chunk]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
-
-
-class TrainStream:
-    """The training batches of one run: batch k is a pure function of (data seed, chunk_batches, k).
-
-    The sequences of chunk c are drawn together from one generator, so chunk_batches (the config's
-    train.chunk_batches) decides which sequences a data seed yields."""
-
-    def __init__(self, sampler: FewShotSampler, seed: int, batch_size: int, chunk_batches: int):
-        self.sampler, self.seed, self.batch_size, self.chunk_batches = sampler, seed, batch_size, chunk_batches
-        self._chunk_index, self._chunk = -1, None
-
-    def batch(self, step: int) -> Batch:
-        chunk, offset = divmod(step, self.chunk_batches)
-        return self.chunk(chunk)[offset]
-
-    def chunk(self, index: int) -> Batch:
-        """Batches index*chunk_batches ... as one Batch [chunk_batches, batch_size, ...] (the latest is kept)."""
-        if index != self._chunk_index:
-            drawn = self.sampler.sample(self.chunk_batches * self.batch_size, chunk_generator(self.seed, index))
-            self._chunk = Batch(*(t.view(self.chunk_batches, self.batch_size, *t.shape[1:])
-                                  for t in (drawn.exemplars, drawn.labels, drawn.target)))
-            self._chunk_index = index
-        return self._chunk
-
-
-class PackStream:
-    """Every run's training batches stacked [R, B, ...], a chunk of steps at a time (per-step stacking
-    and copying would cost more than the step's arithmetic)."""
-
-    def __init__(self, streams: list[TrainStream], device: torch.device):
-        self.streams, self.device = streams, device
-        (self.chunk_batches,) = {stream.chunk_batches for stream in streams}  # the pack's train.chunk_batches
-        self.chunk_index, self.chunk = -1, None
-
-    def batch(self, step: int) -> Batch:
-        chunk, offset = divmod(step, self.chunk_batches)
-        if chunk != self.chunk_index:
-            self.chunk = Batch.stack([stream.chunk(chunk) for stream in self.streams]).to(self.device)
-            self.chunk_index = chunk
-        return self.chunk[:, offset]
-
-
 # --- the task: splits, training sampler and evaluators ---------------------------------------------
 
 # evaluator name -> (class split, exemplar split, label-pair split)
@@ -258,8 +196,14 @@ EVALUATORS = {
 SPLITS = ("train", "val", "test")
 
 
-class FewShotTask:
-    """Splits the exemplar array by class and exemplar counts and builds the samplers of one task config."""
+class FewShotTask(TaskFamily):
+    """The few-shot family: splits the exemplar array by class and exemplar counts and builds the
+    samplers of one task config. The loss and every metric are read at the query."""
+
+    evaluators = tuple(EVALUATORS)
+    main_evaluator = "fsl_train"
+    model_input = "exemplar_label"
+    loss_at_every_position = False
 
     def __init__(self, task_cfg, features: torch.Tensor):
         self.cfg, self.features = task_cfg, features
@@ -268,6 +212,15 @@ class FewShotTask:
         train_pairs, val_pairs = label_pair_split(task_cfg.n_labels, task_cfg.val_pair_fraction, task_cfg.pair_seed,
                                                   task_cfg.get("val_pairs"))
         self.pairs = {"train": train_pairs, "val": val_pairs}
+        self.train_sampler = self.sampler()
+
+    @classmethod
+    def from_config(cls, cfg, data) -> FewShotTask:
+        return cls(cfg.task, data(cfg.data))
+
+    @classmethod
+    def model_dims(cls, task_cfg) -> tuple[int, int]:
+        return int(task_cfg["n_labels"]), int(task_cfg["context_len"])
 
     def sampler(self, classes: str = "train", exemplars: str = "train", pairs: str = "train",
                 zipf_alpha: float | None = None) -> FewShotSampler:
@@ -276,11 +229,33 @@ class FewShotTask:
         return FewShotSampler(self.features, self.class_ids[classes], self.exemplar_ids[exemplars], self.pairs[pairs],
                               c.n_labels, c.context_len, c.burstiness, alpha, c.exemplar_noise)
 
+    def sample(self, n: int, generator: torch.Generator) -> Batch:
+        return self.train_sampler.sample(n, generator)
+
     def eval_set(self, name: str, n_sequences: int, eval_seed: int) -> Batch:
         """The fixed sequences of evaluator `name`, drawn once from the eval seed. Classes are drawn
         uniformly whatever task.zipf_alpha says (as the authors' evaluators do): Zipf shapes training only."""
         index = list(EVALUATORS).index(name)
         return self.sampler(*EVALUATORS[name], zipf_alpha=0.0).sample(n_sequences, chunk_generator(eval_seed, index))
+
+    def metrics(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        from ihstudy.training.evaluate import query_metrics
+
+        return query_metrics(logits, batch)
+
+    def head_scores(self, patterns: list[torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        """Induction strength in every layer, previous-token score in every layer but the last (whose
+        pattern is kept at the query row only): docs/science.md §3."""
+        from ihstudy.training.evaluate import induction_strength, previous_token_score
+
+        scores = {}
+        for layer, pattern in enumerate(patterns):
+            for h, score in enumerate(induction_strength(pattern, batch).T):
+                scores[f"induction.L{layer}H{h}"] = score
+            if layer < len(patterns) - 1:
+                for h, score in enumerate(previous_token_score(pattern).T):
+                    scores[f"prev_token.L{layer}H{h}"] = score
+        return scores
 
 
 def _split_ranges(counts) -> dict[str, torch.Tensor]:

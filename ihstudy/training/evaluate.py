@@ -11,7 +11,8 @@ import math
 import torch
 
 from ihstudy.model.transformer import cross_entropy, log_softmax
-from ihstudy.tasks.fsl import Batch, FewShotTask
+from ihstudy.tasks.base import TaskFamily
+from ihstudy.tasks.fsl import Batch
 from ihstudy.training.pack_settings import shared_group
 
 LN2 = math.log(2)
@@ -24,31 +25,27 @@ EVAL_CHUNK_SEQUENCES = 1000  # per eval forward pass, over all runs of a pack
 class Evaluator:
     """The eval sequences of R runs (every evaluator's n_sequences, concatenated) and their rows."""
 
-    def __init__(self, tasks: list[FewShotTask], cfgs: list, device: torch.device):
+    def __init__(self, tasks: list[TaskFamily], cfgs: list, device: torch.device):
         shared = shared_group([cfg.eval for cfg in cfgs], "eval")
         self.names, n = list(shared.evaluators), shared.n_sequences
-        self.batch = Batch.stack([Batch.concat([task.eval_set(name, n, cfg.eval_seed) for name in self.names])
-                                  for task, cfg in zip(tasks, cfgs)]).to(device)
+        self.task = tasks[0]  # runs pack together only with equal task families
+        sets = [[task.eval_set(name, n, cfg.eval_seed) for name in self.names] for task, cfg in zip(tasks, cfgs)]
+        kind = type(sets[0][0])
+        self.batch = kind.stack([kind.concat(run_sets) for run_sets in sets]).to(device)
 
     @torch.no_grad()
     def measure(self, eval_forward, step: int, batch_size: int) -> list[list[dict]]:
-        """Per run, one row per evaluator: the metrics and every head's scores at `step` (induction
-        strength in every layer, previous-token score in every layer but the last, whose pattern is
-        kept at the query row only). eval_forward(batch, part) -> (query logits, patterns) of the
-        sequences `part` (steps.FastPath / HookedPath.eval_forward)."""
+        """Per run, one row per evaluator: the task's metrics and head scores at `step`.
+        eval_forward(batch, part) -> (logits, patterns) of the sequences `part` (steps.FastPath /
+        HookedPath.eval_forward; logits at the query, or at every position for next-token tasks)."""
         logits, patterns = self.forward(eval_forward)
         n = self.batch.target.shape[1] // len(self.names)
         rows: list[list[dict]] = [[] for _ in range(self.batch.target.shape[0])]
         for e, name in enumerate(self.names):
             part = slice(e * n, (e + 1) * n)
             sub = self.batch[:, part]
-            columns = {k: v.cpu() for k, v in query_metrics(logits[:, part], sub).items()}
-            for layer, pattern in enumerate(patterns):
-                for h, score in enumerate(induction_strength(pattern[:, part], sub).T):
-                    columns[f"induction.L{layer}H{h}"] = score.cpu()
-                if layer < len(patterns) - 1:
-                    for h, score in enumerate(previous_token_score(pattern[:, part]).T):
-                        columns[f"prev_token.L{layer}H{h}"] = score.cpu()
+            columns = self.task.metrics(logits[:, part], sub) | self.task.head_scores([p[:, part] for p in patterns], sub)
+            columns = {k: v.cpu() for k, v in columns.items()}
             for r, run_rows in enumerate(rows):
                 run_rows.append({"step": step, "sequences": step * batch_size, "evaluator": name}
                                 | {k: float(v[r]) for k, v in columns.items()})
@@ -58,7 +55,7 @@ class Evaluator:
         """Query logits [R, N, L] on the eval sequences, and every layer's attention pattern [R, N, H, T, T]
         (the last layer's at the query row only, [R, N, H, 1, T]). In equal chunks that keep the
         activations in the CPU cache (and need one compiled graph)."""
-        R, n = self.batch.target.shape
+        R, n = self.batch.target.shape[:2]
         size = max(d for d in range(1, n + 1) if n % d == 0 and d * R <= max(EVAL_CHUNK_SEQUENCES, R))
         chunks = [eval_forward(self.batch, slice(i, i + size)) for i in range(0, n, size)]
         return torch.cat([c[0] for c in chunks], 1), [torch.cat(layer, 1) for layer in zip(*(c[1] for c in chunks))]

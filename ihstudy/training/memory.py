@@ -43,7 +43,7 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
     cfg, R = shared_settings(cfgs), len(cfgs)
     shape = ModelShape.of_config(cfg, exemplar_shapes[0][2])
     T, D, H, F, L = shape.n_tokens, shape.d_model, shape.n_heads, shape.n_features, shape.n_labels
-    B, N = cfg.train.batch_size, cfg.task.context_len
+    B, N = cfg.train.batch_size, shape.context_len
     n_params = sum(math.prod(s) for s in shape.param_shapes().values())
     n_steps = math.ceil(cfg.train.sequences / B)
     n_eval = len(cfg.eval.evaluators) * cfg.eval.n_sequences  # eval sequences per run
@@ -73,7 +73,10 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
 
 
 def _query_rows(shape: ModelShape) -> int:
-    """Query rows per sequence summed over the layers: all T but the last layer's (the query alone)."""
+    """Query rows per sequence summed over the layers: all T but the last layer's (the query alone);
+    all T in every layer for a token family's model (next-token loss at every position)."""
+    if shape.input == "tokens":
+        return shape.n_layers * shape.n_tokens
     return (shape.n_layers - 1) * shape.n_tokens + 1
 
 

@@ -17,7 +17,9 @@ ALL = None
 # config group -> the keys runs of a pack must share (ALL: the whole group)
 SHARED = {"model": ALL, "train": ALL, "eval": ALL, "device": ALL,
           "optim": ("name", "betas", "eps"),  # momentum, lr and its schedule are per run
-          "task": ("n_labels", "context_len")}  # the tensor shapes; the rest of the task is per run
+          # the task family and its tensor shapes (fsl's labels and pairs; a token family's vocabulary and
+          # length: TaskFamily.model_dims); the rest of the task is per run
+          "task": ("_target_", "n_labels", "context_len", "vocab", "length")}
 
 
 def group_part(group_cfg, group: str):

@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from ihstudy.config import run_identity
 from ihstudy.errors import ConfigError
 from ihstudy.run_files import CHECKPOINT_FORMAT, RunFiles, first_line, now, versions
+from ihstudy.tasks.base import TaskFamily, task_family, threshold_value
+from ihstudy.tasks.fsl import FewShotTask
 from ihstudy.training.evaluate import PHASE_CHANGE_THRESHOLD
 from ihstudy.training.trackers import Trackers
 
@@ -148,7 +150,7 @@ class RunRecorder:
             if self.errors[r] is not None:
                 results.append(RunResult(spec.name, spec.run_dir, "failed", {"error": self.errors[r]}))
             else:
-                summary = summarize(pd.DataFrame(self.eval_columns[r]))
+                summary = summarize(pd.DataFrame(self.eval_columns[r]), task_family(spec.cfg.task))
                 files.write_status(status=status, ended=now(), step=step, summary=summary)
                 results.append(RunResult(spec.name, spec.run_dir, status, summary))
             self.trackers.finish(r, results[-1].status, results[-1].summary)
@@ -164,19 +166,32 @@ def config_difference(saved, current: dict) -> str:
     return "differs in " + ", ".join(keys) if keys else "another checkpoint format"
 
 
-def phase_change_sequences(eval_frame: pd.DataFrame, threshold: float = PHASE_CHANGE_THRESHOLD) -> float | None:
-    """First eval point (sequences) at which the fsl_train loss is below the threshold (0.4 ln 2)."""
-    train = eval_frame[eval_frame.evaluator == "fsl_train"]
-    below = train[train["loss"] < threshold]
+def phase_change_sequences(eval_frame: pd.DataFrame, threshold: float = PHASE_CHANGE_THRESHOLD,
+                           evaluator: str = "fsl_train", column: str = "loss") -> float | None:
+    """First eval point (sequences) at which the evaluator's `column` is below the threshold (fsl: the
+    fsl_train loss below 0.4 ln 2)."""
+    train = eval_frame[eval_frame.evaluator == evaluator]
+    below = train[train[column] < threshold]
     return int(below.sequences.iloc[0]) if len(below) else None
 
 
-def summarize(eval_frame: pd.DataFrame) -> dict:
+def phase_change_criterion(family: type[TaskFamily]) -> str:
+    """How the family's phase change is timed, in words: e.g. "fsl_train loss < 0.4ln2 = 0.277"."""
+    return f"{family.main_evaluator} {family.timed_column} < {family.phase_change} = {threshold_value(family.phase_change):.3g}"
+
+
+def summarize(eval_frame: pd.DataFrame, family: type[TaskFamily] = FewShotTask) -> dict:
+    """run.json's summary: the phase change by the task family's criterion, and each evaluator's final
+    loss (and accuracy, where the family measures one)."""
     if eval_frame.empty:
         return {}
     last = eval_frame[eval_frame.step == eval_frame.step.max()]
-    summary = {"phase_change_sequences": phase_change_sequences(eval_frame) if "fsl_train" in set(eval_frame.evaluator) else None}
+    found = family.main_evaluator in set(eval_frame.evaluator) and family.timed_column in eval_frame
+    summary = {"phase_change_sequences": phase_change_sequences(eval_frame, threshold_value(family.phase_change),
+                                                                family.main_evaluator, family.timed_column) if found else None,
+               "phase_change": phase_change_criterion(family)}
     for _, row in last.iterrows():
         summary[f"{row.evaluator}.loss"] = float(row["loss"])
-        summary[f"{row.evaluator}.acc"] = float(row["acc"])
+        if "acc" in row:
+            summary[f"{row.evaluator}.acc"] = float(row["acc"])
     return summary

@@ -17,42 +17,52 @@ import torch
 from ihstudy.model.clamps import ClampSet
 from ihstudy.model.fast_path import batch_spread, query_loss_and_gradients, train_step
 from ihstudy.model.transformer import Transformer
-from ihstudy.tasks.fsl import Batch, PackStream
+from ihstudy.tasks.base import PackStream, TensorBatch
 from ihstudy.training.compiled import Compiled
 
 
-def choose_path(model: Transformer, clamps: ClampSet) -> FastPath | HookedPath:
-    return HookedPath(model, clamps) if clamps.groups else FastPath(model, clamps)
+def choose_path(model: Transformer, clamps: ClampSet, every_position: bool = False) -> FastPath | HookedPath:
+    """every_position: the task's loss and metrics read the logits of every position (next-token
+    tasks), not the query's alone: autograd through the hooked model."""
+    if clamps.groups or every_position:
+        return HookedPath(model, clamps, every_position)
+    return FastPath(model, clamps)
+
 
 
 class HookedPath:
-    """Autograd through the model's sites, with the clamps' hooks: FastPath's work for any pack."""
+    """Autograd through the model's sites, with the clamps' hooks: FastPath's work for any pack.
+    every_position: the loss is each run's mean next-token cross-entropy over every position of its
+    batch, and evaluation gives every position's logits and every layer's full pattern."""
 
-    def __init__(self, model: Transformer, clamps: ClampSet):
-        self.model, self.clamps = model, clamps
-        self.query_logits, self.eval_chunk = clamps.query_logits, self.hooked_eval_chunk
+    def __init__(self, model: Transformer, clamps: ClampSet, every_position: bool = False):
+        self.model, self.clamps, self.every_position = model, clamps, every_position
+        self.query_logits = clamps.all_logits if every_position else clamps.query_logits
+        self.eval_chunk = self.hooked_eval_chunk
 
     def compile(self) -> None:
         if not isinstance(self.query_logits, Compiled):
-            self.query_logits, self.eval_chunk = Compiled(self.clamps.query_logits), Compiled(self.hooked_eval_chunk)
+            self.query_logits, self.eval_chunk = Compiled(self.query_logits), Compiled(self.hooked_eval_chunk)
 
     def step(self, stream: PackStream, step: int, weight: torch.Tensor, lr: torch.Tensor, log_row: torch.Tensor) -> torch.Tensor:
         batch = stream.batch(step)
         self.model.flat_grad.zero_()
-        logits = self.query_logits(self.model, batch)
-        loss, logit_grads = query_loss_and_gradients(logits.detach(), batch.target)
+        logits, target = self.query_logits(self.model, batch), batch.target
+        if self.every_position:  # each position a "sequence" of the loss, weighted 1/T
+            logits, target, weight = logits.flatten(1, 2), target.flatten(1, 2), weight / target.shape[-1]
+        loss, logit_grads = query_loss_and_gradients(logits.detach(), target)
         finite = torch.isfinite(loss)
         logits.backward(torch.where(finite[:, None, None], logit_grads * weight, 0.0))
         torch.stack([loss, self.model.flat_grad.norm(dim=1), batch_spread(logit_grads), lr], 1, out=log_row)
         return finite.all()
 
-    def eval_forward(self, eval_batch: Batch, part: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def eval_forward(self, eval_batch: TensorBatch, part: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.eval_chunk(eval_batch[:, part])
 
-    def hooked_eval_chunk(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def hooked_eval_chunk(self, batch: TensorBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.model.shape.n_layers)]
-        logits, cache = self.clamps.run_with_cache(self.model, batch, sites, query_only=True)
-        return logits[:, :, -1], [cache[s] for s in sites]
+        logits, cache = self.clamps.run_with_cache(self.model, batch, sites, query_only=not self.every_position)
+        return (logits if self.every_position else logits[:, :, -1]), [cache[s] for s in sites]
 
 
 class FastPath(HookedPath):

@@ -73,7 +73,7 @@ from ihstudy.training.lattice import LATTICE, Lattice, drop_incompatible, subset
 from ihstudy.training.memory import check_fits, fits
 from ihstudy.training.pack_settings import shared_group, shared_part
 from ihstudy.training.recorder import NUMERICAL
-from ihstudy.training.train import Pack, RunResult, RunSpec, exemplar_shape, resolve_device, schedule_steps, sequences_to_step
+from ihstudy.training.train import Pack, RunResult, RunSpec, input_shape, resolve_device, schedule_steps, sequences_to_step
 
 log = logging.getLogger(__name__)
 PLAN = "plan.json"
@@ -168,7 +168,7 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0, allow_callbacks: bo
 
 
 def check_clamps(cfg: DictConfig) -> None:
-    build_clamps(cfg.clamp, ModelShape.of_config(cfg, exemplar_shape(cfg.data, {})[2]))
+    build_clamps(cfg.clamp, ModelShape.of_config(cfg, input_shape(cfg, {})[2]))
 
 
 def needs_training(status: dict, retry_failed: bool = False) -> bool:
@@ -224,7 +224,7 @@ def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int 
             on_run(done, len(expanded))
         try:
             cfg, _ = compose_config(overrides)
-            shape = exemplar_shape(cfg.data, features)
+            shape = input_shape(cfg, features)
             validate(cfg, *shape[:2])
             check_fits([cfg], [shape], resolve_device(cfg.device), memory_budget)
             build_clamps(cfg.clamp, ModelShape.of_config(cfg, shape[2]))

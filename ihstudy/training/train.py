@@ -28,7 +28,8 @@ from ihstudy.errors import CheckpointError, ConfigError
 from ihstudy.model.clamps import ClampSet, build_clamps
 from ihstudy.model.transformer import ModelShape, Transformer, check_checkpoint_model
 from ihstudy.run_files import RunFiles, first_line
-from ihstudy.tasks.fsl import FewShotTask, PackStream, TrainStream, load_features
+from ihstudy.tasks.base import PackStream, TaskFamily, TrainStream, task_family
+from ihstudy.tasks.fsl import load_features
 from ihstudy.training.compiled import use_compile
 from ihstudy.training.evaluate import Evaluator
 from ihstudy.training.memory import check_fits
@@ -71,7 +72,7 @@ class Runs:
     def __init__(self, specs: list[RunSpec], features_cache: dict | None = None):
         self.specs = specs
         cache = {} if features_cache is None else features_cache
-        exemplar_shapes = [exemplar_shape(spec.cfg.data, cache) for spec in specs]
+        exemplar_shapes = [input_shape(spec.cfg, cache) for spec in specs]
         for spec, shape in zip(specs, exemplar_shapes):
             validate(spec.cfg, *shape[:2])
         self.settings = shared = shared_settings([spec.cfg for spec in specs])
@@ -81,12 +82,16 @@ class Runs:
         if shared.train.threads:
             torch.set_num_threads(shared.train.threads)
         check_fits([spec.cfg for spec in specs], exemplar_shapes, self.device)  # before anything large is made
-        self.tasks = [FewShotTask(spec.cfg.task, load_cached_features(spec.cfg.data, cache)) for spec in specs]
+
+        def data(data_cfg):
+            return load_cached_features(data_cfg, cache)
+
+        self.tasks: list[TaskFamily] = [task_family(spec.cfg.task).from_config(spec.cfg, data) for spec in specs]
         self.shape = ModelShape.of_config(shared, exemplar_shapes[0][2])
         self.batch_size = shared.train.batch_size
         self.model = Transformer(self.shape, len(specs), self.device).init_([s.cfg.seed for s in specs], shared.model.init)
         self.clamps = ClampSet([build_clamps(s.cfg.clamp, self.shape) for s in specs])
-        self.path = choose_path(self.model, self.clamps)
+        self.path = choose_path(self.model, self.clamps, self.tasks[0].loss_at_every_position)
         self.evaluator = Evaluator(self.tasks, [s.cfg for s in specs], self.device)
         self.step = 0
 
@@ -113,7 +118,7 @@ class Pack(Runs):
         self.n_steps = sequences_to_step(train.sequences, self.batch_size)
         self.optimizer = StackedOptimizer([s.cfg.optim for s in specs], self.model.flat, self.model.flat_grad)
         self.lrs = torch.stack([lr_schedule(s.cfg.optim, self.n_steps, self.batch_size) for s in specs], 1).to(self.device)
-        self.stream = PackStream([TrainStream(task.sampler(), s.cfg.data_seed, self.batch_size, train.chunk_batches)
+        self.stream = PackStream([TrainStream(task, s.cfg.data_seed, self.batch_size, train.chunk_batches)
                                   for task, s in zip(self.tasks, specs)], self.device)
         self.eval_steps = schedule_steps(train.eval_every, train.eval_at, self.n_steps, self.batch_size)
         self.ckpt_steps = schedule_steps(train.ckpt_every, train.ckpt_at, self.n_steps, self.batch_size) - {0}
@@ -289,6 +294,11 @@ def load_checkpoint_model(runs: Runs, files: RunFiles, step: int) -> None:
 def evaluate_checkpoint(run_dir: Path, step: int | None = None, clamp=None) -> pd.DataFrame:
     """Eval rows of a saved checkpoint, through the same evaluation and clamp code as training."""
     return pd.DataFrame(pack_from_checkpoint(run_dir, step, clamp).measure()[0])
+
+
+def input_shape(cfg, cache: dict) -> tuple[int, int, int]:
+    """exemplar_shape of a run whose task family reads exemplars (fsl); (0, 0, 0) for one that reads tokens."""
+    return exemplar_shape(cfg.data, cache) if task_family(cfg.task).model_input == "exemplar_label" else (0, 0, 0)
 
 
 def exemplar_shape(data_cfg, cache: dict) -> tuple[int, int, int]:
