@@ -1,12 +1,13 @@
 # `make setup`: install into .venv (CPU build of torch, see constraints.txt) and run the default experiment.
-# `make test`: install if needed, then lint, run the test suite and check the built wheel.
+# `make test`: install if needed (with the tracker extras its tests read back), then lint, run the test
+# suite and check the built wheel.
 VENV ?= .venv
 PYTHON ?= python3
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev,tensorboard,mlflow,wandb]'
 	touch $@
 
 .PHONY: setup test

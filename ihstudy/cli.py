@@ -6,6 +6,7 @@ ends in one line on stderr and exit code 2, before anything is written.
 
 from __future__ import annotations
 
+import math
 import shlex
 import signal
 import threading
@@ -17,9 +18,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 from typer.core import TyperCommand
 
+from ihstudy.analysis import defaults
 from ihstudy.errors import ConfigError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -40,7 +41,21 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-class WithConfigGroups(TyperCommand):
+USAGE_ERROR = typer.BadParameter.__mro__[1]  # click's UsageError, whichever click typer runs on
+
+
+class OneLineErrors(TyperCommand):
+    """A value an option cannot take (a word for a number, below its minimum, a missing value) ends,
+    like every refused input, in one line on stderr and exit code 2, not click's usage box."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except USAGE_ERROR as exc:
+            fail(exc.format_message())
+
+
+class WithConfigGroups(OneLineErrors):
     """A command whose --help ends with the config groups and their options, as a Hydra app's help does."""
 
     hydra_groups: tuple[str, ...] = ()  # Hydra's own groups to list too
@@ -63,6 +78,10 @@ class ConfigPart(str, Enum):
     all = "all"
 
 
+RETRY_FAILED = typer.Option(False, "--retry-failed", help="Also train again the runs that failed for a numerical reason "
+                                                         "(NaN loss); other failed runs resume anyway.")
+ALLOW_CALLBACKS = typer.Option(False, "--allow-callbacks", help="Run the hydra.callbacks that the config tree's pack_job.yaml "
+                                                               "declares (they run code; refused without this flag).")
 PRINT_CONFIG = typer.Option(None, "--cfg", "-c", help="Print the composed config (job: the run's, hydra: Hydra's, "
                                                       "all: both) and exit without running, as Hydra's --cfg.")
 
@@ -172,22 +191,27 @@ def progress_bar(bars: Progress, description: str, total_sequences: int):
 
 
 def print_summary(results, root: Path | None = None) -> None:
-    """One row per run; with `root`, runs are named by their folder inside it."""
+    """One row per run, labelled by its folder name inside `root` (a sweep) or, for one run, by its
+    folder's name, the whole folder on a line of its own."""
+    from ihstudy.terminal import print_table
     from ihstudy.training.evaluate import PHASE_CHANGE_THRESHOLD
 
-    title = (f"Final loss per evaluator; phase change = first eval with fsl_train loss < 0.4·ln2 "
-             f"= {PHASE_CHANGE_THRESHOLD:.3f}")
-    table = Table(title=title if root is None else f"{escape(str(root))}\n{title}")
-    keys = sorted({k for r in results for k in r.summary if k.endswith(".loss")})
-    table.add_column("run", overflow="fold")
-    for column in ["status", "phase change (seq)", *(k.removeprefix("fsl_").removesuffix(".loss") for k in keys)]:
-        table.add_column(column)
+    title = [f"sweep folder: {root}" if root is not None else f"run folder: {results[0].run_dir}",
+             f"final loss per evaluator; phase change: sequences at the first eval with fsl_train loss "
+             f"< 0.4·ln2 = {PHASE_CHANGE_THRESHOLD:.3f} (-: not yet)"]
+    statuses = {r.status for r in results}
+    if len(statuses) == 1:  # one status for all: said once, not in a column
+        title.append(f"{'all ' if len(results) > 1 else ''}{len(results)} run{'s' * (len(results) > 1)} {statuses.pop()}")
+    keys = list(dict.fromkeys(k for r in results for k in r.summary if k.endswith(".loss")))
+    columns = ["run", *(["status"] if len(title) == 2 else []), "phase change",
+               *(k.removeprefix("fsl_").removesuffix(".loss") for k in keys)]
+    rows = []
     for r in results:
         change = r.summary.get("phase_change_sequences")
-        name = escape(str(r.run_dir if root is None else r.run_dir.relative_to(root)))
-        table.add_row(name, r.status, "-" if change is None else f"{change:,}",
-                      *(f"{r.summary[k]:.4f}" if k in r.summary else "-" for k in keys))
-    Console().print(table)
+        rows.append([r.run_dir.name if root is None else str(r.run_dir.relative_to(root)),
+                     *([r.status] if len(title) == 2 else []), "-" if change is None else f"{change:,}",
+                     *(f"{r.summary[k]:.4f}" if k in r.summary else "-" for k in keys)])
+    print_table(columns, rows, title)
 
 
 @app.command(context_settings=EXTRA, cls=WithLauncherGroups)
@@ -196,17 +220,21 @@ def sweep(
     max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their packs; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary table."),
+    retry_failed: bool = RETRY_FAILED,
+    allow_callbacks: bool = ALLOW_CALLBACKS,
     print_config: ConfigPart | None = PRINT_CONFIG,
 ) -> None:
     """Train many runs: Hydra multirun overrides (clamp=none,copy seed=5,6) or a preset (experiment=fig5b).
 
     Runs of equal tensor shapes train together as one batched pack; packs run through a Hydra
     launcher (hydra/launcher=joblib, submitit_local or submitit_slurm; default: in this process).
-    Running the same command again skips finished runs and resumes the others."""
+    Running the same command again skips completed runs and runs whose loss became NaN (unless
+    --retry-failed) and resumes the others."""
     from ihstudy.training.sweep import plan_sweep
 
     try:
-        plan = plan_sweep(overrides or [], max_pack_runs)
+        with planning_progress(quiet) as on_run:
+            plan = plan_sweep(overrides or [], max_pack_runs, allow_callbacks, on_run, retry_failed)
     except UserError as exc:
         fail(str(exc))
     if print_config:
@@ -226,6 +254,19 @@ def sweep(
             say(f"{r.name}: {r.summary.get('error')}", "[bold red]failed:[/] ")
     if any(r.status != "completed" for r in results):
         raise typer.Exit(1)
+
+
+@contextmanager
+def planning_progress(quiet: bool):
+    """on_run(done, total) for sweep.plan_sweep: a bar while the runs are composed (a fraction of a
+    second each: a long sweep takes minutes), gone once they are planned."""
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    columns = [TextColumn("planning"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} runs"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as bars:
+        task = bars.add_task("planning", total=0)
+        yield lambda done, total: bars.update(task, completed=done, total=total)
 
 
 def train_sweep(plan, quiet: bool) -> list:
@@ -303,13 +344,12 @@ def print_sweep_configs(plan, part: str) -> None:
 
 
 def print_plan(plan) -> None:
+    from ihstudy.terminal import print_table
+
     pack_of = {run.name: i for i, runs in enumerate(plan.packs) for run in runs}
-    table = Table(title=escape(str(plan.dir)))
-    for column in ["run", "pack", "overrides"]:
-        table.add_column(column)
-    for run in plan.runs:
-        table.add_row(escape(run.name), str(pack_of.get(run.name, "finished")), escape(" ".join(run.overrides)))
-    Console().print(table)
+    print_table(["run", "pack", "overrides"],
+                [[run.name, str(pack_of.get(run.name, "finished")), " ".join(run.overrides)] for run in plan.runs],
+                [f"sweep folder: {plan.dir}"])
 
 
 @app.command(context_settings=EXTRA, cls=WithLauncherGroups)
@@ -322,6 +362,8 @@ def reproduce(
     max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, packs and estimated times; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    retry_failed: bool = RETRY_FAILED,
+    allow_callbacks: bool = ALLOW_CALLBACKS,
 ) -> None:
     """Train the paper's figure presets as sweeps and write report.md judging every finding.
 
@@ -331,9 +373,11 @@ def reproduce(
     ihstudy reproduce seed=5,6,7 data=features_file data.path=omniglot.h5
     Running the same command again skips finished runs and resumes interrupted ones."""
     from ihstudy.analysis import reproduce as rep
+    from ihstudy.terminal import print_table
 
     try:
-        plan = rep.plan_reproduction(args or [], scale, out, max_pack_runs)
+        with planning_progress(quiet) as on_run:
+            plan = rep.plan_reproduction(args or [], scale, out, max_pack_runs, allow_callbacks, on_run, retry_failed)
     except UserError as exc:
         fail(str(exc))
     for preset, sweep in plan.sweeps.items():
@@ -354,12 +398,8 @@ def reproduce(
         folder, table = rep.write_reproduction_report(plan)
     except UserError as exc:  # a checkpoint that cannot be read, a toy folder in use
         fail(str(exc))
-    findings = Table(title="findings (docs/science.md §5)")
-    for column in ("finding", "ihstudy", "holds"):
-        findings.add_column(column, overflow="fold")
-    for row in table.itertuples():
-        findings.add_row(row.finding, row.ihstudy, row.holds)
-    Console().print(findings)
+    print_table(["finding", "ihstudy", "holds"], [[r.finding, r.ihstudy, r.holds] for r in table.itertuples()],
+                ["findings (docs/science.md §5)"])
     say(f"report: {folder / 'report.md'}")
     if any(run.files.read_status().get("status") != "completed" for sweep in plan.sweeps.values() for run in sweep.runs):
         raise typer.Exit(1)
@@ -371,15 +411,16 @@ ANALYSES = {"eval": "re-evaluate a checkpoint, optionally under clamps (post-hoc
             "progress": "progress measures over every checkpoint of a run"}
 
 
-@app.command(context_settings=EXTRA)
+@app.command(context_settings=EXTRA, cls=OneLineErrors)
 def analyze(
     args: list[str] | None = typer.Argument(None, metavar="[eval|heads|wiring|progress] PATH...",
                                                help="Run or sweep folders (timing), or an analysis and one run folder."),
     by: str = typer.Option("", "--by", help="Group runs by config field(s), e.g. clamp, task.n_labels or clamp,seed."),
     evaluator: str = typer.Option("fsl_train", "--evaluator", help="Evaluator whose loss is timed."),
-    thresholds: str = typer.Option("ln2,0.4ln2,0.1", "--thresholds", help="Loss thresholds to time (numbers or Xln2)."),
-    metric: str = typer.Option("0.4ln2", "--metric", help="The threshold summarised over groups (the phase change)."),
-    band: float = typer.Option(0.1, "--band", help="Plateau: the loss within ln 2 ± band."),
+    thresholds: str = typer.Option(defaults.THRESHOLDS, "--thresholds", help="Loss thresholds to time (numbers or Xln2)."),
+    metric: str = typer.Option(defaults.PHASE_CHANGE, "--metric",
+                               help="The threshold summarised over groups (the phase change)."),
+    band: float = typer.Option(defaults.PLATEAU_BAND, "--band", help="Plateau: the loss within ln 2 ± band."),
     report: Path | None = typer.Option(None, "--report", help="Report folder (default: analysis/<analysis> next to the runs)."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png, svg or pdf."),
     step: int | None = typer.Option(None, help="Checkpoint step (default: the newest)."),
@@ -421,54 +462,37 @@ def analyze(
 def analyze_eval(args: list[str], step: int | None) -> None:
     """Today's post-hoc evaluation: a checkpoint's eval rows under optional clamp overrides."""
     from ihstudy.analysis.circuits import loading_errors
-    from ihstudy.config import compose_config
+    from ihstudy.api import clamp_config
     from ihstudy.training.train import evaluate_checkpoint
 
     if not args:
         fail("analyze eval takes a run folder")
     run_dir, overrides = Path(args[0]), args[1:]
     try:
-        if any(not o.lstrip("+~").startswith("clamp") for o in overrides):
-            raise ConfigError("analyze takes only clamp overrides (clamp=..., clamp.NAME.FIELD=...)")
-        clamp = compose_config(overrides)[0].clamp if overrides else None
         with loading_errors(run_dir):
-            rows = evaluate_checkpoint(run_dir, step, clamp)
+            rows = evaluate_checkpoint(run_dir, step, clamp_config(overrides))
     except UserError as exc:
         fail(str(exc))
+    from ihstudy.terminal import frame_rows, print_table
+
     clamped = f" with {' '.join(overrides)}" if overrides else ""
-    table = Table(title=escape(f"{run_dir} at {int(rows.sequences.iloc[0]):,} sequences{clamped}"))
-    columns = ["loss", "acc", "icl_acc", "in_context_mass"]
-    for column in ["evaluator", *columns]:
-        table.add_column(column)
-    for _, row in rows.iterrows():
-        table.add_row(row.evaluator, *(f"{row[c]:.4f}" for c in columns))
-    Console().print(table)
-
-
-def parse_thresholds(text: str) -> dict[str, float]:
-    """'ln2,0.4ln2,0.1' -> {name: value}."""
-    import math
-
-    values = {}
-    for name in (t.strip() for t in text.split(",") if t.strip()):
-        try:
-            values[name] = float(name.removesuffix("ln2") or 1) * math.log(2) if name.endswith("ln2") else float(name)
-        except ValueError:
-            raise ConfigError(f"--thresholds: '{name}' is not a number or Xln2") from None
-        if not values[name] > 0:
-            raise ConfigError(f"--thresholds: '{name}' must be positive")
-    if not values:
-        raise ConfigError("--thresholds is empty")
-    return values
+    columns = ["evaluator", "loss", "acc", "icl_acc", "in_context_mass"]
+    print_table(columns, frame_rows(rows[columns]),
+                [f"run folder: {run_dir}", f"eval at {int(rows.sequences.iloc[0]):,} sequences{clamped}"])
 
 
 def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, metric: str, band: float,
                    report_dir: Path | None, fmt: str) -> None:
     from ihstudy.analysis import timing
-    from ihstudy.analysis.report import timing_report, write_report
+    from ihstudy.analysis.report import timing_report
+    from ihstudy.run_files import check_report_dir
 
+    out = report_dir or default_report_dir(paths, "timing")
     try:
-        limits = parse_thresholds(thresholds)
+        check_report_dir(out)
+        if not 0 < band < math.inf:
+            raise ConfigError(f"--band {band} must be a positive finite number")
+        limits = defaults.parse_thresholds(thresholds)
         if metric not in limits:
             raise ConfigError(f"--metric '{metric}' is not one of --thresholds ({', '.join(limits)})")
         runs = timing.find_runs(paths)
@@ -488,49 +512,58 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
         if "different tasks" in note:
             say(note, "[yellow]warning:[/] ")
     print_timing(table, summary, evaluator, metric)
-    out = report_dir or default_report_dir(paths, "timing")
-    write_report(result, out, fmt)
+    save_report(result, out, fmt)
+
+
+def save_report(result, out: Path, fmt: str) -> None:
+    from ihstudy.analysis.report import write_report
+
+    try:
+        write_report(result, out, fmt)
+    except UserError as exc:  # a folder that holds other files by now, a read-only or full filesystem
+        fail(str(exc))
     say(f"report: {out / 'report.md'}")
 
 
 def default_report_dir(paths: list[Path], name: str) -> Path:
     """analysis/<name> in the folder given (a sweep or a folder of runs), else next to the run folders."""
     from ihstudy.analysis.timing import common_root, is_run_dir
+    from ihstudy.run_files import ANALYSIS_FOLDER
 
     if len(paths) == 1 and not is_run_dir(paths[0]):
-        return paths[0] / "analysis" / name
-    return common_root([p.resolve() for p in paths]) / "analysis" / name
+        return paths[0] / ANALYSIS_FOLDER / name
+    return common_root([p.resolve() for p in paths]) / ANALYSIS_FOLDER / name
 
 
 def print_timing(table, summary, evaluator: str, metric: str) -> None:
     from ihstudy.analysis.timing import format_sequences
+    from ihstudy.terminal import print_table
 
     rows = table[table.evaluator == evaluator]
-    out = Table(title=f"{evaluator} loss: sequences to each threshold (first eval point / interpolated); "
-                      f"-: never crossed (censored at the last eval)")
     names = [c.removesuffix("_eval") for c in rows.columns if c.endswith("_eval")]
-    for column in ["run", "status", *names, "plateau", "final loss"]:
-        out.add_column(column, overflow="fold")
+    cells = []
     for _, r in rows.iterrows():
-        cells = [f"{format_sequences(r[f'{n}_eval'])} / {format_sequences(r[f'{n}_interp'])}"
-                 + (" (recrossed)" if r[f"{n}_recrossed"] else "") for n in names]
+        crossings = [f"{format_sequences(r[f'{n}_eval'])} / {format_sequences(r[f'{n}_interp'])}"
+                     + (" (recrossed)" if r[f"{n}_recrossed"] else "") for n in names]
         plateau = "-" if not r.plateau_length else f"{format_sequences(r.plateau_start)}-{format_sequences(r.plateau_end)}"
-        out.add_row(r.run, r.status, *cells, plateau, f"{r.final_loss:.4f}")
-    Console().print(out)
+        cells.append([r.run, r.status, *crossings, plateau, f"{r.final_loss:.4f}"])
+    print_table(["run", "status", *names, "plateau", "final loss"], cells,
+                [f"{evaluator} loss: sequences to each threshold (first eval point / interpolated);",
+                 "-: never crossed (censored at the last eval)"])
     if summary is not None and not summary.empty:
-        groups = Table(title=f"time to {evaluator} loss < {metric} by group, ordered by median (interpolated)")
-        for column in summary.columns:
-            groups.add_column(str(column))
-        for _, r in summary.iterrows():
-            groups.add_row(*(format_sequences(v) if isinstance(v, float) else str(v) for v in r))
-        Console().print(groups)
+        print_table([str(c) for c in summary.columns],
+                    [[format_sequences(v) if isinstance(v, float) else str(v) for v in r] for _, r in summary.iterrows()],
+                    [f"time to {evaluator} loss < {metric} by group, ordered by median (interpolated)"])
 
 
 def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: int, report_dir: Path | None,
                        fmt: str) -> None:
     from ihstudy.analysis import circuits, report
+    from ihstudy.run_files import check_report_dir
 
+    out = report_dir or default_report_dir([run_dir], f"{what}-{run_dir.resolve().name}")
     try:
+        check_report_dir(out)
         subject = circuits.Subject(run_dir, step)
         if what == "progress":
             with progress_display() as bars:
@@ -543,26 +576,21 @@ def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: in
                 result, tables = build(subject, batch, enumerated)
     except UserError as exc:
         fail(str(exc))
+    from ihstudy.terminal import frame_rows, print_table
+
     for name, frame in tables.items():
-        out = Table(title=name)
-        for column in frame.columns:
-            out.add_column(str(column))
-        for row in frame.head(40).itertuples(index=False):
-            out.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
-        Console().print(out)
-    out = report_dir or default_report_dir([run_dir], f"{what}-{run_dir.resolve().name}")
-    report.write_report(result, out, fmt)
-    say(f"report: {out / 'report.md'}")
+        print_table([str(c) for c in frame.columns], frame_rows(frame.head(40)), [name])
+    save_report(result, out, fmt)
 
 
-@app.command()
+@app.command(cls=OneLineErrors)
 def toy(
-    dim: int = typer.Option(20, help="Length of each of the three vectors (the tensor has dim³ entries)."),
-    lr: float = typer.Option(1.0, help="Gradient-descent learning rate."),
-    iterations: int = typer.Option(1000, help="Gradient-descent steps per condition."),
-    seed: int = typer.Option(17, min=0, help="Seed of the true and initial vectors."),
-    conditions: str = typer.Option("none,c,bc", help="Comma-separated: none, or the vectors clamped to their true values "
-                                                      "(c, bc, ...)."),
+    dim: int = typer.Option(defaults.TOY["dim"], help="Length of each of the three vectors (the tensor has dim³ entries)."),
+    lr: float = typer.Option(defaults.TOY["lr"], help="Gradient-descent learning rate."),
+    iterations: int = typer.Option(defaults.TOY["iterations"], help="Gradient-descent steps per condition."),
+    seed: int = typer.Option(defaults.TOY["seed"], help="Seed of the true and initial vectors."),
+    conditions: str = typer.Option(",".join(defaults.TOY["conditions"]),
+                                   help="Comma-separated: none, or the vectors clamped to their true values (c, bc, ...)."),
     out: Path | None = typer.Option(None, help="A new output folder inside the outputs folder "
                                                "(default: outputs/toy/<date>_<time>)."),
 ) -> None:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import yaml
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -20,19 +21,20 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ihstudy.errors import ConfigError
-from ihstudy.model.transformer import INIT_SCHEMES
-from ihstudy.run_files import check_folder_path
+from ihstudy.model.transformer import INIT_SCHEMES, POSITIONALS
+from ihstudy.run_files import check_folder_path, outputs_setting
 from ihstudy.tasks.fsl import EVALUATORS, MAX_FEATURE_ELEMENTS
+from ihstudy.training.trackers import check_trackers
 
 CONF_DIR_ENV = "IHSTUDY_CONF_DIR"  # a config tree of the user's own, in place of ihstudy's
 CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"  # conf/ beside the code in a source checkout
 CONF_MODULE = "ihstudy.conf"  # where an installed wheel holds the same tree (pyproject.toml maps conf/ there)
-POSITIONALS = ("rotary", "learned", "sinusoidal")
 OPTIMIZER_KEYS = {"adam": ("betas", "eps"), "sgd": ("momentum",)}  # besides name, lr and the schedule's keys
 SCHEDULE_KEYS = ("schedule", "warmup_sequences", "min_lr_fraction")
 SCHEDULES = ("constant", "warmup_decay", "cosine")
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 10**8  # the per-step log alone holds 16 bytes per step and run
+OmegaConf.register_new_resolver("ihstudy.outputs", outputs_setting, replace=True)  # conf/config.yaml's run folder
 
 
 def compose_config(overrides: list[str], single_run: bool = False) -> tuple[DictConfig, Path]:
@@ -41,6 +43,7 @@ def compose_config(overrides: list[str], single_run: bool = False) -> tuple[Dict
     `single_run`: refuse an experiment preset that sweeps a key the overrides leave open (train
     would silently run only one of its runs)."""
     with config_errors():
+        check_hydra_overrides(overrides, "hydra.run.dir")
         if single_run:
             check_no_sweep(overrides)
         check_added_keys(overrides)
@@ -55,6 +58,7 @@ def compose_config(overrides: list[str], single_run: bool = False) -> tuple[Dict
     if missing:
         raise ConfigError(f"missing config value: {', '.join(missing)} (set it on the command line, e.g. {missing[0]}=...)")
     check_values(cfg)
+    check_trackers(cfg)
     check_folder_path(run_dir)
     return cfg, run_dir
 
@@ -141,7 +145,7 @@ def check_added_keys(overrides: list[str]) -> None:
     """`+key=value` may add a clamp (`+clamp.NAME=...`), choose a config group, or set a key that some
     option of its group declares (`+data.path=...`); any other added key would be kept silently and read
     by nothing, so a misspelt name would look like a setting that took effect."""
-    for override in OverridesParser.create().parse_overrides(literal_folders(overrides)):
+    for override in parse_overrides(overrides):
         key = override.key_or_group
         if not (override.is_add() or override.is_force_add()) or key.split(".")[0] in ("clamp", "hydra"):
             continue
@@ -150,9 +154,19 @@ def check_added_keys(overrides: list[str]) -> None:
             raise ConfigError(f"unknown config key {key}: nothing reads it (see the keys of {group} in conf/)")
 
 
+def parse_overrides(overrides: list[str]) -> list:
+    with config_errors():
+        return OverridesParser.create().parse_overrides(literal_folders(overrides))
+
+
 @functools.cache
 def known_keys() -> frozenset[str]:
     """Every dotted key that config.yaml or an option of a config group (conf/<group>/*.yaml) declares."""
+    with config_errors():  # a config tree of the user's own may hold broken YAML
+        return _declared_keys()
+
+
+def _declared_keys() -> frozenset[str]:
     keys = set()
     root = conf_dir()
     for path in root.glob("*/*.yaml"):
@@ -175,8 +189,70 @@ def config_errors():
     """Turn Hydra's and OmegaConf's errors about a config into a one-line ConfigError."""
     try:
         yield
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+    except (HydraException, OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:  # YAMLError: a config tree's file
         raise ConfigError(_one_line(exc)) from None
+
+
+# --- the hydra.* settings a user may give ------------------------------------------------------------
+# Only these (docs/reliability.md): the folder the command writes, and for the commands that launch
+# pack jobs (sweep, reproduce) the launcher, its resources and how many jobs run at once. Every other
+# hydra.* key is refused: callbacks would run code, output and logging keys write outside the outputs
+# folder, and the rest does nothing ihstudy needs.
+LAUNCHER_GROUP = "hydra/launcher"
+LAUNCHER_KEY = "hydra.launcher."
+SWEEPER_SETTINGS = ("hydra.sweeper.max_batch_size",)
+LAUNCHER_CODE_OR_FILES = ("_target_", "submitit_folder", "setup", "srun_args")  # code to run, or a folder of its own
+SBATCH_FILE_OPTIONS = ("output", "error", "input", "chdir", "wrap")  # in hydra.launcher.additional_parameters
+CALLBACKS_FLAG = "--allow-callbacks"
+
+
+def check_hydra_overrides(overrides: list[str], folder_key: str, launches: bool = False) -> None:
+    """Refuse (one line) a hydra.* override other than `folder_key` (hydra.run.dir for train,
+    hydra.sweep.dir for sweep) and, if the command `launches` pack jobs, the launcher's settings."""
+    allowed = [folder_key, *([LAUNCHER_GROUP, LAUNCHER_KEY + "<resource>", *SWEEPER_SETTINGS] if launches else [])]
+    for override in parse_overrides(overrides):
+        key = override.key_or_group
+        if not override.is_hydra_override() or (key == folder_key and not override.is_delete()):
+            continue
+        if launches and not override.is_delete() and (key == LAUNCHER_GROUP or key in SWEEPER_SETTINGS):
+            continue
+        if launches and not override.is_delete() and key.startswith(LAUNCHER_KEY):
+            check_launcher_setting(key, override.value())
+            continue
+        if not launches and (key == LAUNCHER_GROUP or key.startswith(LAUNCHER_KEY)):
+            raise ConfigError(f"{key} applies to sweep and reproduce (their pack jobs); train runs in this process")
+        raise ConfigError(f"{override.input_line}: ihstudy takes only {', '.join(allowed)} among the hydra.* "
+                          f"settings (others would run code or write outside the outputs folder; docs/reliability.md)")
+
+
+def check_launcher_setting(key: str, value) -> None:
+    setting = key.removeprefix(LAUNCHER_KEY).split(".")
+    nested = set(setting[1:]) | (set(value) if isinstance(value, dict) else set())
+    if setting[0] in LAUNCHER_CODE_OR_FILES or (setting[0] == "additional_parameters" and nested & set(SBATCH_FILE_OPTIONS)):
+        raise ConfigError(f"{key} cannot be set: it names code to run or files outside the sweep folder "
+                          f"(ihstudy places the launcher's files and logs itself)")
+
+
+def check_launch_config(job_cfg: DictConfig, allow_callbacks: bool) -> None:
+    """A pack job's composed Hydra settings, before anything is written: the launcher's numbers in
+    range, and no callbacks (the config tree's own) unless the user allows them."""
+    callbacks = OmegaConf.select(job_cfg, "hydra.callbacks") or {}
+    if callbacks and not allow_callbacks:
+        raise ConfigError(f"the config tree's pack_job.yaml sets hydra.callbacks ({', '.join(callbacks)}), which would run "
+                          f"code: ihstudy runs them only with {CALLBACKS_FLAG}")
+    batch = OmegaConf.select(job_cfg, "hydra.sweeper.max_batch_size")
+    if batch is not None:
+        _check_number("hydra.sweeper.max_batch_size", batch, int, 1, math.inf)
+    launcher = job_cfg.hydra.launcher
+    if "n_jobs" in launcher:
+        _check_number("hydra.launcher.n_jobs", launcher.n_jobs, int, -1024, 1024)
+        _require(launcher.n_jobs != 0, "hydra.launcher.n_jobs=0 starts no worker (use N > 0, or -1 for one per core)")
+    for key, kind in (("mem_gb", float), ("timeout_min", float), ("cpus_per_task", int), ("nodes", int),
+                      ("tasks_per_node", int), ("array_parallelism", int), ("gpus_per_node", int)):
+        value = launcher.get(key)
+        if value is not None:
+            _check_number(f"hydra.launcher.{key}", value, kind, 0, math.inf)
+            _require(value > 0 or key == "gpus_per_node", f"hydra.launcher.{key}={value} must be positive")
 
 
 def _one_line(exc: Exception) -> str:
@@ -248,6 +324,14 @@ def with_later_defaults(saved: DictConfig) -> DictConfig:
         kept = {"name", "lr", *SCHEDULE_KEYS, *OPTIMIZER_KEYS[optim.name]}
         completed.optim = {k: v for k, v in optim.items() if k in kept}
     return completed
+
+
+def run_identity(cfg):
+    """A run config (DictConfig or dict) without `logger`, which says where copies of its rows go, not
+    what the run is: what must match to resume a run or to find it again in a sweep."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg)
+    return {k: v for k, v in cfg.items() if k != "logger"} if isinstance(cfg, dict) else cfg
 
 
 def check_values(cfg: DictConfig) -> None:

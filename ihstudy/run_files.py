@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import yaml
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,8 +37,18 @@ from ihstudy.errors import CheckpointError, ConfigError, RunInUseError
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = re.compile(r"step_(\d{8})\.pt")
 LOCK_NAME = ".lock"
-OUTPUTS_ENV = "IHSTUDY_OUTPUTS"  # the default run folder in conf/config.yaml reads it too
-FILE_MODE = 0o666 & ~os.umask(os.umask(0))  # what open() would give; mkstemp alone gives 0600
+SWEEP_INDEX = "sweep.parquet"  # a sweep folder's index of its runs (sweep.write_index, read by timing.py)
+OUTPUTS_ENV = "IHSTUDY_OUTPUTS"  # conf/config.yaml's default run folder reads it through outputs_setting
+MAX_YAML_BYTES = 16 * 2**20  # a run's config.yaml is a few KB; run.json smaller still
+
+
+def with_umask(mode: int) -> int:
+    """`mode` as the user's umask leaves it (what open() and mkdir() give; mkstemp and mkdtemp give
+    0600 and 0700). Python can read the umask only by setting it: set a strict one for that
+    instant, so a file another thread creates meanwhile is at most more private, never less."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
@@ -45,7 +57,7 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, FILE_MODE)
+        os.fchmod(fd, with_umask(0o666))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -93,10 +105,17 @@ class RunFiles:
         return (self.dir / "run.json").exists()
 
     def read_status(self) -> dict:
-        try:
-            return json.loads((self.dir / "run.json").read_text())
-        except (OSError, ValueError):
+        """run.json as a dict ({} when there is none); ConfigError (one line) when it is damaged."""
+        path = self.dir / "run.json"
+        if not os.path.lexists(path):
             return {}
+        try:
+            status = json.loads(read_small_file(path, MAX_YAML_BYTES))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {first_line(exc)}") from None
+        if not isinstance(status, dict):
+            raise ConfigError(f"cannot read {path}: it holds a {type(status).__name__}, not a run's status")
+        return status
 
     def write_status(self, **fields) -> dict:
         status = self.read_status() | fields
@@ -110,12 +129,9 @@ class RunFiles:
             raise ConfigError(f"{self.dir} is not a run folder ({'a file' if self.dir.exists() else 'no such folder'})")
         if not path.is_file():
             raise ConfigError(f"{self.dir} holds no run (no config.yaml)")
-        try:
-            cfg = OmegaConf.load(path)
-        except Exception as exc:  # YAML, OmegaConf and OS errors of a damaged or foreign file
-            raise ConfigError(f"cannot read {path}: {first_line(exc)}") from None
-        if not isinstance(cfg, DictConfig):
-            raise ConfigError(f"{path} holds no run config")
+        cfg = load_yaml(path)
+        if not isinstance(cfg, DictConfig) or not cfg:
+            raise ConfigError(f"{path} holds no run config (a YAML {type(cfg).__name__.removesuffix('Config').lower()})")
         return cfg
 
     def write_config(self, cfg) -> None:
@@ -162,9 +178,14 @@ class RunFiles:
 # --- where runs may be written, and who writes them --------------------------------------------
 
 
+def outputs_setting() -> str:
+    """$IHSTUDY_OUTPUTS as given, or `outputs` when it is unset or empty."""
+    return os.environ.get(OUTPUTS_ENV) or "outputs"
+
+
 def outputs_root() -> Path:
     """The folder every run folder lies in: $IHSTUDY_OUTPUTS, by default ./outputs."""
-    return Path(os.environ.get(OUTPUTS_ENV) or "outputs").expanduser().resolve()
+    return Path(outputs_setting()).expanduser().resolve()
 
 
 def check_inside_outputs(path: Path) -> None:
@@ -181,6 +202,10 @@ def check_folder_path(path: Path, key: str = "hydra.run.dir") -> None:
     check_inside_outputs(path)
     path = Path(path).expanduser().absolute()
     existing = next(p for p in [path, *path.parents] if os.path.lexists(p))
+    path_limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_PATH_MAX")
+    if len(str(path).encode()) >= path_limit:  # checked before mkdir(parents=True) creates the first of them
+        raise ConfigError(f"{key}: the path {str(path)[:40]}... is {len(str(path).encode())} bytes long, "
+                          f"the filesystem allows {path_limit - 1}")
     limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
     too_long = next((part for part in path.parts if len(part.encode()) > limit), None)
     if too_long is not None:
@@ -298,15 +323,53 @@ def lock_run_dir(run_dir: Path) -> FileLock:
     return lock
 
 
+# --- report folders: replaced only if ihstudy wrote them -------------------------------------------
+
+REPORT_MARK = ".ihstudy-report"  # a report folder's list of its own files
+ANALYSIS_FOLDER = "analysis"  # where `ihstudy analyze` puts its reports by default, inside the folder analysed
+
+
+def report_files(folder: Path) -> set[str]:
+    """The files of the report in `folder` as its mark lists them (with the mark); empty if it has none."""
+    try:
+        names = json.loads(read_small_file(folder / REPORT_MARK, 2**20))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {REPORT_MARK, *names} if isinstance(names, list) and all(isinstance(n, str) for n in names) else set()
+
+
+def is_report_dir(path: Path) -> bool:
+    """A folder holding a report ihstudy wrote and nothing else."""
+    return path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} <= report_files(path)
+
+
+def check_report_dir(out_dir: Path) -> None:
+    """A report goes to a new path, an empty folder, or over a report ihstudy wrote that holds nothing
+    else; anything else (the user's folder, a run, a file, /) is refused in one line, untouched."""
+    out_dir = Path(out_dir)
+    if not os.path.lexists(out_dir):
+        return
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise ConfigError(f"report folder {out_dir} is {'a symlink' if out_dir.is_symlink() else 'a file'}; "
+                          "choose another report folder")
+    foreign = sorted({p.name for p in out_dir.iterdir()} - report_files(out_dir))
+    if foreign:
+        raise ConfigError(f"report folder {out_dir} holds files no ihstudy report wrote ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); a report replaces only an earlier report: "
+                          "choose another report folder")
+
+
 def load_checkpoint_file(path: Path) -> dict:
     """Load a checkpoint with `weights_only=True` after checking its sha256 sidecar (if present)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
+    from ihstudy.training.memory import available_bytes
+
+    path, sidecar = Path(path), Path(path).with_suffix(".pt.sha256")
+    try:  # a file larger than the memory available could not be loaded anyway
+        data = read_small_file(path, available_bytes(torch.device("cpu")))
+        checksum = read_small_file(sidecar, 1024).decode(errors="replace").strip() if os.path.lexists(sidecar) else None
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
-    sidecar = path.with_suffix(".pt.sha256")
-    if sidecar.exists() and sidecar.read_text().strip() != hashlib.sha256(data).hexdigest():
+    if checksum is not None and checksum != hashlib.sha256(data).hexdigest():
         raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch)")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -314,6 +377,39 @@ def load_checkpoint_file(path: Path) -> dict:
         raise CheckpointError(f"cannot load checkpoint {path}: {first_line(exc)}") from None
 
 
+def load_yaml(path: Path):
+    """A YAML file that ihstudy wrote (OmegaConf.to_yaml), read as OmegaConf; ConfigError (one line)
+    for a file that is not regular, too large, not YAML, or uses anchors and aliases (never written by
+    ihstudy; nested aliases expand exponentially: a 1 KB file can stand for billions of values)."""
+    try:
+        text = read_small_file(path, MAX_YAML_BYTES).decode()
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise ConfigError(f"{path} uses YAML aliases (*name), which ihstudy never writes")
+        return OmegaConf.create(text)
+    except ConfigError:
+        raise
+    except Exception as exc:  # YAML, OmegaConf, Unicode and OS errors of a damaged or foreign file
+        raise ConfigError(f"cannot read {path}: {first_line(exc)}") from None
+
+
+def read_small_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`: a device (/dev/zero), a FIFO (/dev/stdin)
+    or a huge file is refused before it is opened, so a read never blocks or fills the memory.
+    OSError (with strerror) otherwise."""
+    info = os.stat(path)  # stat never blocks, open() on a FIFO does
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(0, "not a regular file")
+    if info.st_size > max_bytes:
+        raise OSError(0, f"{info.st_size:,} bytes is more than the {max_bytes:,} such a file can have")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)  # a file still growing stops at the limit too
+    if len(data) > max_bytes:
+        raise OSError(0, f"more than the {max_bytes:,} bytes such a file can have")
+    return data
+
+
 def first_line(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:  # without "[Errno N]" and the path the message names already
+        return exc.strerror
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

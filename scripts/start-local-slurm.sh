@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Start a single-node Slurm on this machine, for tests/test_slurm.py (Debian/Ubuntu, as root).
 #
-#   scripts/start-local-slurm.sh     # ~25 s the first time (apt-get install), a few seconds later on
+#   scripts/start-local-slurm.sh                 # ~25 s the first time (apt-get install), a few seconds later on
+#   scripts/start-local-slurm.sh --record FILE   # also note in FILE each daemon it starts, for
+#                                                # scripts/stop-local-slurm.sh FILE (what .ci/run does)
 #
 # If Slurm already answers (`sinfo` works), nothing is changed. Otherwise it installs Debian's
 # slurm-wlm and munge packages if they are missing, writes a minimal /etc/slurm/slurm.conf (this
@@ -12,6 +14,8 @@
 # (not root, no apt-get, no network); 3 it is installed but does not come up (see the logs).
 set -euo pipefail
 
+RECORD=/dev/null
+if [[ ${1:-} == --record ]]; then RECORD=${2:?--record needs a file}; fi
 CONF=/etc/slurm/slurm.conf
 MARK="# written by ihstudy scripts/start-local-slurm.sh"
 WAIT_S=${SLURM_START_TIMEOUT:-90}
@@ -27,6 +31,15 @@ running() {  # name pidfile
     local pid
     pid=$(cat "$2" 2>/dev/null) || return 1
     [[ -n $pid && $(cat "/proc/$pid/comm" 2>/dev/null) == "$1" ]]
+}
+
+# Start a daemon (name, pidfile, command...) unless it runs; note the one started in $RECORD.
+start_daemon() {
+    local name=$1 pidfile=$2
+    shift 2
+    running "$name" "$pidfile" && return
+    "$@" || return 1
+    echo "$name $pidfile" >>"$RECORD"
 }
 
 install_packages() {
@@ -77,14 +90,15 @@ start_munge() {
     if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then return; fi
     [[ -s /etc/munge/munge.key ]] || runuser -u munge -- mungekey --create
     mkdir -p /run/munge && chown munge:munge /run/munge && chmod 755 /run/munge
-    runuser -u munge -- munged || broken "munged does not start (see /var/log/munge/munged.log)"
+    start_daemon munged /run/munge/munged.pid runuser -u munge -- munged ||
+        broken "munged does not start (see /var/log/munge/munged.log)"
     munge -n | unmunge >/dev/null || broken "munged does not answer (see /var/log/munge/munged.log)"
 }
 
 start_slurm() {
     mkdir -p /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
-    running slurmctld /run/slurmctld.pid || slurmctld || broken "slurmctld does not start (see /var/log/slurm/slurmctld.log)"
-    running slurmd /run/slurmd.pid || slurmd || broken "slurmd does not start (see /var/log/slurm/slurmd.log)"
+    start_daemon slurmctld /run/slurmctld.pid slurmctld || broken "slurmctld does not start (see /var/log/slurm/slurmctld.log)"
+    start_daemon slurmd /run/slurmd.pid slurmd || broken "slurmd does not start (see /var/log/slurm/slurmd.log)"
 }
 
 wait_until_idle() {

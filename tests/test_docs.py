@@ -94,7 +94,10 @@ def check_command(args: list[str]) -> None:
         result = CliRunner().invoke(app, checked_form(args))
         assert result.exit_code == 0, result.output
         return
-    context = cli.commands[command].make_context(command, list(rest))  # unknown options, bad values: refused here
+    try:  # unknown options and bad values end in one line and exit 2, as for a user
+        context = cli.commands[command].make_context(command, list(rest))
+    except typer.Exit as exc:
+        raise AssertionError(f"ihstudy {shlex.join(args)}: exit {exc.exit_code}") from None
     if command == "analyze":
         check_analyze(context.params["args"] or [])
 

@@ -1,15 +1,13 @@
-"""The hand-written training step (fast_path.py) against autograd through the model itself."""
+"""The fast path's training step (fast_path.py, torch.func) against autograd through the model itself."""
 
-import dataclasses
 import itertools
-import logging
 
 import pytest
 import torch
 
-from ihstudy.model.clamps import ClampSet
-from ihstudy.model.fast_path import Tape, train_step, unsupported
-from ihstudy.model.transformer import ModelShape, Transformer, query_loss
+from ihstudy.model.clamps import AblateHeads, ClampSet
+from ihstudy.model.fast_path import train_step
+from ihstudy.model.transformer import ModelShape, query_loss
 from ihstudy.tasks.fsl import Batch
 from ihstudy.training.compiled import Compiled
 from ihstudy.training.steps import FastPath, HookedPath, choose_path
@@ -37,7 +35,6 @@ OPTION_GRID = [ModelShape(n_layers, 2, 16, 8, n_labels, context_len, positional=
 
 @pytest.mark.parametrize("shape", OPTION_GRID, ids=lambda s: f"{s.positional}-mlp{s.mlp_ratio:g}-L{s.n_layers}-N{s.context_len}")
 def test_loss_and_gradients_equal_autograd(shape):
-    assert unsupported(shape) is None
     by_hand = by_autograd = model(shape, seeds=(1, 2, 3))  # the fast step writes its gradient elsewhere
     batch = random_batch(runs=3, n=7, shape=shape)
     weight = torch.tensor([1.0, 0.0, 0.5]).view(3, 1, 1) / 7  # per sequence; a failed run (0) gets no gradient
@@ -77,7 +74,7 @@ def test_both_paths_take_the_same_step(shape):
     logs = []
     for path_type in (FastPath, HookedPath):
         m = model(shape, seeds=(1, 2))
-        path = FastPath(m) if path_type is FastPath else HookedPath(m, ClampSet([[], []]))
+        path = path_type(m, ClampSet([[], []]))
         log_row = torch.empty(2, 4)
         assert path.step(OneBatch(batch), 0, torch.ones(2, 1, 1) / 7, torch.full((2,), 0.1), log_row)
         logs.append((log_row, m.flat_grad.clone(), path.eval_forward(batch, slice(0, 7))))
@@ -89,33 +86,24 @@ def test_both_paths_take_the_same_step(shape):
         assert torch.allclose(fast, hooked, atol=1e-6)
 
 
-@dataclasses.dataclass(frozen=True)
-class ShapeWithANewOption(ModelShape):
-    new_option: int = 1  # a model option the hand-written backward was never told about
-
-
-def test_a_model_option_the_fast_path_does_not_know_falls_back_to_autograd(caplog):
-    shape = ShapeWithANewOption(2, 2, 16, 8, 5, 2)
-    assert "new_option" in unsupported(shape)
-    assert "positional=alibi" in unsupported(dataclasses.replace(OPTION_GRID[0], positional="alibi"))
-    with caplog.at_level(logging.WARNING):
-        path = choose_path(Transformer(shape), ClampSet([[]]))
-    assert isinstance(path, HookedPath) and "new_option" in caplog.text
-    assert isinstance(choose_path(Transformer(OPTION_GRID[0]), ClampSet([[]])), FastPath)
+def test_an_unclamped_pack_takes_the_fast_path_and_a_clamped_one_the_hooked_path():
+    m = model(SHAPES["paper"], seeds=(1,))
+    assert type(choose_path(m, ClampSet([[]]))) is FastPath
+    assert type(choose_path(m, ClampSet([[AblateHeads(heads=((0, 1),))]]))) is HookedPath
 
 
 @pytest.mark.parametrize("name", SHAPES)
 def test_forward_patterns_equal_the_models_sites(name):
+    """The evaluation's query-only pass (the last layer's query row alone) against the model's full pass."""
     shape = SHAPES[name]
     m, batch = model(shape, seeds=(1, 2)), random_batch(runs=2, n=5, shape=shape)
     sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(shape.n_layers)]
     logits, cache = m.run_with_cache(batch, sites)
-    for query_only in (False, True):
-        tape = Tape(m, m.views(m.flat), m.embedding_inputs(batch), query_only=query_only)
-        assert torch.allclose(tape.logits, logits[:, :, -1], atol=1e-5)
-        for site, pattern in zip(sites, tape.patterns()):
-            expected = cache[site][..., -1:, :] if query_only and site == sites[-1] else cache[site]
-            assert torch.allclose(pattern, expected, atol=1e-6)
+    eval_logits, patterns = FastPath(m, ClampSet([[], []])).eval_forward(batch, slice(0, 5))
+    assert torch.allclose(eval_logits, logits[:, :, -1], atol=1e-5)
+    for site, pattern in zip(sites, patterns):
+        expected = cache[site][..., -1:, :] if site == sites[-1] else cache[site]
+        assert torch.allclose(pattern, expected, atol=1e-6)
 
 
 def test_a_run_whose_loss_is_not_finite_leaves_its_pack_mates_alone():

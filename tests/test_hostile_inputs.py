@@ -99,7 +99,7 @@ def test_default_run_folders_lie_in_the_outputs_folder(outputs_root, monkeypatch
 # Resolvers OmegaConf and Hydra register: they read config values, the date, environment variables;
 # none evaluates code. A new one (from a plugin or dependency) must be checked before it joins this list.
 SAFE_RESOLVERS = {"oc.create", "oc.decode", "oc.deprecated", "oc.dict.keys", "oc.dict.values", "oc.env", "oc.select",
-                  "hydra", "now", "python_version"}
+                  "hydra", "now", "python_version", "ihstudy.outputs"}
 
 
 def test_configs_cannot_execute_code(tmp_path):
@@ -292,7 +292,7 @@ HOSTILE = [  # (command line, what the one line says); {O} is the outputs folder
     (["analyze", "heads", "{O}/broken"], "cannot read"),
     (["analyze", "/etc"], "no runs (folders with run.json and config.yaml) under /etc"),
     (["analyze", "{O}/missing"], "is not a folder"),
-    (["analyze", "{O}/broken"], "cannot read config.yaml"),
+    (["analyze", "{O}/broken"], "broken/config.yaml"),
     # 4: sizes the validator lets through that would not fit in memory
     (["train", "task.context_len=1024", "task.burstiness=512", "model.positional=learned"], "eval attention"),
     (["train", "task.context_len=512", "task.burstiness=256"], "lower task.context_len"),

@@ -42,12 +42,30 @@ def test_the_estimate_has_the_order_of_a_measured_allocation():
     assert estimated / 3 < measured < estimated * 3, (measured, estimated)
 
 
+def test_a_large_chunk_of_training_batches_is_counted_and_measured():
+    """train.chunk_batches up to 65,536: the estimate grows with it, names it, and has the order of
+    the measured peak of a pack drawing 2048 batches at once."""
+    overrides = ["train.chunk_batches=2048", "train.threads=1"]
+    cfg, _ = compose_config(overrides)
+    shape = exemplar_shape(cfg.data, {})
+    parts = {p.name: p for p in estimate([cfg], [shape])}
+    default = {p.name: p for p in estimate([compose_config([])[0]], [shape])}
+    assert parts["training batches (2048 steps at a time)"].bytes == 8 * default["training batches (256 steps at a time)"].bytes
+    huge, _ = compose_config(["train.chunk_batches=65536"])
+    with pytest.raises(ConfigError, match=r"largest part is training batches \(65536 steps .*lower train.chunk_batches"):
+        check_fits([huge], [shape], torch.device("cpu"), budget=2**30)
+    estimated = sum(p.bytes for p in parts.values())
+    with get_context("fork").Pool(1) as pool:
+        measured = pool.apply(peak_growth, (overrides,))
+    assert estimated / 3 < measured < estimated * 3, (measured, estimated)
+
+
 def test_a_pack_needs_more_than_one_run_and_the_refusal_names_the_largest_part():
     cfg, _ = compose_config(["task.context_len=64", "task.burstiness=1"])
     shape = exemplar_shape(cfg.data, {})
     one, four = (sum(p.bytes for p in estimate([cfg] * n, [shape] * n)) for n in (1, 4))
     assert 2 * one < four < 4 * one  # the exemplar array is shared, eval chunks hold 1000 sequences of all runs
-    with pytest.raises(ConfigError, match=r"the largest part is eval attention products .*: lower task.context_len"):
+    with pytest.raises(ConfigError, match=r"the largest part is eval attention patterns .*: lower eval.n_sequences"):
         check_fits([cfg], [shape], torch.device("cpu"), budget=one // 2)
     with pytest.raises(ConfigError, match="a pack of 4 runs would need"):
         check_fits([cfg] * 4, [shape] * 4, torch.device("cpu"), budget=2 * one)
@@ -67,7 +85,8 @@ def test_a_sweep_splits_a_pack_that_would_not_fit(monkeypatch):
 SIZES = {  # each from harmless to absurd; the validator accepts every value on its own
     "task.context_len": [2, 8, 64, 1024], "task.burstiness": [1, 4, 512], "model.n_layers": [1, 2, 64],
     "model.n_heads": [1, 8, 1024], "model.d_model": [8, 64, 1024, 16384], "model.mlp_ratio": [0, 4, 64],
-    "model.positional": ["rotary", "learned"], "train.batch_size": [1, 32, 2**20], "eval.n_sequences": [1, 100, 100_000],
+    "model.positional": ["rotary", "learned"], "train.batch_size": [1, 32, 2**20],
+    "train.chunk_batches": [1, 256, 2**16], "eval.n_sequences": [1, 100, 100_000],
     "train.sequences": [2**20, 10**9], "data.n_classes": [200, 10**6], "data.n_exemplars": [5, 20], "data.dim": [8, 100],
 }
 BUDGET = 256 * 2**20

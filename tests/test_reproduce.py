@@ -33,11 +33,12 @@ def plateau_then_drop(center: float, plateau: bool = True) -> np.ndarray:
     return np.exp(np.log(start) * (1 - drop) + np.log(0.005) * drop)
 
 
-def fake_run(folder: Path, losses: dict[str, np.ndarray], induction: np.ndarray | None = None) -> None:
+def fake_run(folder: Path, losses: dict[str, np.ndarray], induction: np.ndarray | None = None,
+             config: str = "clamp: {}\nseed: 5\n") -> None:
     """A finished run folder with the given loss curves per evaluator."""
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({"status": "completed"}))
-    (folder / "config.yaml").write_text("clamp: {}\nseed: 5\n")
+    (folder / "config.yaml").write_text(config)
     rows = [pd.DataFrame({"step": SEQ // 32, "sequences": SEQ, "evaluator": name, "loss": loss})
             for name, loss in losses.items()]
     table = pd.concat(rows, ignore_index=True)
@@ -47,8 +48,12 @@ def fake_run(folder: Path, losses: dict[str, np.ndarray], induction: np.ndarray 
     atomic_write_parquet(folder / "eval.parquet", table)
 
 
-def fake_reproduction(tmp_path, presets) -> reproduce.Reproduction:
-    return reproduce.Reproduction(tmp_path, 1.0, [], dict.fromkeys(presets), 300, 512)
+def fake_reproduction(tmp_path, presets, figures=()) -> reproduce.Reproduction:
+    return reproduce.Reproduction(tmp_path, 1.0, list(figures), dict.fromkeys(presets), 300, 512)
+
+
+def judged(key: str, tmp_path, presets, figures=()) -> reproduce.Finding:
+    return reproduce.FINDINGS[key](reproduce.Results(fake_reproduction(tmp_path, presets, figures)))
 
 
 def test_phase_change_and_induction_heads_judged_from_the_curves(tmp_path):
@@ -57,14 +62,14 @@ def test_phase_change_and_induction_heads_judged_from_the_curves(tmp_path):
     induction = np.stack([0.8 * rise, 0.5 * rise, 0.1 * rise, *[0.05 * rise] * 5])
     fake_run(tmp_path / "fig3" / "run", {"fsl_train": drop, "fsl_val_rl": drop * 2, "fsl_test_class": drop * 3}, induction)
     results = reproduce.Results(fake_reproduction(tmp_path, ["fig3"]))
-    one, two = reproduce.finding_1(results), reproduce.finding_2(results)
+    one, two = reproduce.FINDINGS["1"](results), reproduce.FINDINGS["2"](results)
     assert one.holds == "yes" and "below 0.4·ln 2 at 2.9e5" in one.ihstudy and "0.015 (fsl_test_class)" in one.ihstudy
     assert two.holds == "yes" and two.ihstudy.startswith("2 of 8 heads above 0.3")
 
     fake_run(tmp_path / "smooth" / "fig3" / "run", {"fsl_train": plateau_then_drop(300_000, plateau=False)}, induction)
     smooth = reproduce.Results(fake_reproduction(tmp_path / "smooth", ["fig3"]))
-    assert reproduce.finding_1(smooth).holds == "no"  # drops, but without a plateau near ln 2
-    assert reproduce.finding_4(smooth).holds == "not run" and reproduce.finding_7(smooth).holds == "not run"
+    assert reproduce.FINDINGS["1"](smooth).holds == "no"  # drops, but without a plateau near ln 2
+    assert reproduce.FINDINGS["4"](smooth).holds == "not run" and reproduce.FINDINGS["7"](smooth).holds == "not run"
 
 
 def test_fig5b_order_swaps_and_plateaus_judged_from_the_curves(tmp_path):
@@ -72,7 +77,7 @@ def test_fig5b_order_swaps_and_plateaus_judged_from_the_curves(tmp_path):
                "match": 60_000, "layer1_copy": 50_000}
     for clamp, center in centers.items():
         fake_run(tmp_path / "fig5b" / f"clamp={clamp}", {"fsl_train": plateau_then_drop(center, clamp not in reproduce.SMOOTH)})
-    found = reproduce.finding_6(reproduce.Results(fake_reproduction(tmp_path, ["fig5b"])))
+    found = judged("6", tmp_path, ["fig5b"])
     assert found.holds == "yes" and "swapped pairs: none" in found.ihstudy
     assert "plateau in: only_l2h3, pt_attention, layer1, copy" in found.ihstudy
 
@@ -80,8 +85,95 @@ def test_fig5b_order_swaps_and_plateaus_judged_from_the_curves(tmp_path):
     for clamp, center in centers.items():
         curve = plateau_then_drop(center, clamp not in reproduce.SMOOTH)
         fake_run(tmp_path / "swapped" / "fig5b" / f"clamp={clamp}", {"fsl_train": curve})
-    found = reproduce.finding_6(reproduce.Results(fake_reproduction(tmp_path / "swapped", ["fig5b"])))
+    found = judged("6", tmp_path / "swapped", ["fig5b"])
     assert found.holds == "no" and "swapped pairs: layer1 < copy" in found.ihstudy
+
+
+def test_the_paper_order_of_fig5b_names_the_presets_conditions():
+    from ihstudy.config import compose_with_hydra
+
+    conditions = compose_with_hydra(["experiment=fig5b"]).hydra.sweeper.params.clamp.split(",")
+    assert sorted(reproduce.FINDINGS["6"].paper) == sorted(conditions)
+
+
+def test_every_finding_is_registered_with_a_unique_key_and_its_paper_numbers():
+    specs = list(reproduce.FINDINGS.values())
+    assert [s.key for s in specs] == ["1", "2", "3", "4", "5", "6", "7", "8", "fig8", "fig15", "fig17"]
+    assert all(s.paper and s.needs and s.claim for s in specs)
+    assert [s.key for s in specs if s.appendix] == ["fig8", "fig15", "fig17"]
+
+
+def write_fig3(folder: Path, center: float = 300_000) -> None:
+    rise = 1 / (1 + np.exp(-(SEQ - center) / 10_000))
+    fake_run(folder / "fig3" / "run", {"fsl_train": plateau_then_drop(center)}, np.stack([0.8 * rise, 0.2 * rise]))
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_single_head_retraining_judged_from_the_curves(tmp_path, holds):
+    """Finding 4: every head alone crosses, later than the full model (not: one head is faster)."""
+    write_fig3(tmp_path)
+    for head, center in ((0, 400_000), (1, 450_000 if holds else 200_000)):
+        fake_run(tmp_path / "fig4b" / f"clamp.keep.heads=1:{head}", {"fsl_train": plateau_then_drop(center)},
+                 config=f"clamp: {{keep: {{kind: keep_only, heads: '1:{head}'}}}}\nseed: 5\n")
+    found = judged("4", tmp_path, ["fig3", "fig4b"])
+    assert found.holds == ("yes" if holds else "no") and "vs full model 2.9e5" in found.ihstudy, found.ihstudy
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_toy_model_judged_from_its_table(tmp_path, holds):
+    """Finding 7: unclamped fits last, bc first (not: c clamped fits no sooner than unclamped)."""
+    fits = {"none": 800, "c": 300 if holds else 900, "bc": 10}
+    table = pd.concat([pd.DataFrame({"condition": c, "iteration": range(1000), "fitted": np.arange(1000) >= i})
+                       for c, i in fits.items()], ignore_index=True)
+    (tmp_path / "toy").mkdir()
+    table.to_parquet(tmp_path / "toy" / "toy.parquet")
+    found = judged("7", tmp_path, [], figures=["toy"])
+    assert found.holds == ("yes" if holds else "no") and "unclamped 800" in found.ihstudy
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_data_dependence_judged_from_the_curves(tmp_path, holds):
+    """Finding 8: every series rises with labels or classes (not: 15 labels cross before 10)."""
+    long = {"fsl": 300_000, "fsl_10labels": 450_000, "fsl_15labels": 550_000 if holds else 400_000,
+            "fsl_100classes": 350_000, "fsl_200classes": 380_000}
+    for task, center in long.items():
+        fake_run(tmp_path / "fig6_long" / f"task={task}", {"fsl_train": plateau_then_drop(center)},
+                 config="clamp: {}\ntask: {n_labels: 5}\nseed: 5\n")
+    clamped = {("match", "fsl_10labels"): 200_000, ("match", "fsl_15labels"): 250_000,
+               ("layer1_copy", "fsl_100classes"): 150_000, ("layer1_copy", "fsl_200classes"): 180_000}
+    for (clamp, task), center in clamped.items():
+        fake_run(tmp_path / "fig6_clamps" / f"clamp={clamp},task={task}", {"fsl_train": plateau_then_drop(center, False)},
+                 config="clamp: {x: {kind: ablate, heads: []}}\ntask: {n_labels: 5}\nseed: 5\n")
+    for clamp, center in (("match", 60_000), ("layer1_copy", 50_000)):
+        fake_run(tmp_path / "fig5b" / f"clamp={clamp}", {"fsl_train": plateau_then_drop(center, False)})
+    found = judged("8", tmp_path, ["fig6_long", "fig6_clamps", "fig5b"])
+    assert found.holds == ("yes" if holds else "no"), found.ihstudy
+    assert ("(not rising)" in found.ihstudy) != holds
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_fig8_previous_token_clamps_judged_from_the_curves(tmp_path, holds):
+    """Fig. 8: some heads clamped is faster than none, all 8 slower (not: all 8 faster too)."""
+    fake_run(tmp_path / "fig5b" / "clamp=only_l2h3", {"fsl_train": plateau_then_drop(300_000)})
+    for heads, center in ((["1:6"], 200_000), ([f"1:{h}" for h in range(8)], 400_000 if holds else 250_000)):
+        fake_run(tmp_path / "fig8" / f"clamp.pt_attention.heads={len(heads)}", {"fsl_train": plateau_then_drop(center)},
+                 config=f"clamp: {{pt_attention: {{kind: prev_token, heads: {heads}}}}}\nseed: 5\n")
+    found = judged("fig8", tmp_path, ["fig8", "fig5b"])
+    assert found.holds == ("yes" if holds else "no") and "8 heads clamped" in found.ihstudy, found.ihstudy
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_fig15_match_strength_judged_from_the_curves(tmp_path, holds):
+    """Fig. 15: stronger matches cross sooner; an anti-induction match fits training pairs only
+    (not: it generalises to held-out pairs too)."""
+    for strength, center in ((1.0, 100_000), (0.8, 200_000), (0.6, 300_000), (0.2, 150_000)):
+        anti = strength < 0.5  # induction strength 2s - 1 < 0
+        held_out = np.full_like(SEQ, 2 * LN2) if anti and holds else plateau_then_drop(center)
+        fake_run(tmp_path / "fig15" / f"clamp.match.strength={strength}",
+                 {"fsl_train": plateau_then_drop(center), "fsl_val_rl": held_out},
+                 config=f"clamp: {{match: {{kind: induction_pattern, heads: ['1:3'], strength: {strength}}}}}\nseed: 5\n")
+    found = judged("fig15", tmp_path, ["fig15"])
+    assert found.holds == ("yes" if holds else "no"), found.ihstudy
 
 
 def test_scale_shortens_every_schedule_with_sane_minimums():
@@ -189,6 +281,7 @@ def test_tiny_reproduction_on_a_features_file(outputs_root):
     pd.testing.assert_frame_equal(pd.read_parquet(run / "eval.parquet"), evals)
 
 
+@pytest.mark.slow  # 152 s on 2 loaded cores; test_tiny_reproduction_on_a_features_file (22 s) runs reproduce end to end
 def test_every_preset_end_to_end_at_a_tiny_scale(outputs_root):
     # every figure and the toy model, its packs two at a time (the default launcher on 2 cores)
     result = CliRunner().invoke(app, ["reproduce", "--scale", "0.0005", "-q", *TINY, "train.compile=false"])

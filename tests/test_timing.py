@@ -215,3 +215,23 @@ def test_help_shows_every_analysis_with_an_example():
     for example in ("ihstudy analyze outputs/sweeps/fig5b --by clamp", "ihstudy analyze eval RUN clamp=",
                     "ihstudy analyze heads RUN", "ihstudy analyze wiring RUN", "ihstudy analyze progress RUN"):
         assert example in result.output
+
+
+def test_the_named_phase_change_is_the_threshold_training_records():
+    from ihstudy.analysis import defaults
+    from ihstudy.training.evaluate import PHASE_CHANGE_THRESHOLD
+
+    assert defaults.parse_thresholds(defaults.PHASE_CHANGE) == {defaults.PHASE_CHANGE: PHASE_CHANGE_THRESHOLD}
+    assert timing.THRESHOLDS[timing.PHASE_CHANGE] == PHASE_CHANGE_THRESHOLD
+
+
+@pytest.mark.parametrize("index", [True, False], ids=["from the sweep index", "from the folder name"])
+def test_sweep_overrides_are_parsed_as_hydra_parses_them(tmp_path, index):
+    """A list value holds commas: clamp=[pt_attention,copy] is one override, not `[pt_attention`."""
+    overrides = ["clamp=[pt_attention,copy]", "seed=5", "clamp.keep.heads=[1:3,1:0]", "+clamp.mine={kind:ablate,heads:[0:1]}"]
+    run_dir = tmp_path / ",".join(overrides)
+    run_dir.mkdir()
+    if index:
+        pd.DataFrame([{"run": run_dir.name, "overrides": " ".join(overrides)}]).to_parquet(tmp_path / "sweep.parquet")
+    assert timing.sweep_overrides(run_dir) == {"clamp": "[pt_attention,copy]", "seed": "5", "clamp.keep.heads": "[1:3,1:0]",
+                                               "clamp.mine": "{kind:ablate,heads:[0:1]}"}

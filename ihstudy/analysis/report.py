@@ -7,6 +7,7 @@ into a fresh folder and swaps it in atomically.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -19,6 +20,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ihstudy.analysis import defaults
+from ihstudy.errors import ConfigError
+from ihstudy.run_files import REPORT_MARK, check_report_dir, first_line, with_umask
 from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 
 FORMATS = ("png", "svg", "pdf")
@@ -48,10 +52,16 @@ def subplots(*args, **kwargs):
 
 def write_report(report: Report, out_dir: Path, fmt: str = "png") -> Path:
     """Write report.md, one CSV per table and one image per figure into `out_dir`, replacing an
-    earlier report there as a whole (built in a temporary sibling folder, then renamed)."""
+    earlier report there as a whole (built in a temporary sibling folder, then renamed). Only an
+    earlier report is replaced (run_files.check_report_dir); a folder that cannot be written is a
+    ConfigError (one line)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    check_report_dir(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", suffix=".tmp", dir=out_dir.parent))
+    except OSError as exc:  # a read-only or full filesystem, a file on the way
+        raise ConfigError(f"cannot write the report folder {out_dir}: {first_line(exc)}") from None
     try:
         lines = [f"# {report.title}", "", *(f"- {note}" for note in report.notes), ""]
         for name, frame, sentence in report.tables:
@@ -61,8 +71,14 @@ def write_report(report: Report, out_dir: Path, fmt: str = "png") -> Path:
             fig.savefig(build / f"{name}.{fmt}", dpi=120, bbox_inches="tight")
             lines += [f"## Figure: {name}", "", caption, "", f"![{name}]({name}.{fmt})", ""]
         (build / "report.md").write_text("\n".join(lines))
-        os.chmod(build, 0o777 & ~os.umask(os.umask(0)))  # mkdtemp gives 0700
+        files = sorted(p.name for p in build.iterdir())
+        (build / REPORT_MARK).write_text(json.dumps({"written_by": "ihstudy", "files": files}) + "\n")
+        os.chmod(build, with_umask(0o777))  # mkdtemp gives 0700
+        check_report_dir(out_dir)  # again: the user may have put a file there meanwhile
         swap_in(build, out_dir)
+    except OSError as exc:
+        shutil.rmtree(build, ignore_errors=True)
+        raise ConfigError(f"cannot write the report folder {out_dir}: {first_line(exc)}") from None
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
@@ -72,7 +88,7 @@ def write_report(report: Report, out_dir: Path, fmt: str = "png") -> Path:
 def swap_in(build: Path, out_dir: Path) -> None:
     """Replace out_dir by build with renames only, so readers see the old or the new report."""
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", suffix=".tmp", dir=out_dir.parent))
         out_dir.rename(old / out_dir.name)
         build.rename(out_dir)
         shutil.rmtree(old)
@@ -249,7 +265,7 @@ def plot_progress(progress: pd.DataFrame, change: float | None) -> Figure:
 # --- the timing report ------------------------------------------------------------------------------------
 
 
-def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl_train", metric: str = "0.4ln2",
+def timing_report(runs, by: list[str] | str | None = None, evaluator: str = "fsl_train", metric: str = defaults.PHASE_CHANGE,
                   thresholds: dict | None = None, band: float | None = None) -> tuple[Report, pd.DataFrame, pd.DataFrame]:
     """The timing analysis of `runs` (timing.find_runs): the report, the per-run timing table and
     the group summary (empty without `by`)."""

@@ -16,26 +16,40 @@ of all of them train as one launch (sweep.run_sweeps), two at a time on two core
         toy/                              the toy model (ihstudy/analysis/toy.py)
         report/report.md                  the findings table, details as CSV, figures
 
-Every verdict is computed from the runs' tables and checkpoints by the `finding_*` functions below
-(one per finding); the thresholds they judge by are the named constants.
+Every verdict is computed from the runs' tables and checkpoints by the findings registered below,
+one small function each; the thresholds they judge by are the named constants. To add a finding:
+
+    @finding("9", "9 short title", "the paper's claim, in words",
+             paper={"what the paper reports": "its number"},  # data: the report's "paper" column
+             needs=("fig9",),            # presets (or "toy") whose results it reads: else "not run"
+             appendix=False)             # True: judged only when its presets were chosen
+    def my_finding(r: Results, f: Finding) -> None:
+        t = r.timing("fig9")             # Results: the runs' timing, final losses, configs, checkpoints
+        f.ihstudy = "what these runs give"
+        f.holds = verdict(...)           # "yes" / "no"
+        f.details = a_table              # optional: report/finding_9.csv
+
+FINDINGS (key -> FindingSpec, in registration order) is the report's table; `key` names the
+details file. Each judge is tested on synthetic results with one case that holds and one that
+does not (tests/test_reproduce.py).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 
-from ihstudy.analysis import circuits, report, timing, toy
-from ihstudy.config import compose_config, quote
+from ihstudy.analysis import circuits, defaults, report, timing, toy
+from ihstudy.config import check_hydra_overrides, compose_config, quote
 from ihstudy.errors import ConfigError, UserError
-from ihstudy.run_files import check_inside_outputs, outputs_root
+from ihstudy.run_files import RunFiles, check_folder_path, check_report_dir, outputs_root
 from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 from ihstudy.training.sweep import (
     SWEEP_DIR,
@@ -52,7 +66,6 @@ from ihstudy.training.sweep import (
 
 FIGURES = {"3": ["fig3"], "4b": ["fig4b"], "5b": ["fig5b"], "6": ["fig6_long", "fig6_clamps"], "8": ["fig8"],
            "15": ["fig15"], "17": ["fig17"], "toy": []}
-TOY = {"dim": 20, "lr": 1.0, "iterations": 1000, "seed": 17, "conditions": ["none", "c", "bc"]}
 MIN_TOY_ITERATIONS = 300  # enough for the clamped conditions to fit
 QUICK_CHECKPOINTS = 20
 # Unless the command line names a launcher: the pack jobs of every preset in one worker process per
@@ -64,7 +77,7 @@ PARALLEL_LAUNCHER = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"]
 # accuracy, far below the judging thresholds, in a fifth of the time), and at small scales.
 ANALYSIS_SEQUENCES = 20_000
 MIN_ANALYSIS_SEQUENCES = 256
-CROSSING = "0.4ln2"  # the phase change: fsl_train loss below 0.4·ln 2 (timing.THRESHOLDS)
+CROSSING = defaults.PHASE_CHANGE
 
 # Judging thresholds
 PLATEAU_FRACTION = 0.25  # a plateau: within ln 2 ± 0.1 for at least this fraction of the time to the phase change
@@ -94,36 +107,41 @@ class Reproduction:
         return list(self.sweeps)
 
 
-def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = None, max_pack_runs: int = 0) -> Reproduction:
+def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = None, max_pack_runs: int = 0,
+                      allow_callbacks: bool = False, on_run=None, retry_failed: bool = False) -> Reproduction:
     """Figures and overrides from the command line -> every preset's sweep, planned and validated
-    (nothing written). `args`: figure names (3 4b 5b 6 8 15 17 toy) and Hydra overrides (with =)."""
+    (nothing written). `args`: figure names (3 4b 5b 6 8 15 17 toy) and Hydra overrides (with =);
+    `allow_callbacks`, `on_run` and `retry_failed` as sweep.plan_sweep takes them."""
     figures = [a for a in args if "=" not in a] or list(FIGURES)
     overrides = [a for a in args if "=" in a]
     if unknown := [f for f in figures if f not in FIGURES]:
         raise ConfigError(f"unknown figure(s) {', '.join(unknown)}: choose from {' '.join(FIGURES)}")
-    if not 0 < scale <= 1:
+    if not 0 < scale <= 1:  # also NaN
         raise ConfigError(f"--scale {scale:g} must lie in (0, 1]")
     if any(o.lstrip("+~").split("=", 1)[0] in ("experiment", SWEEP_DIR) for o in overrides):
         raise ConfigError("reproduce chooses experiment= and hydra.sweep.dir itself (use --out for the folder)")
+    check_hydra_overrides(overrides, SWEEP_DIR, launches=True)  # also when only the toy model runs
     parsed = parse(overrides)
     run_args = [o.input_line for o in parsed if not o.is_hydra_override()]
     fixed = [o.input_line for o in parsed if not o.is_hydra_override() and not o.is_sweep_override()]
     given = {o.key_or_group.lstrip("+~") for o in parsed}
     root = Path(out) if out else outputs_root() / "reproduce"
     folder = root / (("full" if scale == 1 else f"scale-{scale:g}") + (f"_{folder_name(','.join(run_args))}" if run_args else ""))
-    check_inside_outputs(folder)
+    check_folder_path(folder, "--out")
+    check_report_dir(folder / "report")  # now, not after hours of training
     presets = list(dict.fromkeys(p for f in figures for p in FIGURES[f]))
     sweeps = {}
     for preset in presets:
         scaled = [] if scale == 1 else scaled_overrides(preset, fixed, scale, given)
         sweeps[preset] = plan_sweep([f"experiment={preset}", *scaled, *overrides, f"{SWEEP_DIR}={quote(str(folder / preset))}"],
-                                    max_pack_runs)
+                                    max_pack_runs, allow_callbacks, on_run, retry_failed)
     n_jobs = sum(len(sweep.packs) for sweep in sweeps.values())
     if "hydra/launcher" not in given and min(n_jobs, available_cores()) > 1:
         for sweep in sweeps.values():
             sweep.launcher_overrides = [*PARALLEL_LAUNCHER, *sweep.launcher_overrides]
     workers = jobs_per_machine(compose_pack_job(next(iter(sweeps.values())).launcher_overrides), n_jobs) if sweeps else 1
-    return Reproduction(folder.resolve(), scale, figures, sweeps, max(MIN_TOY_ITERATIONS, round(TOY["iterations"] * scale)),
+    toy_iterations = max(MIN_TOY_ITERATIONS, round(defaults.TOY["iterations"] * scale))
+    return Reproduction(folder.resolve(), scale, figures, sweeps, toy_iterations,
                         max(MIN_ANALYSIS_SEQUENCES, round(ANALYSIS_SEQUENCES * scale)), workers)
 
 
@@ -192,7 +210,7 @@ class Results:
 
     @functools.cache  # noqa: B019
     def config(self, preset: str, run_name: str):
-        return OmegaConf.load(self.repro.folder / preset / run_name / "config.yaml")
+        return RunFiles(self.repro.folder / preset / run_name).read_config()
 
     @functools.cache  # noqa: B019
     def fig3_subject(self) -> tuple[circuits.Subject, object, bool] | None:
@@ -268,11 +286,14 @@ def verdict(holds: bool) -> str:
     return "yes" if holds else "no"
 
 
-# --- findings: one function each, returning a row --------------------------------------------------------
+# --- findings: the registry, and one small function each -----------------------------------------------
 
 
 @dataclass
 class Finding:
+    """One row of the findings table, as a judge fills it in (ihstudy, holds, details)."""
+
+    key: str
     finding: str
     claim: str
     paper: str
@@ -284,12 +305,42 @@ class Finding:
         return {"finding": self.finding, "claim": self.claim, "paper": self.paper, "ihstudy": self.ihstudy, "holds": self.holds}
 
 
-def finding_1(r: Results) -> Finding:
-    f = Finding("1 phase change", "the fsl_train loss plateaus near ln 2, then drops abruptly below 0.4·ln 2",
-                "below 0.4·ln 2 at ~2.7e5; end losses 0.005 (train), 0.03 (held-out pairs), 0.12 (held-out classes)")
-    t = r.timing("fig3")
-    if t is None:
+@dataclass(frozen=True)
+class FindingSpec:
+    """A registered finding: see the module docstring."""
+
+    key: str
+    title: str
+    claim: str
+    paper: dict[str, str]
+    needs: tuple[str, ...]
+    appendix: bool
+    judge: Callable[[Results, Finding], None]
+
+    def __call__(self, r: Results) -> Finding:
+        """The finding judged on `r`, or left "not run" when a preset (or the toy model) it needs has no results."""
+        f = Finding(self.key, self.title, self.claim, "; ".join(f"{what} {value}" for what, value in self.paper.items()))
+        if all((r.toy() if name == "toy" else r.runs(name)) is not None for name in self.needs):
+            self.judge(r, f)
         return f
+
+
+FINDINGS: dict[str, FindingSpec] = {}  # key -> finding, in the report's order
+
+
+def finding(key: str, title: str, claim: str, paper: dict[str, str], needs: tuple[str, ...], appendix: bool = False):
+    """Register the decorated judge as finding `key` (see the module docstring)."""
+    def register(judge: Callable[[Results, Finding], None]) -> Callable[[Results, Finding], None]:
+        FINDINGS[key] = FindingSpec(key, title, claim, paper, needs, appendix, judge)
+        return judge
+    return register
+
+
+@finding("1", "1 phase change", "the fsl_train loss plateaus near ln 2, then drops abruptly below 0.4·ln 2",
+         paper={"below 0.4·ln 2 at": "~2.7e5", "end losses": "0.005 (train), 0.03 (held-out pairs), 0.12 (held-out classes)"},
+         needs=("fig3",))
+def phase_change(r: Results, f: Finding) -> None:
+    t = r.timing("fig3")
     plateau = t.plateau_fraction >= PLATEAU_FRACTION
     holds = plateau & np.isfinite(t.crossing) & (t.plateau_start < t.crossing)
     ends = {e: r.final("fig3", e) for e in ("fsl_train", "fsl_val_rl", "fsl_test_class")}
@@ -299,15 +350,12 @@ def finding_1(r: Results) -> Finding:
                  f"end losses {', '.join(f'{spread(v, num)} ({e})' for e, v in ends.items() if len(v))}")
     f.holds = verdict(bool(holds.all()))
     f.details = t[["run", "plateau_start", "plateau_end", "plateau_fraction", "crossing", "final_loss"]]
-    return f
 
 
-def finding_2(r: Results) -> Finding:
-    f = Finding("2 several induction heads", "several last-layer heads become induction heads together, during the drop",
-                "all 8 heads, final strengths 0.10–0.85, rising together during the drop")
+@finding("2", "2 several induction heads", "several last-layer heads become induction heads together, during the drop",
+         paper={"heads": "all 8", "final strengths": "0.10–0.85", "rise": "together, during the drop"}, needs=("fig3",))
+def several_induction_heads(r: Results, f: Finding) -> None:
     t = r.timing("fig3")
-    if t is None:
-        return f
     rows = []
     by_run = t.set_index("run")
     for run in r.runs("fig3"):
@@ -331,17 +379,15 @@ def finding_2(r: Results) -> Finding:
                  f"{int(heads.during_drop.sum())} of {len(heads)} induction heads reach half their strength during the drop")
     f.holds = verdict(bool((count >= 2).all() and heads.during_drop.all()))
     f.details = details
-    return f
 
 
-def finding_3(r: Results) -> Finding:
-    f = Finding("3 redundancy and additivity", "removing any one layer-2 head keeps accuracy; keep-one-head accuracy "
-                "rises with strength; the loss falls as heads are added back",
-                "remove-one accuracy ≥ ~0.98; keep-one 0.29 → 0.98 with strength; add-back losses 0.117, 0.044, 0.010, ...")
-    loaded = r.fig3_subject()
-    if loaded is None:
-        return f
-    tables = circuits.last_layer_heads(*loaded[:2])
+@finding("3", "3 redundancy and additivity", "removing any one layer-2 head keeps accuracy; keep-one-head accuracy "
+         "rises with strength; the loss falls as heads are added back",
+         paper={"remove-one accuracy": "≥ ~0.98", "keep-one": "0.29 → 0.98 with strength",
+                "add-back losses": "0.117, 0.044, 0.010, ..."},
+         needs=("fig3",))
+def redundancy_and_additivity(r: Results, f: Finding) -> None:
+    tables = circuits.last_layer_heads(*r.fig3_subject()[:2])
     heads, added, full = tables["heads"], tables["add_back"], float(tables["full_model"].acc.iloc[0])
     rho = spearman(heads.induction, heads.keep_one_acc)
     falling = spearman(added.n_heads, added["loss"])
@@ -351,16 +397,13 @@ def finding_3(r: Results) -> Finding:
                  f"add-back losses {', '.join(num(v) for v in added['loss'].head(4))}, ... (Spearman with heads {num(falling)})")
     f.holds = verdict(bool(redundant and rho > 0 and falling < 0))
     f.details = heads
-    return f
 
 
-def finding_4(r: Results) -> Finding:
-    f = Finding("4 single-head retraining", "any single layer-2 head trained alone learns the task, later than the full "
-                "model; its speed is not predicted by its strength in the full model",
-                "3.1e5–6.2e5 vs 2.7e5")
+@finding("4", "4 single-head retraining", "any single layer-2 head trained alone learns the task, later than the full "
+         "model; its speed is not predicted by its strength in the full model",
+         paper={"single heads": "3.1e5–6.2e5", "full model": "2.7e5"}, needs=("fig4b",))
+def single_head_retraining(r: Results, f: Finding) -> None:
     t = r.timing("fig4b")
-    if t is None:
-        return f
     head = [kept_head(r.config("fig4b", run).clamp.keep.heads) for run in t.run]
     times = t.crossing.groupby(pd.Series(head, index=t.index)).median()
     f.ihstudy = f"single heads {seq(times.min())}–{seq(times.max())} ({int(np.isfinite(times).sum())} of {len(times)} cross)"
@@ -368,13 +411,12 @@ def finding_4(r: Results) -> Finding:
     full = r.timing("fig3")
     if full is None:
         f.ihstudy += "; full model not run (figure 3)"
-        return f
+        return
     strength = pd.concat([r.final_induction(run) for run in r.runs("fig3")], axis=1).median(axis=1)
     rho = spearman(strength.reindex(times.index), -times)
     f.details["full_model_strength"] = strength.reindex(times.index).values
     f.ihstudy += f" vs full model {spread(full.crossing)}; speed vs full-model strength: Spearman {num(rho)}"
     f.holds = verdict(bool(np.isfinite(times).all() and (times > full.crossing.median()).all()))
-    return f
 
 
 def kept_head(heads) -> str:
@@ -382,14 +424,12 @@ def kept_head(heads) -> str:
     return str(heads if isinstance(heads, str) else heads[0])
 
 
-def finding_5(r: Results) -> Finding:
-    f = Finding("5 layer 1 through layer 2", "layer 1 acts only through layer 2; previous-token heads matter through Q/K, "
-                "the other layer-1 heads through V",
-                "direct path ~0.01% accuracy; value-preserving ablation of PT heads 0.70, pattern-preserving of the others 0.34")
-    loaded = r.fig3_subject()
-    if loaded is None:
-        return f
-    subject, batch, _ = loaded
+@finding("5", "5 layer 1 through layer 2", "layer 1 acts only through layer 2; previous-token heads matter through Q/K, "
+         "the other layer-1 heads through V",
+         paper={"direct path": "~0.01% accuracy", "value-preserving ablation of PT heads": "0.70",
+                "pattern-preserving ablation of the others": "0.34"}, needs=("fig3",))
+def layer1_through_layer2(r: Results, f: Finding) -> None:
+    subject, batch, _ = r.fig3_subject()
     roles = circuits.first_layer_roles(subject, batch)
     model = subject.model([subject.step], 2)  # run 0 as trained, run 1 without layer 1's direct path
     hooks = circuits.direct_path_hooks(0, subject.last, torch.tensor([0.0, 1.0]))
@@ -404,13 +444,9 @@ def finding_5(r: Results) -> Finding:
                  f"{other.heads.iloc[0] if len(other) else 'no other heads'}: pattern-preserving ablation {num(v)}")
     f.holds = verdict(bool(abs(direct) <= DIRECT_PATH_ACC and qk <= full - ROLE_ACC_DROP and v <= full - ROLE_ACC_DROP))
     f.details = roles
-    return f
 
 
-FIG5B_ORDER = ["only_l2h3", "pt_attention", "layer1", "copy", "match", "layer1_copy"]  # paper: slowest first
 SMOOTH = {"match", "layer1_copy"}  # one subcircuit left to learn: no plateau
-PAPER_5B = {"only_l2h3": "3.3e5", "pt_attention": "2.2e5", "layer1": "0.8e5", "copy": "0.4e5", "match": "0.33e5",
-            "layer1_copy": "0.29e5"}
 
 
 def medians(t: pd.DataFrame, keys) -> pd.DataFrame:
@@ -420,66 +456,57 @@ def medians(t: pd.DataFrame, keys) -> pd.DataFrame:
                                runs=("run", "size"))
 
 
-def finding_6(r: Results) -> Finding:
-    f = Finding("6 Fig-5b clamps", "every clamp makes the phase change earlier, in the order none > PT attention > layer 1 > "
-                "copy > match ≈ layer 1 + copy; a plateau only while two or more subcircuits learn",
-                ", ".join(f"{c} {v}" for c, v in PAPER_5B.items()))
+@finding("6", "6 Fig-5b clamps", "every clamp makes the phase change earlier, in the order none > PT attention > layer 1 > "
+         "copy > match ≈ layer 1 + copy; a plateau only while two or more subcircuits learn",
+         # crossing time per clamp condition (conf/experiment/fig5b.yaml), slowest first: the order judged
+         paper={"only_l2h3": "3.3e5", "pt_attention": "2.2e5", "layer1": "0.8e5", "copy": "0.4e5", "match": "0.33e5",
+                "layer1_copy": "0.29e5"}, needs=("fig5b",))
+def fig5b_clamps(r: Results, f: Finding) -> None:
     t = r.timing("fig5b")
-    if t is None:
-        return f
-    m = medians(t.assign(clamp=t["config.clamp"].astype(str)), "clamp").reindex(FIG5B_ORDER)
+    order = list(FINDINGS["6"].paper)
+    m = medians(t.assign(clamp=t["config.clamp"].astype(str)), "clamp").reindex(order)
     times = m.crossing
-    earlier = all(times[c] < times["only_l2h3"] for c in FIG5B_ORDER[1:])
-    swapped = [f"{a} < {b}" for i, a in enumerate(FIG5B_ORDER) for b in FIG5B_ORDER[i + 1:]
+    earlier = all(times[c] < times[order[0]] for c in order[1:])
+    swapped = [f"{a} < {b}" for i, a in enumerate(order) for b in order[i + 1:]
                if {a, b} != SMOOTH and times[a] < times[b]]
     m["plateau"] = m.plateau_fraction >= PLATEAU_FRACTION
-    plateaus_right = all(m.plateau[c] == (c not in SMOOTH) for c in FIG5B_ORDER)
-    f.ihstudy = (", ".join(f"{c} {seq(times[c])}" for c in FIG5B_ORDER) + f"; swapped pairs: {'; '.join(swapped) or 'none'}; "
-                 f"plateau in: {', '.join(c for c in FIG5B_ORDER if m.plateau[c]) or 'none'}")
+    plateaus_right = all(m.plateau[c] == (c not in SMOOTH) for c in order)
+    f.ihstudy = (", ".join(f"{c} {seq(times[c])}" for c in order) + f"; swapped pairs: {'; '.join(swapped) or 'none'}; "
+                 f"plateau in: {', '.join(c for c in order if m.plateau[c]) or 'none'}")
     f.holds = verdict(bool(earlier and not swapped and plateaus_right))
     f.details = m.reset_index()
-    return f
 
 
-def finding_7(r: Results) -> Finding:
-    f = Finding("7 toy model", "a rank-1 3-tensor fit plateaus, then drops; clamping c shortens the plateau, "
-                "clamping b and c removes it",
-                "unclamped ~800 iterations; shorter with c clamped; none with b, c clamped")
-    table = r.toy()
-    if table is None:
-        return f
-    fits = {c: (np.inf if i is None else i) for c, i in toy.fit_iterations(table).items()}
+@finding("7", "7 toy model", "a rank-1 3-tensor fit plateaus, then drops; clamping c shortens the plateau, "
+         "clamping b and c removes it",
+         paper={"plateau unclamped": "~800 iterations", "c clamped": "shorter", "b, c clamped": "none"}, needs=("toy",))
+def toy_model(r: Results, f: Finding) -> None:
+    fits = {c: (np.inf if i is None else i) for c, i in toy.fit_iterations(r.toy()).items()}
     f.ihstudy = "iterations to fit (loss < 1% of predicting zero): " + ", ".join(
         f"{'unclamped' if c == 'none' else c + ' clamped'} {'never' if np.isinf(i) else int(i)}" for c, i in fits.items())
     f.holds = verdict(bool(fits["none"] > fits["c"] > fits["bc"]))
     f.details = pd.DataFrame({"condition": list(fits), "fit_iteration": list(fits.values())})
-    return f
 
 
 LABELS = ["fsl", "fsl_10labels", "fsl_15labels"]  # 5/10/15 labels at 50 classes
 CLASSES = ["fsl", "fsl_100classes", "fsl_200classes"]  # 50/100/200 classes at 5 labels
 
 
-def finding_8(r: Results) -> Finding:
-    f = Finding("8 data dependence", "more labels delay the phase change strongly (also with match clamped: through "
-                "subcircuit C); more classes delay it modestly (also with layer 1 + copy clamped: through subcircuit B)",
-                "labels 5/10/15: 3.1e5/8.8e5/1.43e6; classes 50/100/200: 3.1e5/3.9e5/4.2e5")
+@finding("8", "8 data dependence", "more labels delay the phase change strongly (also with match clamped: through "
+         "subcircuit C); more classes delay it modestly (also with layer 1 + copy clamped: through subcircuit B)",
+         paper={"labels 5/10/15": "3.1e5/8.8e5/1.43e6", "classes 50/100/200": "3.1e5/3.9e5/4.2e5"},
+         needs=("fig6_long", "fig6_clamps"))
+def data_dependence(r: Results, f: Finding) -> None:
     long, clamped = r.timing("fig6_long"), r.timing("fig6_clamps")
-    if long is None and clamped is None:
-        return f
-    series = {}
-    if long is not None:
-        by_task = medians(long.assign(task=long["config.task"].astype(str)), "task").crossing
-        series["labels (long runs)"] = by_task.reindex(LABELS)
-        series["classes (long runs)"] = by_task.reindex(CLASSES)
-    if clamped is not None:
-        by = medians(clamped.assign(task=clamped["config.task"].astype(str), clamp=clamped["config.clamp"].astype(str)),
-                     ["clamp", "task"]).crossing
-        base = r.timing("fig5b")
-        base = {} if base is None else medians(base.assign(clamp=base["config.clamp"].astype(str)), "clamp").crossing
-        for clamp, variants, what in (("match", LABELS, "labels"), ("layer1_copy", CLASSES, "classes")):
-            values = [base.get(clamp, np.nan) if v == "fsl" else by.get((clamp, v), np.nan) for v in variants]
-            series[f"{what} ({clamp} clamped)"] = pd.Series(values, index=variants)
+    by_task = medians(long.assign(task=long["config.task"].astype(str)), "task").crossing
+    series = {"labels (long runs)": by_task.reindex(LABELS), "classes (long runs)": by_task.reindex(CLASSES)}
+    by = medians(clamped.assign(task=clamped["config.task"].astype(str), clamp=clamped["config.clamp"].astype(str)),
+                 ["clamp", "task"]).crossing
+    base = r.timing("fig5b")
+    base = {} if base is None else medians(base.assign(clamp=base["config.clamp"].astype(str)), "clamp").crossing
+    for clamp, variants, what in (("match", LABELS, "labels"), ("layer1_copy", CLASSES, "classes")):
+        values = [base.get(clamp, np.nan) if v == "fsl" else by.get((clamp, v), np.nan) for v in variants]
+        series[f"{what} ({clamp} clamped)"] = pd.Series(values, index=variants)
     parts, monotone = [], []
     for name, s in series.items():
         present = s.dropna()
@@ -490,15 +517,12 @@ def finding_8(r: Results) -> Finding:
     f.ihstudy = "; ".join(parts)
     f.holds = verdict(all(monotone))
     f.details = pd.DataFrame([{"series": name, **s.to_dict()} for name, s in series.items()])
-    return f
 
 
-def finding_fig8(r: Results) -> Finding:
-    f = Finding("appendix: Fig. 8", "clamping previous-token attention on some layer-1 heads speeds learning, on all 8 slows it",
-                "faster than none with L1H6 or L1H1,2,5 clamped; slower with all 8")
+@finding("fig8", "appendix: Fig. 8", "clamping previous-token attention on some layer-1 heads speeds learning, on all 8 slows it",
+         paper={"faster than none with": "L1H6 or L1H1,2,5 clamped", "slower with": "all 8"}, needs=("fig8",), appendix=True)
+def fig8_previous_token_clamps(r: Results, f: Finding) -> None:
     t = r.timing("fig8")
-    if t is None:
-        return f
     count = [len(r.config("fig8", run).clamp.pt_attention.heads) for run in t.run]
     times = t.crossing.groupby(pd.Series(count, index=t.index)).median()
     f.ihstudy = ", ".join(f"{n} head{'s' * (n > 1)} clamped {seq(v)}" for n, v in times.items())
@@ -506,20 +530,18 @@ def finding_fig8(r: Results) -> Finding:
     base = r.timing("fig5b")
     if base is None:
         f.ihstudy += "; none (figure 5b) not run"
-        return f
+        return
     none = base.crossing[base["config.clamp"].astype(str) == "only_l2h3"].median()
     all_heads = max(times.index)
     f.ihstudy += f"; none {seq(none)}"
     f.holds = verdict(bool(all(times[n] < none for n in times.index if n < all_heads) and times[all_heads] > none))
-    return f
 
 
-def finding_fig15(r: Results) -> Finding:
-    f = Finding("appendix: Fig. 15", "a stronger clamped match makes the phase change earlier; an anti-induction match "
-                "(strength < 0) fits training pairs but fails held-out pairs", "crossing time falls with match strength")
+@finding("fig15", "appendix: Fig. 15", "a stronger clamped match makes the phase change earlier; an anti-induction match "
+         "(strength < 0) fits training pairs but fails held-out pairs", paper={"crossing time": "falls with match strength"},
+         needs=("fig15",), appendix=True)
+def fig15_match_strength(r: Results, f: Finding) -> None:
     t = r.timing("fig15")
-    if t is None:
-        return f
     strength = pd.Series([2 * float(r.config("fig15", run).clamp.match.strength) - 1 for run in t.run], index=t.index)
     train, held_out = r.final("fig15", "fsl_train").reindex(t.run).values, r.final("fig15", "fsl_val_rl").reindex(t.run).values
     details = pd.DataFrame({"run": t.run, "induction_strength": strength, "crossing": t.crossing,
@@ -533,17 +555,14 @@ def finding_fig15(r: Results) -> Finding:
                  if len(anti) else f"Spearman(strength, crossing) {num(rho)}; no anti-induction run")
     f.holds = verdict(bool(rho < 0 and fits and fails))
     f.details = details
-    return f
 
 
-def finding_fig17(r: Results) -> Finding:
-    f = Finding("appendix: Fig. 17", "copy circuits are label-specific and complementary across heads (L2H3 trained "
-                "with one other head)", "each head copies some labels well, its partner the others")
-    runs = r.runs("fig17")
-    if runs is None:
-        return f
+@finding("fig17", "appendix: Fig. 17", "copy circuits are label-specific and complementary across heads (L2H3 trained "
+         "with one other head)", paper={"each head": "copies some labels well, its partner the others"}, needs=("fig17",),
+         appendix=True)
+def fig17_copy_circuits(r: Results, f: Finding) -> None:
     rows = []
-    for run in runs:  # per pair: per-label accuracy with one head kept, under a perfect match (its copy circuit alone)
+    for run in r.runs("fig17"):  # per pair: per-label accuracy with one head kept, under a perfect match (its copy circuit alone)
         subject = circuits.Subject(run.dir)
         batch, _ = circuits.training_distribution(subject.task, r.repro.analysis_sequences)
         heads = [str(h) for h in subject.cfg.clamp.keep.heads]
@@ -562,11 +581,6 @@ def finding_fig17(r: Results) -> Finding:
                  f"head overall by ≥ {COMPLEMENTARY_GAIN} accuracy)")
     f.holds = verdict(bool(specific.all() and complementary.all()))
     f.details = details
-    return f
-
-
-FINDINGS = [finding_1, finding_2, finding_3, finding_4, finding_5, finding_6, finding_7, finding_8]
-APPENDIX = {"fig8": finding_fig8, "fig15": finding_fig15, "fig17": finding_fig17}
 
 
 # --- running the toy model and writing the report ------------------------------------------------------------
@@ -577,13 +591,14 @@ def run_toy(repro: Reproduction) -> None:
     folder = repro.folder / "toy"
     if "toy" not in repro.figures or (folder / "toy.json").is_file():
         return
-    settings = TOY | {"iterations": repro.toy_iterations}
+    settings = defaults.TOY | {"iterations": repro.toy_iterations}
     table = toy.run_conditions(settings["conditions"], settings["dim"], settings["lr"], settings["iterations"], settings["seed"])
     toy.write_toy(table, folder, settings)
 
 
 def findings(r: Results) -> list[Finding]:
-    return [judge(r) for judge in FINDINGS] + [judge(r) for preset, judge in APPENDIX.items() if preset in r.repro.sweeps]
+    """Every main finding (not run if its presets were not chosen), and the appendix findings whose presets were."""
+    return [spec(r) for spec in FINDINGS.values() if not spec.appendix or all(p in r.repro.sweeps for p in spec.needs)]
 
 
 def build_report(repro: Reproduction) -> tuple[report.Report, pd.DataFrame]:
@@ -612,8 +627,7 @@ def build_report(repro: Reproduction) -> tuple[report.Report, pd.DataFrame]:
                                  "and whether the qualitative claim holds.")
     for f in found:
         if f.details is not None:
-            key = f.finding.split()[0] if f.finding[0].isdigit() else "fig" + f.finding.split()[-1]  # 1..8, fig8, fig15, fig17
-            out.table(f"finding_{key}", f.details, f.claim)
+            out.table(f"finding_{f.key}", f.details, f.claim)
     add_figures(out, r)
     return out, table
 
@@ -624,7 +638,8 @@ def add_figures(out: report.Report, r: Results) -> None:
         crossing = float(t.crossing.iloc[0])
         out.figure("fig3", report.plot_run(runs[0].evals, runs[0].name, crossing if np.isfinite(crossing) else None),
                    "Fig. 3: loss per evaluator, last-layer induction strengths, first-layer previous-token scores.")
-    for preset, key, order in (("fig5b", "config.clamp", FIG5B_ORDER), ("fig6_long", "config.task", LABELS + CLASSES[1:])):
+    orders = {"fig5b": ("config.clamp", list(FINDINGS["6"].paper)), "fig6_long": ("config.task", LABELS + CLASSES[1:])}
+    for preset, (key, order) in orders.items():
         if (t := r.timing(preset)) is not None:
             by_name = {run.name: run for run in r.runs(preset)}
             curves = [(str(group), by_name[name].evals[by_name[name].evals.evaluator == "fsl_train"].sort_values("sequences"))

@@ -21,22 +21,24 @@ import difflib
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from ihstudy.analysis import defaults
 from ihstudy.errors import ConfigError
-from ihstudy.run_files import RunFiles
-from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
+from ihstudy.run_files import SWEEP_INDEX, RunFiles
+from ihstudy.training.evaluate import LN2
 
-THRESHOLDS = {"ln2": LN2, "0.4ln2": PHASE_CHANGE_THRESHOLD, "0.1": 0.1}
-PHASE_CHANGE = "0.4ln2"  # the default phase-change time (the paper's criterion)
-PLATEAU_BAND = 0.1
+THRESHOLDS = defaults.parse_thresholds(defaults.THRESHOLDS)
+PHASE_CHANGE, PLATEAU_BAND = defaults.PHASE_CHANGE, defaults.PLATEAU_BAND
 STEEPEST_WINDOW = 5  # eval points averaged before the steepest descent is found (noise)
-SWEEP_INDEX = "sweep.parquet"
 SEED_FIELDS = ("seed", "data_seed", "eval_seed")
 
 
@@ -90,14 +92,12 @@ def common_root(dirs: list[Path]) -> Path:
 
 def load_run(run_dir: Path, name: str) -> Run:
     files = RunFiles(run_dir)
-    status = files.read_status().get("status", "unknown")
     try:
-        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+        status = files.read_status().get("status", "unknown")
+        cfg = OmegaConf.to_container(files.read_config(), resolve=False)
         evals = files.read_table("eval")
-    except ConfigError as exc:
-        return Run(run_dir, name, status, {}, None, [str(exc)])
-    except Exception as exc:  # a hand-edited or truncated config.yaml
-        return Run(run_dir, name, status, {}, None, [f"cannot read config.yaml ({type(exc).__name__})"])
+    except ConfigError as exc:  # a damaged or hand-edited run.json, config.yaml or eval.parquet
+        return Run(run_dir, name, "unknown", {}, None, [str(exc)])
     notes = []
     if evals is None or evals.empty:
         notes.append("no eval rows yet")
@@ -105,24 +105,36 @@ def load_run(run_dir: Path, name: str) -> Run:
     elif missing := {"sequences", "evaluator", "loss"} - set(evals.columns):
         notes.append(f"eval.parquet lacks column(s) {', '.join(sorted(missing))}")
         evals = None
+    elif not_numbers := [c for c in ("sequences", "loss") if not pd.api.types.is_numeric_dtype(evals[c])]:
+        notes.append(f"eval.parquet column(s) {', '.join(not_numbers)} hold no numbers")
+        evals = None
     return Run(run_dir, name, status, flatten(cfg, sweep_overrides(run_dir)), evals, notes)
 
 
 def sweep_overrides(run_dir: Path) -> dict[str, str]:
-    """The override values a sweep gave this run (from the sweep's sweep.parquet, else the run
-    folder's name `key=value,key=value`)."""
+    """The override values a sweep gave this run, parsed by Hydra's override parser (so that
+    `clamp=[pt_attention,copy]` is one value): from the sweep's sweep.parquet (the overrides
+    separated by spaces), else from the run folder's name `key=value,key=value`."""
     index = run_dir.parent / SWEEP_INDEX
-    text = run_dir.name
+    items = re.split(r",(?=[+~]?[\w.@/-]+=)", run_dir.name)  # commas that start another key=
     if index.is_file():
         try:
             table = pd.read_parquet(index, columns=["run", "overrides"])
             row = table[table.run == run_dir.name]
             if len(row):
-                text = str(row.overrides.iloc[0]).replace(" ", ",")
+                items = str(row.overrides.iloc[0]).split(" ")
         except (OSError, ValueError, KeyError):
             pass
-    items = [part.split("=", 1) for part in text.split(",") if "=" in part]
-    return {key.lstrip("+~"): value for key, value in items}
+    parser, values = OverridesParser.create(), {}
+    for item in items:
+        try:
+            (override,) = parser.parse_overrides([item])
+        except HydraException:  # a folder name that is not an override (characters made safe, a hash)
+            continue
+        if not override.is_delete():  # the value as written (Hydra's string form escapes the colons of head names)
+            key = override.get_key_element()
+            values[key.lstrip("+~")] = item.strip()[len(key) + 1:]
+    return values
 
 
 def flatten(cfg: dict, overrides: dict[str, str], prefix: str = "") -> dict:

@@ -26,17 +26,20 @@ import datetime as dt
 import functools
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from ihstudy.config import MAX_SEED
 from ihstudy.errors import ConfigError
 from ihstudy.run_files import atomic_write_bytes, atomic_write_parquet, atomic_write_text, claim_run_dir, outputs_root
 
 VECTORS = "abc"
 MAX_DIM = 200  # dim³ entries per loss evaluation
+MAX_ITERATIONS = 100_000  # a row per iteration and condition is kept in memory (the paper's runs take 1000)
 FIT_FRACTION = 0.01  # fitted: loss below 1% of the loss of predicting zero (a scale-free criterion)
 
 
@@ -104,7 +107,7 @@ def progress_measures(vectors: torch.Tensor, problem: ToyProblem) -> dict:
 
 def run_conditions(conditions: list[str], dim: int, lr: float, iterations: int, seed: int) -> pd.DataFrame:
     """All conditions on the same problem (same true and initial vectors), stacked with a `condition` column."""
-    check_settings(dim, lr, iterations)
+    check_settings(dim, lr, iterations, seed)
     clamps = {name: parse_condition(name) for name in conditions}
     if len(clamps) != len(conditions):
         raise ConfigError("toy conditions repeat")
@@ -114,13 +117,15 @@ def run_conditions(conditions: list[str], dim: int, lr: float, iterations: int, 
     return table.assign(fitted=table.loss < FIT_FRACTION * problem.zero_loss())
 
 
-def check_settings(dim: int, lr: float, iterations: int) -> None:
+def check_settings(dim: int, lr: float, iterations: int, seed: int) -> None:
     if not 1 <= dim <= MAX_DIM:
         raise ConfigError(f"toy dim={dim} must lie in [1, {MAX_DIM}]")
-    if not lr > 0:
-        raise ConfigError(f"toy lr={lr} must be positive")
-    if iterations < 1:
-        raise ConfigError(f"toy iterations={iterations} must be at least 1")
+    if not 0 < lr < math.inf:
+        raise ConfigError(f"toy lr={lr} must be a positive finite number")
+    if not 1 <= iterations <= MAX_ITERATIONS:
+        raise ConfigError(f"toy iterations={iterations} must lie in [1, {MAX_ITERATIONS:,}]")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"toy seed={seed} must lie in [0, {MAX_SEED}]")
 
 
 def fit_iterations(table: pd.DataFrame) -> dict[str, int | None]:

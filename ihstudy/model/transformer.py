@@ -37,12 +37,9 @@ The list of sites is not kept by hand: a dry pass at construction notes every `_
 forward code makes (`site_names`), so a new site is one `_site(...)` line.
 Token positions: exemplar i at 2i, its label at 2i+1, the query at T-1 = 2N.
 
-Each building block's maths (embedding, positions, layer norm, QKV projection, rotary, attention
-scores, pattern and z, output projection, MLP, unembedding) is defined once, as a function at the
-end of this file or a `Transformer` method, and used both by the hooked pass below and by the
-fast path's hand-written step (fast_path.py). Where the two need different evaluation orders of
-the same maths (layer norm, attention), that is a branch inside the one function, like nanoGPT's
-`if self.flash:`.
+The wiring of the model is written once, in `Transformer.forward`: the hooked pass (clamps,
+analyses) runs it with hooks installed, the fast path (fast_path.py) differentiates it as a pure
+function of the parameters with none (every site then a no-op).
 """
 
 from __future__ import annotations
@@ -72,7 +69,7 @@ class ModelShape:
     n_features: int
     n_labels: int
     context_len: int
-    positional: str = "rotary"  # rotary | learned | sinusoidal
+    positional: str = "rotary"  # one of POSITIONALS
     rotary_base: float = 10000.0
     mlp_ratio: float = 0.0  # 0: attention-only
 
@@ -127,6 +124,7 @@ def check_checkpoint_model(state: dict, shape: ModelShape, source: str) -> None:
 
 
 INIT_SCHEMES = ("lecun_normal", "uniform")
+POSITIONALS = ("rotary", "learned", "sinusoidal")  # model.positional: rotary embedding, or absolute positions added
 # A standard normal truncated at +-2 has std 0.8796: dividing by it restores the intended std
 # (JAX's variance_scaling(1, "fan_in", "truncated_normal"), the authors' lecun_normal).
 TRUNCATED_NORMAL_STD = 0.87962566103423978
@@ -312,14 +310,21 @@ class Transformer:
         evaluation read (a cheaper pass); its query-side sites (hook_q, hook_rot_q, hook_attn_scores,
         hook_pattern, hook_z, hook_result, hook_attn_out, hook_resid_post, ...) then hold that row
         only ([..., 1, ...] where the full pass has T), as do the final LayerNorm and the logits."""
-        p, s = self.params, self.shape
-        resid = self._site("hook_embed", embed(self.embedding_inputs(batch), p))
+        return self.forward(self.params, self.embedding_inputs(batch), query_only)
+
+    def forward(self, params: dict[str, torch.Tensor], inputs: torch.Tensor, query_only: bool = False) -> torch.Tensor:
+        """The one wiring of the model: logits of embedding inputs [R, B, T, F+1+L] under `params`
+        (self.params, or any tensors of their shapes: the fast path differentiates it as a pure
+        function of them, fast_path.py). Every site runs the installed hooks; with none installed
+        (the fast path) each site is a no-op."""
+        s = self.shape
+        resid = self._site("hook_embed", embed(inputs, params))
         if s.positional != "rotary":
-            resid = resid + self._site("hook_pos_embed", self.absolute_positions())
+            resid = resid + self._site("hook_pos_embed", self.absolute_positions(params))
         for layer in range(s.n_layers):
-            resid = self._block(layer, resid, query_only and layer == s.n_layers - 1)
-        final = self._site("ln_final.hook_normalized", layer_norm(resid, p["ln_final.w"], p["ln_final.b"]))
-        return self._site("hook_logits", unembed(final, p))
+            resid = self._block(params, layer, resid, query_only and layer == s.n_layers - 1)
+        final = self._site("ln_final.hook_normalized", layer_norm(resid, params["ln_final.w"], params["ln_final.b"]))
+        return self._site("hook_logits", unembed(final, params))
 
     def embedding_inputs(self, batch: Batch) -> torch.Tensor:
         """One matmul embeds all tokens: a token's input row [..., T, F+1+L] is [exemplar, 1, 0...] or
@@ -338,28 +343,24 @@ class Transformer:
         spans = zip(self.params.items(), self._offsets.values())
         return {name: buffer[:, start:end].view(p.shape) for (name, p), (start, end) in spans}
 
-    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The inverse of `views`: one tensor per parameter -> [R, P]."""
-        return torch.cat([tensors[name].reshape(self.n_runs, -1) for name in self.params], 1)
-
-    def _block(self, layer: int, resid: torch.Tensor, query_only: bool = False) -> torch.Tensor:
+    def _block(self, params: dict[str, torch.Tensor], layer: int, resid: torch.Tensor, query_only: bool = False) -> torch.Tensor:
         b = f"blocks.{layer}."
         resid = self._site(b + "hook_resid_pre", resid)
-        attn_out = self._site(b + "hook_attn_out", self._attention(layer, resid, query_only))
+        attn_out = self._site(b + "hook_attn_out", self._attention(params, layer, resid, query_only))
         resid = (resid[:, :, -1:] if query_only else resid) + attn_out
         if self.shape.d_mlp:
             resid = self._site(b + "hook_resid_mid", resid)
-            resid = resid + self._site(b + "hook_mlp_out", self._mlp(layer, resid))
+            resid = resid + self._site(b + "hook_mlp_out", self._mlp(params, layer, resid))
         return self._site(b + "hook_resid_post", resid)
 
-    def _mlp(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
-        p, b = self.params, f"blocks.{layer}."
+    def _mlp(self, p: dict[str, torch.Tensor], layer: int, resid: torch.Tensor) -> torch.Tensor:
+        b = f"blocks.{layer}."
         return mlp(layer_norm(resid, p[b + "ln2.w"], p[b + "ln2.b"]), p, b, self._site)
 
-    def _attention(self, layer: int, resid: torch.Tensor, query_only: bool = False) -> torch.Tensor:
+    def _attention(self, p: dict[str, torch.Tensor], layer: int, resid: torch.Tensor, query_only: bool = False) -> torch.Tensor:
         s, b = self.shape, f"blocks.{layer}."
         H, dh, D = s.n_heads, s.d_head, s.d_model
-        qkv = self._qkv(layer, resid)  # [3, R, B, H, T, d_head]: head-major, as the matmuls want it
+        qkv = self._qkv(p, layer, resid)  # [3, R, B, H, T, d_head]: head-major, as the matmuls want it
         queries = slice(-1, None) if query_only else slice(None)  # the rows this pass computes
         q, k, v = (self._head_major_site(b + "attn.hook_" + n, t)
                    for n, t in zip("qkv", (qkv[0][..., queries, :], qkv[1], qkv[2])))
@@ -372,16 +373,16 @@ class Transformer:
         scores = self._site(b + "attn.hook_attn_scores", attention_scores(q, k, self.causal_mask))
         pattern = self._site(b + "attn.hook_pattern", softmax(scores))
         z = self._site(b + "attn.hook_z", attention_z(pattern, v))  # [R, B, Tq, H, d_head]
-        W_O = self.params[b + "attn.W_O"]
+        W_O = p[b + "attn.W_O"]
         if self._hooked(b + "attn.hook_result"):
             per_head = W_O.view(W_O.shape[0], 1, 1, H, dh, D)
             result = self._site(b + "attn.hook_result", (z.unsqueeze(-2) @ per_head).squeeze(-2))
             return result.sum(3)
         return project_out(z, W_O)
 
-    def _qkv(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, p: dict[str, torch.Tensor], layer: int, resid: torch.Tensor) -> torch.Tensor:
         """q, k, v [3, R, B, H, T, d_head], each contiguous; Q/K and V read separate inputs if hooked."""
-        p, b = self.params, f"blocks.{layer}."
+        b = f"blocks.{layer}."
         w, bias, W_QKV = p[b + "ln1.w"], p[b + "ln1.b"], p[b + "attn.W_QKV"]
         if self._hooked(b + "hook_qk_input") or self._hooked(b + "hook_v_input"):
             D = self.shape.d_model
@@ -421,18 +422,13 @@ class Transformer:
             table[:, 0::2], table[:, 1::2] = torch.sin(positions * div), torch.cos(positions * div)
             self._sinusoid = table
 
-    def rotate(self, x: torch.Tensor, inverse: bool = False, token_dim: int = -2, rows: slice = slice(None)) -> torch.Tensor:
-        """Rotary embedding of x [..., T, d_head] (GPT-NeoX halves convention), or of x whose token axis
-        is `token_dim` (e.g. -3 for [..., T, H, d_head]) and holds the positions `rows`; `inverse` rotates
-        back, which is also the transpose that carries gradients backward through it."""
-        cos, sin = self._cos[rows], self._signed_sin[rows]
-        shape = (cos.shape[0],) + (1,) * (-token_dim - 2) + (self.shape.d_head,)
-        return torch.addcmul(x * cos.view(shape), x.roll(self.shape.d_head // 2, -1), sin.view(shape),
-                             value=-1 if inverse else 1)
+    def rotate(self, x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """Rotary embedding (GPT-NeoX halves convention) of x [..., T, d_head] holding the positions `rows`."""
+        return torch.addcmul(x * self._cos[rows], x.roll(self.shape.d_head // 2, -1), self._signed_sin[rows])
 
-    def absolute_positions(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def absolute_positions(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.shape.positional == "learned":
-            return (params or self.params)["pos_embed.W_pos"][:, None]
+            return params["pos_embed.W_pos"][:, None]
         return self._sinusoid[None, None]
 
 
@@ -460,25 +456,12 @@ def affine(normalized: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
 LAYER_NORM_EPS = 1e-5  # F.layer_norm's default
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stats: bool = False):
-    """LayerNorm over the last axis with per-run gain and bias [R, D].
-
-    stats (the fast path, no autograd): also each row's mean and 1/std, which its backward reads,
-    from PyTorch's fused kernel, one call per run (each run has its own gain; the unfused kernel is
-    ~2x slower). Otherwise (autograd) normalise, then scale and shift: the same values bit for bit
-    (tests/test_model.py), and the graph whose gradients the hooked pass has always had.
-    """
-    if stats:
-        per_run = [torch.native_layer_norm(x[r], x.shape[-1:], weight[r], bias[r], LAYER_NORM_EPS) for r in range(x.shape[0])]
-        return tuple(stack_runs(list(t)) for t in zip(*per_run))  # out, mean, rstd
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last axis with per-run gain and bias [R, D]: normalise, then scale and shift."""
     return affine(F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS), weight, bias)
 
 
-def stack_runs(per_run: list[torch.Tensor]) -> torch.Tensor:
-    return per_run[0].unsqueeze(0) if len(per_run) == 1 else torch.stack(per_run)
-
-
-# --- the building blocks both passes share (the hooked pass above, fast_path.py) -----------------
+# --- the building blocks of the forward pass ------------------------------------------------------
 
 
 def embedding_matrix(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -502,46 +485,25 @@ def project_qkv(normalized: torch.Tensor, W_QKV: torch.Tensor, n_heads: int) -> 
     return split_qkv(linear(normalized, W_QKV), n_heads)
 
 
-# Attention between 5-odd tokens is a few multiply-adds per pair. The hooked pass, whose sites are
-# per head, computes it head-major with matmuls; the fast path token-major ([R, B, T, H, d_head], the
-# layout the projection gives) with broadcast products: no layout copies, fewer kernels once compiled,
-# and the layout its hand-written backward reads. The same maths in two evaluation orders (like
-# nanoGPT's flash/manual branches); float rounding may differ, so each path keeps its own and runs
-# stay bit-for-bit reproducible.
-def attention_scores(q: torch.Tensor, k: torch.Tensor, causal_mask: torch.Tensor, token_major: bool = False) -> torch.Tensor:
-    """Scaled, causally masked scores q.k / sqrt(d_head): [R, B, H, Tq, T] from head-major q [R, B, H, Tq, dh]
-    and k [R, B, H, T, dh]; token_major: [R, B, Tq, T, H] from q [R, B, Tq, H, dh] and k [R, B, T, H, dh]."""
-    d_head = q.shape[-1]
-    if token_major:
-        mask = causal_mask[-q.shape[2]:, :, None]  # [Tq, T, 1]
-        return (q.unsqueeze(3) * k.unsqueeze(2)).sum(-1) * d_head ** -0.5 + mask
-    return torch.add(causal_mask[-q.shape[-2]:], q @ k.transpose(-1, -2), alpha=d_head ** -0.5)
+def attention_scores(q: torch.Tensor, k: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+    """Scaled, causally masked scores q.k / sqrt(d_head) [R, B, H, Tq, T] from q [R, B, H, Tq, dh] and k [R, B, H, T, dh]."""
+    return torch.add(causal_mask[-q.shape[-2]:], q @ k.transpose(-1, -2), alpha=q.shape[-1] ** -0.5)
 
 
-def attention_z(pattern: torch.Tensor, v: torch.Tensor, token_major: bool = False) -> torch.Tensor:
-    """Pattern-weighted values z [R, B, Tq, H, dh] from pattern [R, B, H, Tq, T] and v [R, B, H, T, dh];
-    token_major: from pattern [R, B, Tq, T, H] and v [R, B, T, H, dh]."""
-    if token_major:
-        return (pattern.unsqueeze(-1) * v.unsqueeze(2)).sum(3)
+def attention_z(pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Pattern-weighted values z [R, B, Tq, H, dh] from pattern [R, B, H, Tq, T] and v [R, B, H, T, dh]."""
     return (pattern @ v).transpose(2, 3)
 
 
-def project_out(z: torch.Tensor, W_O: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The heads' summed output z [R, B, Tq, H, dh] @ W_O -> [R, B, Tq, D]; with `residual` [R, B, Tq, D]
-    added inside the matmul (the fast path: one kernel, the same bits as adding it after)."""
+def project_out(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
+    """The heads' summed output z [R, B, Tq, H, dh] @ W_O -> [R, B, Tq, D]."""
     R, B, Tq, H, dh = z.shape
-    if residual is None:
-        return linear(z.reshape(R, B, Tq, H * dh), W_O)
-    return torch.baddbmm(rows(residual), z.reshape(R, B * Tq, H * dh), W_O).view(R, B, Tq, -1)
+    return linear(z.reshape(R, B, Tq, H * dh), W_O)
 
 
-def no_site(name: str, x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def mlp(normalized: torch.Tensor, params: dict[str, torch.Tensor], block: str, site=no_site) -> torch.Tensor:
+def mlp(normalized: torch.Tensor, params: dict[str, torch.Tensor], block: str, site) -> torch.Tensor:
     """Block `block`'s MLP on its layer-normed input; `site(name, tensor)` sees (and may replace)
-    mlp.hook_pre and mlp.hook_post (the hooked pass's sites, the fast path's record for backward)."""
+    mlp.hook_pre and mlp.hook_post."""
     pre = site(block + "mlp.hook_pre", linear(normalized, params[block + "mlp.W_in"], params[block + "mlp.b_in"]))
     post = site(block + "mlp.hook_post", F.gelu(pre))
     return linear(post, params[block + "mlp.W_out"], params[block + "mlp.b_out"])

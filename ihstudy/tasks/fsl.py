@@ -235,7 +235,7 @@ class PackStream:
 
     def __init__(self, streams: list[TrainStream], device: torch.device):
         self.streams, self.device = streams, device
-        self.chunk_batches = streams[0].chunk_batches  # runs pack together only with equal train.* configs
+        (self.chunk_batches,) = {stream.chunk_batches for stream in streams}  # the pack's train.chunk_batches
         self.chunk_index, self.chunk = -1, None
 
     def batch(self, step: int) -> Batch:

@@ -12,6 +12,7 @@ import torch
 
 from ihstudy.model.transformer import cross_entropy, log_softmax
 from ihstudy.tasks.fsl import Batch, FewShotTask
+from ihstudy.training.pack_settings import shared_group
 
 LN2 = math.log(2)
 PHASE_CHANGE_THRESHOLD = 0.4 * LN2  # the paper's phase-change criterion on the fsl_train loss
@@ -24,8 +25,8 @@ class Evaluator:
     """The eval sequences of R runs (every evaluator's n_sequences, concatenated) and their rows."""
 
     def __init__(self, tasks: list[FewShotTask], cfgs: list, device: torch.device):
-        self.names = list(cfgs[0].eval.evaluators)
-        n = cfgs[0].eval.n_sequences
+        shared = shared_group([cfg.eval for cfg in cfgs], "eval")
+        self.names, n = list(shared.evaluators), shared.n_sequences
         self.batch = Batch.stack([Batch.concat([task.eval_set(name, n, cfg.eval_seed) for name in self.names])
                                   for task, cfg in zip(tasks, cfgs)]).to(device)
 

@@ -5,7 +5,7 @@ at the default eval size, a huge batch): such a run is refused in one line namin
 part, instead of crashing in an allocation after its run folder exists. Sweeps split packs that
 would not fit (sweep.group_into_packs).
 
-The estimate counts float32 tensors in the shapes the code makes them (train.py, fast_path.py),
+The estimate counts float32 tensors in the shapes the code makes them (train.py, model/transformer.py),
 rounded up; tests/test_memory.py checks it against a measured allocation.
 """
 
@@ -22,10 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.errors import ConfigError
 from ihstudy.model.transformer import ModelShape
+from ihstudy.training.pack_settings import shared_settings
 
 FLOAT = 4  # bytes
-CHUNK_STEPS = 256  # training batches prepared at once (data.TrainStream)
-from ihstudy.training.evaluate import EVAL_CHUNK_SEQUENCES  # noqa: E402 (one constant, two readers)
 
 PYTHON_VALUE = 64  # bytes per logged eval value kept in Python lists
 HEADROOM = 0.8  # the estimate is approximate; leave the rest to the interpreter and the OS
@@ -39,9 +38,9 @@ class Part:
 
 
 def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]) -> list[Part]:
-    """The memory parts of a pack of len(cfgs) runs (shapes and schedule from the first config, as
-    Pack takes them), with each run's exemplar array [classes, exemplars, dim]."""
-    cfg, R = cfgs[0], len(cfgs)
+    """The memory parts of a pack of len(cfgs) runs (shapes and schedule from the settings they share,
+    pack_settings.py), with each run's exemplar array [classes, exemplars, dim]."""
+    cfg, R = shared_settings(cfgs), len(cfgs)
     shape = ModelShape.of_config(cfg, exemplar_shapes[0][2])
     T, D, H, F, L = shape.n_tokens, shape.d_model, shape.n_heads, shape.n_features, shape.n_labels
     B, N = cfg.train.batch_size, cfg.task.context_len
@@ -50,25 +49,20 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
     n_eval = len(cfg.eval.evaluators) * cfg.eval.n_sequences  # eval sequences per run
     eval_points = n_steps * B // cfg.train.eval_every + len(cfg.train.eval_at) + 2
     eval_values = len(cfg.eval.evaluators) * (12 + 2 * shape.n_layers * H)
-    chunk = max(1, min(n_eval, EVAL_CHUNK_SEQUENCES // R))  # sequences per run in one eval pass
     distinct_arrays = {OmegaConf.to_yaml(c.data): s for c, s in zip(cfgs, exemplar_shapes)}.values()
     token_inputs = T * (F + 1 + L)  # a sequence's embedding inputs
+    chunk = cfg.train.chunk_batches  # training batches drawn at once (tasks/fsl.TrainStream), however short the run
     return [
         Part("parameters, gradients and optimizer state", 4 * R * n_params * FLOAT,
              "model.d_model or model.n_layers (or the runs per pack)"),
         Part("training attention [runs, batch, heads, T, T]", R * FLOAT * _attention(shape, B, kept=6),
              "train.batch_size or task.context_len"),
-        # the fast path's broadcast products (q * k, pattern * v and their gradients), one layer at a time
-        Part("training attention products [runs, batch, T, T, d_model]", 2 * R * B * T * T * D * FLOAT,
-             "train.batch_size or task.context_len"),
         Part("training activations [runs, batch, T, d_model]", R * B * T * shape.n_layers * (12 * D + 4 * shape.d_mlp) * FLOAT,
              "train.batch_size, task.context_len or model.d_model"),
-        Part("training batches (256 steps at a time)", R * CHUNK_STEPS * B * (2 * token_inputs + (N + 1) * F + 4 * N) * FLOAT,
-             "train.batch_size or task.context_len"),
+        Part(f"training batches ({chunk} steps at a time)", R * chunk * B * (2 * token_inputs + (N + 1) * F + 4 * N) * FLOAT,
+             "train.chunk_batches, train.batch_size or task.context_len"),
         Part("eval attention patterns [runs, eval sequences, heads, T, T]", 2 * R * FLOAT * _attention(shape, n_eval, kept=1),
              "eval.n_sequences or task.context_len"),
-        Part("eval attention products [runs, eval chunk, T, T, d_model]", 2 * R * chunk * T * T * D * FLOAT,
-             "task.context_len or model.d_model"),
         Part("eval sets", R * n_eval * (token_inputs + (N + 1) * F + 4 * N) * FLOAT, "eval.n_sequences"),
         Part("exemplar arrays [classes, exemplars, dim]", sum(3 * math.prod(s) * FLOAT for s in distinct_arrays),
              "data.n_classes, data.n_exemplars or data.dim"),

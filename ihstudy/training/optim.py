@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ihstudy.training.pack_settings import shared_group
+
 
 def lr_schedule(optim_cfg, n_steps: int, batch_size: int) -> torch.Tensor:
     """Learning rate before each of the n_steps updates: [n_steps]."""
@@ -31,13 +33,10 @@ class StackedOptimizer:
     """Adam (bias-corrected, like torch.optim.Adam) or SGD with momentum over a [R, P] buffer."""
 
     def __init__(self, optim_cfgs: list, params: torch.Tensor, grads: torch.Tensor):
-        names = {c.name for c in optim_cfgs}
-        if len(names) != 1:
-            raise ValueError("runs packed together must use the same optimizer")
-        cfg = optim_cfgs[0]
-        self.name, self.params, self.grads = cfg.name, params, grads
-        self.beta1, self.beta2 = cfg.get("betas", (0.9, 0.999))  # each optimizer's config holds only its own keys
-        self.eps = cfg.get("eps", 1e-8)
+        shared = shared_group(optim_cfgs, "optim")
+        self.name, self.params, self.grads = shared.name, params, grads
+        self.beta1, self.beta2 = shared.get("betas", (0.9, 0.999))  # each optimizer's config holds only its own keys
+        self.eps = shared.get("eps", 1e-8)
         self.momentum = torch.tensor([float(c.get("momentum", 0.0)) for c in optim_cfgs], device=params.device)[:, None]
         self.exp_avg = torch.zeros_like(params)
         self.exp_avg_sq = torch.zeros_like(params) if self.name == "adam" else None

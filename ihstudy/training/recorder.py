@@ -16,12 +16,18 @@ import pyarrow as pa
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ihstudy.config import run_identity
 from ihstudy.errors import ConfigError
 from ihstudy.run_files import CHECKPOINT_FORMAT, RunFiles, first_line, now, versions
 from ihstudy.training.evaluate import PHASE_CHANGE_THRESHOLD
+from ihstudy.training.trackers import Trackers
 
 log = logging.getLogger(__name__)
 STEP_COLUMNS = ("loss", "grad_norm", "grad_batch_stddev", "lr")
+# Why a run failed, as run.json's "failure" records it: a numerical failure (the loss became NaN or
+# infinite) comes back if the run is trained again; an environmental one (a write that failed, e.g.
+# a full disk, memory, any other error) may not, so a sweep run again resumes it (sweep.needs_training).
+NUMERICAL, ENVIRONMENT = "numerical", "environment"
 
 
 @dataclass
@@ -48,6 +54,7 @@ class RunRecorder:
         self.step_log = torch.zeros(n_steps, len(specs), len(STEP_COLUMNS), device=device)
         self.eval_columns: list[dict[str, list]] = [{} for _ in specs]  # columnar: cheap to write at every eval
         self.errors: list[str | None] = [None] * len(specs)
+        self.trackers = Trackers(specs, STEP_COLUMNS)  # logger=...: copies of the rows for experiment trackers
 
     @property
     def files(self) -> list[RunFiles]:
@@ -60,7 +67,9 @@ class RunRecorder:
         for files, spec in zip(self.files, self.specs):
             files.write_config(spec.cfg)
             files.write_status(status="running", started=files.read_status().get("started", now()), ended=None,
-                               versions=versions(), step=step)
+                               error=None, failure=None, versions=versions(), step=step)
+        for r in range(len(self.specs)):
+            self.trackers.start(r, step, step * self.batch_size)
 
     def add_evals(self, rows: list[list[dict]], step: int) -> None:
         """Record every live run's eval rows and write the tables (for anyone watching)."""
@@ -69,6 +78,8 @@ class RunRecorder:
                 for column, value in row.items():
                     self.eval_columns[r].setdefault(column, []).append(value)
         self.flush(step)
+        for r in self.live():
+            self.trackers.log_eval(r, rows[r], self.step_log[:step, r], step)
 
     def metrics_table(self, r: int, step: int) -> pa.Table:
         steps = np.arange(1, step + 1)
@@ -99,8 +110,8 @@ class RunRecorder:
 
     def check_config(self, r: int, state: dict) -> None:
         """Refuse a checkpoint of run r written for another config."""
-        files, cfg = self.files[r], OmegaConf.to_container(self.specs[r].cfg)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("config") != cfg:
+        files, cfg = self.files[r], run_identity(self.specs[r].cfg)
+        if state.get("format") != CHECKPOINT_FORMAT or run_identity(state.get("config")) != cfg:
             raise ConfigError(f"{files.dir} was started with another config ({config_difference(state.get('config'), cfg)}); "
                               "resume it with the overrides it was started with")
 
@@ -115,9 +126,9 @@ class RunRecorder:
         self.step_log[:step, r] = torch.tensor(kept[list(STEP_COLUMNS)].to_numpy())
         self.eval_columns[r] = evals[evals.step < step].to_dict("list")
 
-    def fail(self, runs: list[int], message: str, step: int, write_rows: bool = True) -> None:
-        """Mark runs failed for good, keeping their rows so far (written unless `write_rows` is false:
-        the tables on disk stay) and their last checkpoint."""
+    def fail(self, runs: list[int], message: str, step: int, write_rows: bool = True, failure: str = ENVIRONMENT) -> None:
+        """Mark runs failed (`failure`: NUMERICAL or ENVIRONMENT), keeping their rows so far (written
+        unless `write_rows` is false: the tables on disk stay) and their last checkpoint."""
         for r in runs:
             self.errors[r] = f"{message} at step {step + 1}"
             if write_rows:
@@ -126,7 +137,7 @@ class RunRecorder:
                 except Exception as exc:  # e.g. the disk is still full: the status and message still count
                     log.warning("%s: cannot write the tables (%s)", self.files[r].dir, first_line(exc))
             try:
-                self.files[r].write_status(status="failed", ended=now(), error=self.errors[r], step=step)
+                self.files[r].write_status(status="failed", ended=now(), error=self.errors[r], failure=failure, step=step)
             except OSError as exc:  # the message still reaches the user
                 log.warning("%s: cannot record the failure (%s)", self.files[r].dir, exc.strerror or exc)
 
@@ -136,10 +147,11 @@ class RunRecorder:
         for r, (files, spec) in enumerate(zip(self.files, self.specs)):
             if self.errors[r] is not None:
                 results.append(RunResult(spec.name, spec.run_dir, "failed", {"error": self.errors[r]}))
-                continue
-            summary = summarize(pd.DataFrame(self.eval_columns[r]))
-            files.write_status(status=status, ended=now(), step=step, summary=summary)
-            results.append(RunResult(spec.name, spec.run_dir, status, summary))
+            else:
+                summary = summarize(pd.DataFrame(self.eval_columns[r]))
+                files.write_status(status=status, ended=now(), step=step, summary=summary)
+                results.append(RunResult(spec.name, spec.run_dir, status, summary))
+            self.trackers.finish(r, results[-1].status, results[-1].summary)
         return results
 
 

@@ -1,67 +1,28 @@
 """How a pack computes, chosen once: the fast path or autograd through the hooked model.
 
 Both give a training step (the loss and every parameter's gradient of all runs, and the step's log
-row) and the evaluation's forward pass (query logits and every layer's attention pattern):
+row) and the evaluation's forward pass (query logits and every layer's attention pattern), through
+the model's one forward pass (Transformer.forward):
 
-  FastPath    unclamped packs whose model the hand-written backward handles (fast_path.py)
-  HookedPath  clamped packs, and any model option the fast path does not handle (noted in the log):
-              autograd through the model's sites with the clamps' hooks (ClampSet)
+  FastPath    unclamped packs: the step as one pure function, differentiated by torch.func (fast_path.py)
+  HookedPath  clamped packs: autograd through the model's sites with the clamps' hooks (ClampSet)
 
 Either can be compiled (`compile()`, compiled.py) for long runs.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ihstudy.model.clamps import ClampSet
-from ihstudy.model.fast_path import Tape, batch_spread, query_loss_and_gradients, train_step, unsupported
+from ihstudy.model.fast_path import batch_spread, query_loss_and_gradients, train_step
 from ihstudy.model.transformer import Transformer
 from ihstudy.tasks.fsl import Batch, PackStream
 from ihstudy.training.compiled import Compiled
 
-log = logging.getLogger(__name__)
-
 
 def choose_path(model: Transformer, clamps: ClampSet) -> FastPath | HookedPath:
-    if clamps.groups:
-        return HookedPath(model, clamps)
-    reason = unsupported(model.shape)
-    if reason is not None:
-        log.warning("the fast path cannot run this model (%s): autograd through the hooked model instead (slower)", reason)
-        return HookedPath(model, clamps)
-    return FastPath(model)
-
-
-class FastPath:
-    """The hand-written step, fed the embedding inputs of a whole chunk of batches at once."""
-
-    def __init__(self, model: Transformer):
-        self.model, self.train_step = model, train_step
-        self.inputs_chunk, self.chunk_inputs = -1, None
-        self.eval_batch, self.eval_inputs = None, None
-
-    def compile(self) -> None:
-        if not isinstance(self.train_step, Compiled):
-            self.train_step = Compiled(train_step, fullgraph=True)
-
-    def step(self, stream: PackStream, step: int, weight: torch.Tensor, lr: torch.Tensor, log_row: torch.Tensor) -> torch.Tensor:
-        """Gradients of every run into model.flat_grad, the log row into log_row [R, 4]; whether all
-        losses are finite (fast_path.train_step)."""
-        batch = stream.batch(step)
-        if self.inputs_chunk != stream.chunk_index:
-            self.inputs_chunk, self.chunk_inputs = stream.chunk_index, self.model.embedding_inputs(stream.chunk)
-        inputs = self.chunk_inputs[:, step % stream.chunk_batches]
-        return self.train_step(self.model, self.model.flat, inputs, batch.target, weight, lr, self.model.flat_grad, log_row)
-
-    def eval_forward(self, eval_batch: Batch, part: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Query logits [R, n, L] and patterns of the eval sequences `part` (the last layer's at the query)."""
-        if self.eval_batch is not eval_batch:  # its embedding inputs are made once
-            self.eval_batch, self.eval_inputs = eval_batch, self.model.embedding_inputs(eval_batch)
-        tape = Tape(self.model, self.model.views(self.model.flat), self.eval_inputs[:, part])
-        return tape.logits, tape.patterns()
+    return HookedPath(model, clamps) if clamps.groups else FastPath(model, clamps)
 
 
 class HookedPath:
@@ -92,3 +53,26 @@ class HookedPath:
         sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.model.shape.n_layers)]
         logits, cache = self.clamps.run_with_cache(self.model, batch, sites, query_only=True)
         return logits[:, :, -1], [cache[s] for s in sites]
+
+
+class FastPath(HookedPath):
+    """An unclamped pack: fast_path.train_step, fed the embedding inputs of a whole chunk of batches at once;
+    evaluation as HookedPath's, with no hooks but the pattern recorder."""
+
+    def __init__(self, model: Transformer, clamps: ClampSet):
+        super().__init__(model, clamps)
+        self.train_step, self.inputs_chunk, self.chunk_inputs = train_step, -1, None
+
+    def compile(self) -> None:
+        super().compile()
+        if not isinstance(self.train_step, Compiled):
+            self.train_step = Compiled(train_step, fullgraph=True)
+
+    def step(self, stream: PackStream, step: int, weight: torch.Tensor, lr: torch.Tensor, log_row: torch.Tensor) -> torch.Tensor:
+        """Gradients of every run into model.flat_grad, the log row into log_row [R, 4]; whether all
+        losses are finite (fast_path.train_step)."""
+        batch = stream.batch(step)
+        if self.inputs_chunk != stream.chunk_index:
+            self.inputs_chunk, self.chunk_inputs = stream.chunk_index, self.model.embedding_inputs(stream.chunk)
+        inputs = self.chunk_inputs[:, step % stream.chunk_batches]
+        return self.train_step(self.model, self.model.flat, inputs, batch.target, weight, lr, self.model.flat_grad, log_row)

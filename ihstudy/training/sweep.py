@@ -13,8 +13,9 @@ The sweep folder (default outputs/sweeps/<the overrides>, or hydra.sweep.dir=...
     <run name>/      one run folder per run, named by its swept overrides (layout: run_files.py)
     packs/<i>/       Hydra's folder of pack job i: .hydra/, its log, progress.json
 
-Running the same command again skips finished runs (completed or failed: a NaN comes back) and
-resumes the others from their newest checkpoints.
+Running the same command again skips completed runs and runs that failed for a numerical reason
+(a NaN comes back: `--retry-failed` trains them again), and resumes the others from their newest
+checkpoints: interrupted, killed, or failed for an environmental reason (a full disk, memory).
 """
 
 from __future__ import annotations
@@ -39,19 +40,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.config import (
     check_added_keys,
+    check_hydra_overrides,
+    check_launch_config,
     compose_config,
     compose_with_hydra,
     config_errors,
     hydra_initialized,
     literal_folders,
     quote,
+    run_identity,
     validate,
 )
 from ihstudy.errors import ConfigError
 from ihstudy.model.clamps import build_clamps
 from ihstudy.model.transformer import ModelShape
 from ihstudy.run_files import (
+    ANALYSIS_FOLDER,
     LOCK_NAME,
+    SWEEP_INDEX,
     TEMPORARY_NAME,
     RunFiles,
     atomic_write_parquet,
@@ -59,16 +65,17 @@ from ihstudy.run_files import (
     check_folder_path,
     first_line,
     foreign_entries,
+    is_report_dir,
     lock_run_dir,
     outputs_root,
 )
 from ihstudy.training.memory import check_fits, fits
+from ihstudy.training.pack_settings import shared_group, shared_part
+from ihstudy.training.recorder import NUMERICAL
 from ihstudy.training.train import Pack, RunResult, RunSpec, exemplar_shape, resolve_device, schedule_steps, sequences_to_step
 
 log = logging.getLogger(__name__)
 PLAN = "plan.json"
-INDEX = "sweep.parquet"
-FINISHED = ("completed", "failed")
 SWEEP_DIR = "hydra.sweep.dir"
 
 
@@ -106,12 +113,12 @@ class Sweep:
 
     def pack_total(self, i: int) -> int:
         """Sequences each run of pack i trains in all."""
-        return self.packs[i][0].cfg.train.sequences
+        return shared_group([run.cfg.train for run in self.packs[i]], "train").sequences
 
 
 def pack_seconds(pack: list[Run]) -> float:
     """Estimated time of a pack's remaining training and evals (TRAIN_SEQUENCES_PER_SECOND, EVAL_SECONDS)."""
-    train = pack[0].cfg.train
+    train = shared_group([run.cfg.train for run in pack], "train")
     n_steps = sequences_to_step(train.sequences, train.batch_size)
     done = max(pack[0].files.checkpoint_steps(), default=0)
     evals = [step for step in schedule_steps(train.eval_every, train.eval_at, n_steps, train.batch_size) if step > done]
@@ -122,9 +129,13 @@ def pack_seconds(pack: list[Run]) -> float:
 # --- planning: everything is composed and validated before anything is written ----------------
 
 
-def plan_sweep(overrides: list[str], max_pack_runs: int = 0) -> Sweep:
-    """Expand the overrides into runs, validate all of them and group the unfinished ones into packs."""
+def plan_sweep(overrides: list[str], max_pack_runs: int = 0, allow_callbacks: bool = False, on_run=None,
+               retry_failed: bool = False) -> Sweep:
+    """Expand the overrides into runs, validate all of them and group the ones to train into packs
+    (`needs_training`). `allow_callbacks`: run the hydra.callbacks of the config tree's pack_job.yaml;
+    `on_run(done, total)` is called as the runs are composed (a fraction of a second each)."""
     parsed = parse(literal_folders(overrides))
+    check_hydra_overrides(overrides, SWEEP_DIR, launches=True)
     hydra_args = [o.input_line for o in parsed if o.is_hydra_override()]
     run_args = [o.input_line for o in parsed if not o.is_hydra_override()]
     if not run_args:
@@ -134,16 +145,27 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0) -> Sweep:
     if not expanded:
         raise ConfigError(f"the sweep {' '.join(run_args)} has no runs")
     job_cfg = compose_pack_job(hydra_args)
+    check_launch_config(job_cfg, allow_callbacks)
     chosen = any(o.key_or_group == SWEEP_DIR for o in parsed)
-    sweep_dir = Path(job_cfg.hydra.sweep.dir) if chosen else outputs_root() / "sweeps" / folder_name("_".join(run_args))
+    named_by = [o for o in run_args if not o.lstrip("+~").startswith("logger")]  # trackers watch runs, they don't define them
+    sweep_dir = Path(job_cfg.hydra.sweep.dir) if chosen else outputs_root() / "sweeps" / folder_name("_".join(named_by))
     check_folder_path(sweep_dir, SWEEP_DIR)
     check_sweep_dir(sweep_dir)
     budget = memory_budget(job_cfg)
-    runs = compose_runs(expanded, sweep_dir.resolve(), budget)  # absolute: pack jobs may start in another folder
-    todo = [run for run in runs if run.files.read_status().get("status") not in FINISHED]
+    runs = compose_runs(expanded, sweep_dir.resolve(), budget, on_run)  # absolute: pack jobs may start in another folder
+    todo = [run for run in runs if needs_training(run.files.read_status(), retry_failed)]
     packs = sorted(group_into_packs(todo, max_pack_runs, budget), key=pack_seconds, reverse=True)  # see pack_jobs
     launcher_args = [o.input_line for o in parsed if o.is_hydra_override() and o.key_or_group != SWEEP_DIR]
     return Sweep(sweep_dir.resolve(), runs, packs, launcher_args)
+
+
+def needs_training(status: dict, retry_failed: bool = False) -> bool:
+    """Whether a sweep trains a run (again) given its run.json: not when completed, nor when it failed
+    for a numerical reason (its loss became NaN: training it again gives the same NaN) unless
+    `retry_failed`. Interrupted, killed (still "running") and environmental failures resume."""
+    if status.get("status") == "completed":
+        return False
+    return status.get("status") != "failed" or retry_failed or status.get("failure") not in (NUMERICAL, None)
 
 
 def parse(overrides: list[str]) -> list:
@@ -182,10 +204,12 @@ def folder_name(text: str) -> str:
     return name
 
 
-def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int | None = None) -> list[Run]:
+def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int | None = None, on_run=None) -> list[Run]:
     """Compose and validate every run; report all runs that fail (one line) and the repeated ones."""
     runs, errors, seen, features = [], [], {}, {}
-    for overrides, name in zip(expanded, run_names(expanded)):
+    for done, (overrides, name) in enumerate(zip(expanded, run_names(expanded))):
+        if on_run is not None:
+            on_run(done, len(expanded))
         try:
             cfg, _ = compose_config(overrides)
             shape = exemplar_shape(cfg.data, features)
@@ -201,6 +225,8 @@ def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int 
             raise ConfigError(f"the sweep repeats a run: {seen.get(text, name)} and {name} are the same run")
         seen[text] = name
         runs.append(Run(name, overrides, cfg, sweep_dir / name, shape))
+    if on_run is not None:
+        on_run(len(expanded), len(expanded))
     if errors:
         more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
         raise ConfigError(f"{len(errors)} of {len(expanded)} runs fail validation, none was run: {'; '.join(errors[:3])}{more}")
@@ -209,20 +235,15 @@ def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int 
 
 def check_same_config(files: RunFiles, cfg: DictConfig) -> None:
     """A run folder left by an earlier invocation must hold the same run."""
-    if (files.dir / "config.yaml").exists() and OmegaConf.to_container(files.read_config()) != OmegaConf.to_container(cfg):
+    if (files.dir / "config.yaml").exists() and run_identity(files.read_config()) != run_identity(cfg):
         raise ConfigError(f"{files.dir} holds a run with another config; choose another hydra.sweep.dir")
 
 
 def pack_key(run: Run) -> str:
-    """Runs with equal keys can train as one Pack: Pack takes these settings from its first run
-    (tensor shapes, training schedule, optimizer kind). Seeds, clamps, lr and data settings that
-    keep the shapes are per run. A resumed run packs with runs stopped at the same checkpoint."""
-    c = run.cfg
-    shared = {"model": c.model, "train": c.train, "eval": c.eval, "device": c.device,
-              "optim": {k: v for k, v in c.optim.items() if k in ("name", "betas", "eps")},
-              "task": {k: c.task[k] for k in ("n_labels", "context_len")}}
+    """Runs with equal keys can train as one Pack: equal shared settings (pack_settings.py) and
+    exemplar dimension. A resumed run packs with runs stopped at the same checkpoint."""
     resume_step = max(run.files.checkpoint_steps(), default=0)
-    return json.dumps([OmegaConf.to_container(OmegaConf.create(shared)), run.n_features, resume_step], sort_keys=True)
+    return json.dumps([shared_part(run.cfg), run.n_features, resume_step], sort_keys=True)
 
 
 def group_into_packs(runs: list[Run], max_pack_runs: int, memory_budget: int | None = None) -> list[list[Run]]:
@@ -245,7 +266,7 @@ def group_into_packs(runs: list[Run], max_pack_runs: int, memory_budget: int | N
 
 
 def fits_in_memory(pack: list[Run], memory_budget: int | None) -> bool:
-    device = resolve_device(pack[0].cfg.device)
+    device = resolve_device(shared_group([run.cfg.device for run in pack], "device"))
     return fits([run.cfg for run in pack], [run.exemplar_shape for run in pack], device, memory_budget)
 
 
@@ -256,7 +277,7 @@ def memory_budget(job_cfg: DictConfig) -> int | None:
     return int(mem_gb * 2**30) if mem_gb else None
 
 
-SWEEP_FILES = {PLAN, INDEX, LOCK_NAME, "multirun.yaml"}
+SWEEP_FILES = {PLAN, SWEEP_INDEX, LOCK_NAME, "multirun.yaml"}
 SWEEP_FOLDERS = {"packs", ".submitit"}
 
 
@@ -276,6 +297,8 @@ def check_sweep_dir(sweep_dir: Path) -> None:
 def is_sweep_entry(path: Path) -> bool:
     if path.is_symlink():
         return False
+    if path.is_dir() and path.name == ANALYSIS_FOLDER:  # ihstudy analyze's reports on the sweep
+        return all(is_report_dir(p) or TEMPORARY_NAME.fullmatch(p.name) for p in path.iterdir())
     if path.is_dir():
         return path.name in SWEEP_FOLDERS or not foreign_entries(path)  # a run folder
     return path.name in SWEEP_FILES or TEMPORARY_NAME.fullmatch(path.name) is not None
@@ -324,7 +347,10 @@ def run_sweeps(sweeps: list[Sweep], folder: Path, on_progress=None) -> list[list
     locks = []
     try:
         for path in folders:  # one command per sweep folder at a time
-            path.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a read-only or full filesystem, a file on the way
+                raise ConfigError(f"cannot create the sweep folder {path}: {first_line(exc)}") from None
             locks.append(lock_run_dir(path))
         jobs = pack_jobs(sweeps)
         if jobs:
@@ -476,4 +502,4 @@ def write_index(sweep: Sweep) -> None:
              **{k: v for k, v in r.summary.items() if k.endswith((".loss", ".acc"))},
              "error": r.summary.get("error"), "dir": str(r.run_dir)}
             for run, r in zip(sweep.runs, collect_results(sweep))]
-    atomic_write_parquet(sweep.dir / INDEX, pd.DataFrame(rows))
+    atomic_write_parquet(sweep.dir / SWEEP_INDEX, pd.DataFrame(rows))

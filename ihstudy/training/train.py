@@ -33,7 +33,16 @@ from ihstudy.training.compiled import use_compile
 from ihstudy.training.evaluate import Evaluator
 from ihstudy.training.memory import check_fits
 from ihstudy.training.optim import StackedOptimizer, lr_schedule
-from ihstudy.training.recorder import RunRecorder, RunResult, RunSpec, phase_change_sequences, summarize  # noqa: F401 (public here)
+from ihstudy.training.pack_settings import shared_settings
+from ihstudy.training.recorder import (  # noqa: F401 (public here)
+    ENVIRONMENT,
+    NUMERICAL,
+    RunRecorder,
+    RunResult,
+    RunSpec,
+    phase_change_sequences,
+    summarize,
+)
 from ihstudy.training.steps import choose_path
 
 log = logging.getLogger(__name__)
@@ -61,19 +70,21 @@ class Runs:
 
     def __init__(self, specs: list[RunSpec], features_cache: dict | None = None):
         self.specs = specs
-        cfg = specs[0].cfg
-        self.device = resolve_device(cfg.device)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
         cache = {} if features_cache is None else features_cache
         exemplar_shapes = [exemplar_shape(spec.cfg.data, cache) for spec in specs]
         for spec, shape in zip(specs, exemplar_shapes):
             validate(spec.cfg, *shape[:2])
+        self.settings = shared = shared_settings([spec.cfg for spec in specs])
+        if len({shape[2] for shape in exemplar_shapes}) > 1:
+            raise ConfigError("runs packed together must share the exemplar dimension (data.dim or the feature file's)")
+        self.device = resolve_device(shared.device)
+        if shared.train.threads:
+            torch.set_num_threads(shared.train.threads)
         check_fits([spec.cfg for spec in specs], exemplar_shapes, self.device)  # before anything large is made
         self.tasks = [FewShotTask(spec.cfg.task, load_cached_features(spec.cfg.data, cache)) for spec in specs]
-        self.shape = ModelShape.of_config(cfg, self.tasks[0].features.shape[-1])
-        self.batch_size = cfg.train.batch_size
-        self.model = Transformer(self.shape, len(specs), self.device).init_([s.cfg.seed for s in specs], cfg.model.init)
+        self.shape = ModelShape.of_config(shared, exemplar_shapes[0][2])
+        self.batch_size = shared.train.batch_size
+        self.model = Transformer(self.shape, len(specs), self.device).init_([s.cfg.seed for s in specs], shared.model.init)
         self.clamps = ClampSet([build_clamps(s.cfg.clamp, self.shape) for s in specs])
         self.path = choose_path(self.model, self.clamps)
         self.evaluator = Evaluator(self.tasks, [s.cfg for s in specs], self.device)
@@ -98,7 +109,7 @@ class Pack(Runs):
 
     def __init__(self, specs: list[RunSpec], features_cache: dict | None = None):
         super().__init__(specs, features_cache)
-        train = specs[0].cfg.train
+        train = self.settings.train
         self.n_steps = sequences_to_step(train.sequences, self.batch_size)
         self.optimizer = StackedOptimizer([s.cfg.optim for s in specs], self.model.flat, self.model.flat_grad)
         self.lrs = torch.stack([lr_schedule(s.cfg.optim, self.n_steps, self.batch_size) for s in specs], 1).to(self.device)
@@ -115,7 +126,7 @@ class Pack(Runs):
     def train(self, progress=None) -> list[RunResult]:
         """Train to the end. A first SIGINT/SIGTERM stops at the next step boundary with a checkpoint
         (status interrupted, resumable); a failed write (e.g. a full disk) fails the runs cleanly."""
-        if use_compile(self.specs[0].cfg.train.compile, self.n_steps, self.device):
+        if use_compile(self.settings.train.compile, self.n_steps, self.device):
             self.compile()
         try:
             with StopRequest() as stop:
@@ -156,7 +167,7 @@ class Pack(Runs):
     def train_step(self) -> None:
         lr, log_row = self.lrs[self.step], self.recorder.step_log[self.step]  # log_row: [R, len(STEP_COLUMNS)]
         if not self.path.step(self.stream, self.step, self.loss_weight, lr, log_row):
-            self.fail_runs(~torch.isfinite(log_row[:, 0]) & self.active, "loss became NaN or infinite")
+            self.fail_runs(~torch.isfinite(log_row[:, 0]) & self.active, "loss became NaN or infinite", failure=NUMERICAL)
         self.optimizer.step(lr, self.active)
         self.step += 1
 
@@ -169,10 +180,11 @@ class Pack(Runs):
                                                        "optimizer": self.optimizer.state(r),
                                                        "rng": {"torch": torch.get_rng_state()}})
 
-    def fail_runs(self, which: torch.Tensor, message: str, write_rows: bool = True) -> None:
-        """Stop runs for good (the recorder keeps their rows and last checkpoint and marks them failed;
-        without `write_rows` the tables on disk stay as they are)."""
-        self.recorder.fail(which.nonzero().flatten().tolist(), message, self.step, write_rows)
+    def fail_runs(self, which: torch.Tensor, message: str, write_rows: bool = True, failure: str = ENVIRONMENT) -> None:
+        """Stop runs (the recorder keeps their rows and last checkpoint and marks them failed, with
+        `failure` saying why: recorder.NUMERICAL or ENVIRONMENT); without `write_rows` the tables
+        on disk stay as they are."""
+        self.recorder.fail(which.nonzero().flatten().tolist(), message, self.step, write_rows, failure)
         self.active &= ~which
         self.loss_weight = self.loss_weights()
 

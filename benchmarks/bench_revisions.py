@@ -1,0 +1,97 @@
+"""Training-step speed of this checkout against another git revision, measured in turns.
+
+    .venv/bin/python benchmarks/bench_revisions.py --base REV [--steps 1000] [--rounds 8] [overrides ...]
+
+Two worker processes, one importing ihstudy from this checkout and one from `git archive REV`, each
+build the pack of the default run (plus the Hydra overrides given, e.g. clamp=pt_attention for a
+clamped Fig-5b run), compile it as `train.compile` decides, warm up, and then time `--steps` training
+steps whenever asked. The parent asks them in turns (base, this; this, base; ...), so the load of a
+shared machine falls on both alike, and reports the ratio of step times per round (its median) and
+the ratio of each side's fastest timing (the least disturbed by other load): ratios, not speeds.
+Nothing is written except to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(overrides: list[str]) -> None:
+    """Serve timing requests on stdin: each line is a number of steps, answered with their seconds."""
+    import ihstudy
+    from ihstudy.config import compose_config
+    from ihstudy.training.compiled import use_compile
+    from ihstudy.training.train import Pack, RunSpec
+
+    cfg, run_dir = compose_config([f"hydra.run.dir={os.environ['IHSTUDY_OUTPUTS']}/{os.getpid()}", *overrides])
+    pack = Pack([RunSpec(cfg, run_dir)])
+    if use_compile(cfg.train.compile, pack.n_steps, pack.device):
+        pack.compile()
+    start = time.perf_counter()
+    for _ in range(100):  # compiles on the first step, then warms up
+        pack.train_step()
+    print(f"ready {Path(ihstudy.__file__).parent} {time.perf_counter() - start:.1f}", flush=True)
+    for line in sys.stdin:
+        start = time.perf_counter()
+        for _ in range(int(line)):
+            pack.train_step()
+        print(time.perf_counter() - start, flush=True)
+
+
+def start_worker(source: Path, overrides: list[str], outputs: str) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(source), "IHSTUDY_OUTPUTS": outputs}
+    return subprocess.Popen([sys.executable, __file__, "--worker", *overrides], cwd=source, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def ask(process: subprocess.Popen, steps: int) -> float:
+    process.stdin.write(f"{steps}\n")
+    process.stdin.flush()
+    return float(process.stdout.readline())
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--worker"]:
+        return worker(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="git revision to compare this checkout against")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps per timing")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both, e.g. clamp=pt_attention")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_revisions_") as tmp:
+        base = Path(tmp, "base")
+        base.mkdir()
+        archive = subprocess.run(["git", "archive", args.base], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+        workers = {"base": start_worker(base, args.overrides, tmp), "this": start_worker(ROOT, args.overrides, tmp)}
+        for name, process in workers.items():
+            _, source, seconds = process.stdout.readline().split()
+            print(f"{name}: ihstudy from {source}, compile and warm-up {float(seconds):.0f} s")
+        ratios, best = [], {"base": float("inf"), "this": float("inf")}
+        for round_ in range(args.rounds):
+            order = ["base", "this"] if round_ % 2 == 0 else ["this", "base"]
+            seconds = {name: ask(workers[name], args.steps) for name in order}
+            ratios.append(seconds["base"] / seconds["this"])
+            best = {name: min(best[name], seconds[name]) for name in best}
+            print(f"round {round_}: base {seconds['base'] / args.steps * 1e3:.2f} ms/step, "
+                  f"this {seconds['this'] / args.steps * 1e3:.2f} ms/step, base/this {ratios[-1]:.2f}", flush=True)
+        for process in workers.values():
+            process.stdin.close()
+            process.wait()
+    print(f"step time base/this ({args.base} / this checkout, {' '.join(args.overrides) or 'default run'}): "
+          f"median {statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f} over {args.rounds} rounds; "
+          f"of the fastest timings {best['base'] / best['this']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
