@@ -78,7 +78,7 @@ def main() -> None:
         target = 2.2 if passes == 2 else 1.3
         flag = "" if ms / base <= target else "  OVER"
         print(f"{case:24} {ms * 1e3:8.2f} {ms / base:7.2f}x {ms / hooked:8.2f}x {target:6.1f}x{flag}")
-    print("vs none: against the unclamped run (hand-written step, fast_path.py); vs hooked: against the same model "
+    print("vs none: against the unclamped run (the fast path, fast_path.py); vs hooked: against the same model "
           "through the hooked autograd path with a do-nothing clamp, i.e. what the clamps themselves add")
     how = "compiled" if args.compile else "uncompiled"
     print(f"(median of {args.repeats} x {args.steps} {how} steps, batch 32, {args.threads} thread(s); shared machine: noisy)")

@@ -7,7 +7,8 @@ build the pack of the default run (plus the Hydra overrides given, e.g. clamp=pt
 clamped Fig-5b run), compile it as `train.compile` decides, warm up, and then time `--steps` training
 steps whenever asked. The parent asks them in turns (base, this; this, base; ...), so the load of a
 shared machine falls on both alike, and reports the ratio of step times per round (its median) and
-the ratio of each side's fastest timing (the least disturbed by other load): ratios, not speeds.
+the ratio of each side's fastest timing (the least disturbed by other load) and of CPU time (less
+sensitive to waiting for a core than wall-clock time): ratios, not speeds.
 Nothing is written except to a temporary folder.
 """
 
@@ -26,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker(overrides: list[str]) -> None:
-    """Serve timing requests on stdin: each line is a number of steps, answered with their seconds."""
+    """Serve timing requests on stdin: each line is a number of steps, answered with their wall-clock
+    and CPU seconds (of all this process's threads)."""
     import ihstudy
     from ihstudy.config import compose_config
     from ihstudy.training.compiled import use_compile
@@ -41,10 +43,10 @@ def worker(overrides: list[str]) -> None:
         pack.train_step()
     print(f"ready {Path(ihstudy.__file__).parent} {time.perf_counter() - start:.1f}", flush=True)
     for line in sys.stdin:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(int(line)):
             pack.train_step()
-        print(time.perf_counter() - start, flush=True)
+        print(time.perf_counter() - start, time.process_time() - cpu, flush=True)
 
 
 def start_worker(source: Path, overrides: list[str], outputs: str) -> subprocess.Popen:
@@ -53,10 +55,12 @@ def start_worker(source: Path, overrides: list[str], outputs: str) -> subprocess
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
 
-def ask(process: subprocess.Popen, steps: int) -> float:
+def ask(process: subprocess.Popen, steps: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of `steps` training steps."""
     process.stdin.write(f"{steps}\n")
     process.stdin.flush()
-    return float(process.stdout.readline())
+    wall, cpu = process.stdout.readline().split()
+    return float(wall), float(cpu)
 
 
 def main() -> None:
@@ -77,20 +81,23 @@ def main() -> None:
         for name, process in workers.items():
             _, source, seconds = process.stdout.readline().split()
             print(f"{name}: ihstudy from {source}, compile and warm-up {float(seconds):.0f} s")
-        ratios, best = [], {"base": float("inf"), "this": float("inf")}
+        ratios, cpu_ratios, best = [], [], {"base": float("inf"), "this": float("inf")}
         for round_ in range(args.rounds):
             order = ["base", "this"] if round_ % 2 == 0 else ["this", "base"]
-            seconds = {name: ask(workers[name], args.steps) for name in order}
+            (wall, cpu) = zip(*(ask(workers[name], args.steps) for name in order))
+            seconds, cpu = dict(zip(order, wall)), dict(zip(order, cpu))
             ratios.append(seconds["base"] / seconds["this"])
+            cpu_ratios.append(cpu["base"] / cpu["this"])
             best = {name: min(best[name], seconds[name]) for name in best}
             print(f"round {round_}: base {seconds['base'] / args.steps * 1e3:.2f} ms/step, "
-                  f"this {seconds['this'] / args.steps * 1e3:.2f} ms/step, base/this {ratios[-1]:.2f}", flush=True)
+                  f"this {seconds['this'] / args.steps * 1e3:.2f} ms/step, base/this {ratios[-1]:.2f} "
+                  f"(CPU time {cpu_ratios[-1]:.2f})", flush=True)
         for process in workers.values():
             process.stdin.close()
             process.wait()
     print(f"step time base/this ({args.base} / this checkout, {' '.join(args.overrides) or 'default run'}): "
           f"median {statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f} over {args.rounds} rounds; "
-          f"of the fastest timings {best['base'] / best['this']:.2f}")
+          f"of the fastest timings {best['base'] / best['this']:.2f}; of CPU time: median {statistics.median(cpu_ratios):.2f}")
 
 
 if __name__ == "__main__":

@@ -251,12 +251,12 @@ class Sweep:
     """A sweep folder: its index (sweep.parquet), its runs, and the timing analysis over them."""
 
     def __init__(self, path):
-        from ihstudy.training.sweep import INDEX
+        from ihstudy.run_files import SWEEP_INDEX
 
         self.dir = Path(path).absolute()  # a notebook may change its working folder later
-        if not (self.dir / INDEX).is_file():
-            raise ConfigError(f"{self.dir} is not a sweep folder (no {INDEX})")
-        self.index = pd.read_parquet(self.dir / INDEX)  # one row per run: overrides, status, phase change, final losses
+        if not (self.dir / SWEEP_INDEX).is_file():
+            raise ConfigError(f"{self.dir} is not a sweep folder (no {SWEEP_INDEX})")
+        self.index = pd.read_parquet(self.dir / SWEEP_INDEX)  # one row per run: overrides, status, phase change, final losses
 
     def __repr__(self) -> str:
         return f"Sweep('{self.dir}', {len(self.index)} runs)"

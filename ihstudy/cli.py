@@ -218,6 +218,9 @@ def print_summary(results, root: Path | None = None) -> None:
 def sweep(
     overrides: list[str] | None = OVERRIDES,
     max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
+    subsets: str | None = typer.Option(None, "--subsets", metavar="clamp=A,B,...",
+                                       help="Sweep every subset of these clamp presets, on top of the base clamp=... "
+                                            "(docs/subsets.md)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their packs; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary table."),
     retry_failed: bool = RETRY_FAILED,
@@ -230,13 +233,20 @@ def sweep(
     launcher (hydra/launcher=joblib, submitit_local or submitit_slurm; default: in this process).
     Running the same command again skips completed runs and runs whose loss became NaN (unless
     --retry-failed) and resumes the others."""
+    from ihstudy.training.lattice import label
     from ihstudy.training.sweep import plan_sweep
 
     try:
         with planning_progress(quiet) as on_run:
-            plan = plan_sweep(overrides or [], max_pack_runs, allow_callbacks, on_run, retry_failed)
+            plan = plan_sweep(overrides or [], max_pack_runs, allow_callbacks, on_run, retry_failed, subsets)
     except UserError as exc:
         fail(str(exc))
+    if plan.lattice:
+        kept = plan.lattice.kept()
+        say(f"subsets of {', '.join(plan.lattice.clamps)}: {len(kept)} of {len(plan.lattice.subsets())} swept"
+            + (f" on top of {','.join(plan.lattice.base)}" if plan.lattice.base else ""))
+        for subset, reason in plan.lattice.skipped.items():
+            say(f"{label(subset)}: {reason}", "[yellow]skipped:[/] ")
     if print_config:
         print_sweep_configs(plan, print_config.value)
         return
@@ -408,12 +418,13 @@ def reproduce(
 ANALYSES = {"eval": "re-evaluate a checkpoint, optionally under clamps (post-hoc ablation)",
             "heads": "last-layer head ablations, complementarity and first-layer roles of a checkpoint",
             "wiring": "single-head wiring grid and Q/K/V composition scores of a checkpoint",
-            "progress": "progress measures over every checkpoint of a run"}
+            "progress": "progress measures over every checkpoint of a run",
+            "subsets": "a subset sweep's lattice: clamp effects, interactions, composition rules (docs/subsets.md)"}
 
 
 @app.command(context_settings=EXTRA, cls=OneLineErrors)
 def analyze(
-    args: list[str] | None = typer.Argument(None, metavar="[eval|heads|wiring|progress] PATH...",
+    args: list[str] | None = typer.Argument(None, metavar="[eval|heads|wiring|progress|subsets] PATH...",
                                                help="Run or sweep folders (timing), or an analysis and one run folder."),
     by: str = typer.Option("", "--by", help="Group runs by config field(s), e.g. clamp, task.n_labels or clamp,seed."),
     evaluator: str = typer.Option("fsl_train", "--evaluator", help="Evaluator whose loss is timed."),
@@ -437,6 +448,7 @@ def analyze(
     ihstudy analyze heads RUN [--step N]      keep-one/remove-one head, add-back, complementarity, layer-1 roles
     ihstudy analyze wiring RUN [--step N]     one layer-1 x one layer-2 head kept; Q/K/V composition scores
     ihstudy analyze progress RUN              perfect-match / previous-token / direct-path measures per checkpoint
+    ihstudy analyze subsets SWEEP             a subset sweep (sweep --subsets): effects, interactions, composition
 
     Timing writes tables (CSV), figures and report.md to --report (default: analysis/timing next to
     the runs); the checkpoint analyses to analysis/<analysis>-<run>. Run folders are never changed."""
@@ -455,7 +467,9 @@ def analyze(
     if what == "timing":
         return analyze_timing([Path(a) for a in args], by, evaluator, thresholds, metric, band, report, fmt)
     if len(args) != 1:
-        fail(f"analyze {what} takes one run folder")
+        fail(f"analyze {what} takes one {'sweep' if what == 'subsets' else 'run'} folder")
+    if what == "subsets":
+        return analyze_subsets(Path(args[0]), evaluator, metric, report, fmt)
     analyze_checkpoint(what, Path(args[0]), step, sequences, report, fmt)
 
 
@@ -580,6 +594,22 @@ def analyze_checkpoint(what: str, run_dir: Path, step: int | None, sequences: in
 
     for name, frame in tables.items():
         print_table([str(c) for c in frame.columns], frame_rows(frame.head(40)), [name])
+    save_report(result, out, fmt)
+
+
+def analyze_subsets(sweep_dir: Path, evaluator: str, metric: str, report_dir: Path | None, fmt: str) -> None:
+    from ihstudy.analysis import subsets
+    from ihstudy.run_files import check_report_dir
+
+    out = report_dir or sweep_dir / "analysis" / "subsets"
+    try:
+        check_report_dir(out)
+        lattice = subsets.load(sweep_dir, evaluator, metric)
+        result, _ = subsets.subsets_report(lattice)
+    except UserError as exc:
+        fail(str(exc))
+    for note in result.notes:  # the ranking and the composition result in words; the tables are in the report
+        say(note)
     save_report(result, out, fmt)
 
 

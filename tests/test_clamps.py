@@ -385,3 +385,44 @@ def test_query_only_passes_equal_the_full_pass_at_the_query(checkpoint):
         query_loss(clamp_set.forward(full_model, batch), batch.target).sum().backward()
         query_loss(clamp_set.query_logits(query_model, batch).unsqueeze(2), batch.target).sum().backward()
         torch.testing.assert_close(query_model.flat_grad, full_model.flat_grad, msg=str(clamps))
+
+
+# --- clamps that make others do nothing -------------------------------------------------------------
+
+
+def assert_same_training_signal(clamps, more, model=None, batch=None):
+    """`clamps` and `clamps + more` give the same query logits (the only ones trained and evaluated) and
+    the same gradient: `more` does nothing."""
+    model, batch = model or make_model(), batch or make_batch()
+    torch.testing.assert_close(ClampSet([clamps + more]).forward(model, batch)[..., -1, :],
+                               ClampSet([clamps]).forward(model, batch)[..., -1, :], rtol=0, atol=0)
+    with_more, without = grads(clamps + more, model, batch), grads(clamps, model, batch)
+    for name in without:
+        torch.testing.assert_close(with_more[name], without[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("clamps, inert", [
+    ([PerfectCopy(head=(1, 2))], [InductionPattern(heads=((1, 2),), strength=1.0)]),
+    ([Layer1Input()], [PrevTokenPattern(heads=((0, 1),), strength=1.0)]),
+    ([Layer1Input()], [AblateHeads(heads=((0, 0), (0, 3)))]),
+])
+def test_inert_combinations_change_nothing_and_are_refused(clamps, inert):
+    assert_same_training_signal(clamps, inert)
+    specs = {f"c{i}": spec for i, spec in enumerate(SPEC_OF[type(c)] for c in clamps + inert)}
+    with pytest.raises(ConfigError, match="would do nothing"):
+        build_clamps(specs, SHAPE)
+
+
+SPEC_OF = {PerfectCopy: {"kind": "perfect_copy", "head": "1:2"},
+           InductionPattern: {"kind": "induction_pattern", "heads": ["1:2"], "strength": 1.0},
+           Layer1Input: {"kind": "layer1_input"},
+           PrevTokenPattern: {"kind": "prev_token_pattern", "heads": ["0:1"], "strength": 1.0},
+           AblateHeads: {"kind": "ablate", "heads": ["0:0", "0:3"]}}
+
+
+def test_keeping_only_the_copied_head_changes_nothing_under_perfect_copy():
+    """Why a subset sweep may add keep_only 1:2 to the copy clamp (docs/subsets.md): the other layer-2
+    heads' outputs reach only the query logits, which the copy overwrites."""
+    kept = build_clamps({"keep": {"kind": "keep_only", "heads": "1:2"}}, SHAPE)
+    assert_same_training_signal([PerfectCopy(head=(1, 2))], kept)
+    assert not ClampSet([kept]).forward(make_model(), make_batch()).equal(make_model()(make_batch()))  # not a no-op alone

@@ -5,6 +5,7 @@ runs), --dry-run and bad input; every preset end to end at a tiny scale is slow.
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -174,6 +175,76 @@ def test_fig15_match_strength_judged_from_the_curves(tmp_path, holds):
                  config=f"clamp: {{match: {{kind: induction_pattern, heads: ['1:3'], strength: {strength}}}}}\nseed: 5\n")
     found = judged("fig15", tmp_path, ["fig15"])
     assert found.holds == ("yes" if holds else "no"), found.ihstudy
+
+
+# Findings 3, 5 and Fig. 17 analyse checkpoints: their circuit analyses (tested in tests/test_circuits.py) are
+# replaced here by synthetic tables, so that the judges alone are tested.
+
+
+class FakeSubject:
+    """What the checkpoint judges read of a circuits.Subject."""
+
+    step, last = 100, 1
+    shape = SimpleNamespace(n_labels=2)
+    cfg = SimpleNamespace(clamp=SimpleNamespace(keep=SimpleNamespace(heads=["1:3", "1:0"])))
+    task = None
+
+    def __init__(self, *args):
+        pass
+
+    def model(self, *args):
+        return None
+
+    def clamp_set(self, *args):
+        return None
+
+
+def fake_fig3_checkpoint(tmp_path, monkeypatch) -> None:
+    write_fig3(tmp_path)
+    monkeypatch.setattr(reproduce.Results, "fig3_subject", lambda self: (FakeSubject(), None, True))
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_redundancy_and_additivity_judged_from_the_head_tables(tmp_path, monkeypatch, holds):
+    """Finding 3: no single head matters, keep-one accuracy rises with strength, adding heads back
+    lowers the loss (not: removing one head costs 0.1 accuracy)."""
+    fake_fig3_checkpoint(tmp_path, monkeypatch)
+    heads = pd.DataFrame({"head": ["1:0", "1:1", "1:2"], "induction": [0.8, 0.5, 0.1], "keep_one_acc": [0.95, 0.7, 0.3],
+                          "remove_one_acc": [0.98, 0.99, 0.99] if holds else [0.89, 0.99, 0.99]})
+    tables = {"heads": heads, "add_back": pd.DataFrame({"n_heads": [1, 2, 3], "loss": [0.1, 0.04, 0.01]}),
+              "full_model": pd.DataFrame({"acc": [0.99]})}
+    monkeypatch.setattr(reproduce.circuits, "last_layer_heads", lambda *args: tables)
+    found = judged("3", tmp_path, ["fig3"])
+    assert found.holds == ("yes" if holds else "no") and "add-back losses 0.1, 0.04, 0.01" in found.ihstudy
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_layer1_through_layer2_judged_from_the_ablations(tmp_path, monkeypatch, holds):
+    """Finding 5: the direct path of layer 1 changes nothing, ablating the PT heads' values and the
+    others' patterns costs accuracy (not: the direct path changes accuracy by 0.05)."""
+    fake_fig3_checkpoint(tmp_path, monkeypatch)
+    roles = pd.DataFrame({"heads": ["PT heads 0:1", "other heads 0:2"], "value_preserved_acc": [0.7, 0.98],
+                          "pattern_preserved_acc": [0.97, 0.34]})
+    monkeypatch.setattr(reproduce.circuits, "first_layer_roles", lambda *args: roles)
+    monkeypatch.setattr(reproduce.circuits, "direct_path_hooks", lambda *args: [])
+    without_direct = 0.99 if holds else 0.94
+    monkeypatch.setattr(reproduce.circuits, "evaluate", lambda *args: {"acc": np.array([0.99, without_direct])})
+    found = judged("5", tmp_path, ["fig3"])
+    assert found.holds == ("yes" if holds else "no") and "value-preserving ablation 0.7" in found.ihstudy
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_fig17_copy_circuits_judged_from_per_label_accuracy(tmp_path, monkeypatch, holds):
+    """Fig. 17: each head of a pair copies some labels, its partner the others (not: both copy
+    every label alike)."""
+    fake_run(tmp_path / "fig17" / "clamp.keep.heads=[1:3,1:0]", {"fsl_train": plateau_then_drop(300_000)})
+    per_label = [[1.0, 0.2], [0.3, 0.9]] if holds else [[0.9, 0.9], [0.8, 0.8]]
+    monkeypatch.setattr(reproduce.circuits, "Subject", FakeSubject)
+    monkeypatch.setattr(reproduce.circuits, "training_distribution", lambda *args: (None, True))
+    monkeypatch.setattr(reproduce.circuits, "perfect_match", lambda subject: {})
+    monkeypatch.setattr(reproduce.circuits, "evaluate", lambda *args: {"label_acc": np.array(per_label)})
+    found = judged("fig17", tmp_path, ["fig17"])
+    assert found.holds == ("yes" if holds else "no") and found.ihstudy.startswith(f"{int(holds)} of 1 pairs label-specific")
 
 
 def test_scale_shortens_every_schedule_with_sane_minimums():

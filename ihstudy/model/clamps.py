@@ -481,6 +481,7 @@ def build_clamps(clamp_cfg, shape: ModelShape) -> list[Clamp]:
         raise ConfigError("clamp must be a mapping of clamp names to specs")
     clamps = [_build(str(name), spec, shape) for name, spec in (specs or {}).items() if spec is not None]
     _check_one_pattern_per_head(clamps)
+    _check_none_inert(clamps)
     return clamps
 
 
@@ -577,6 +578,24 @@ def _check_one_pattern_per_head(clamps: list[Clamp]) -> None:
                     raise ConfigError(f"head {layer}:{head} gets two attention patterns "
                                       f"(clamps '{owner[(layer, head)]}' and '{clamp.name}')")
                 owner[(layer, head)] = clamp.name
+
+
+def _check_none_inert(clamps: list[Clamp]) -> None:
+    """Refuse a clamp that another one makes do nothing (forward and gradient), so that a run never
+    silently equals the run without it: a pattern on a head whose scores a perfect copy reads (the
+    copy overwrites the query logits, the only place that head's output reaches), or a clamp on
+    layer-0 heads beside layer1_input (which takes layer 0 out)."""
+    copied = {clamp.head: clamp.name for clamp in clamps if isinstance(clamp, PerfectCopy)}
+    layer1 = next((clamp.name for clamp in clamps if isinstance(clamp, Layer1Input)), None)
+    for clamp in clamps:
+        heads = getattr(clamp, "heads", ())
+        head = next((h for h in heads if h in copied), None)
+        if isinstance(clamp, PatternClamp) and head:
+            raise ConfigError(f"clamp '{clamp.name}' sets the pattern of head {head[0]}:{head[1]}, whose scores (not "
+                              f"pattern) '{copied[head]}' copies to the logits: '{clamp.name}' would do nothing")
+        if layer1 and heads and all(layer == 0 for layer, _ in heads):
+            raise ConfigError(f"clamp '{clamp.name}' acts on layer 0, which '{layer1}' (layer1_input) takes out: "
+                              f"'{clamp.name}' would do nothing")
 
 
 def _check_heads(heads: tuple[Head, ...], shape: ModelShape) -> None:

@@ -69,6 +69,7 @@ from ihstudy.run_files import (
     lock_run_dir,
     outputs_root,
 )
+from ihstudy.training.lattice import LATTICE, Lattice, drop_incompatible, subset_sweep
 from ihstudy.training.memory import check_fits, fits
 from ihstudy.training.pack_settings import shared_group, shared_part
 from ihstudy.training.recorder import NUMERICAL
@@ -110,6 +111,7 @@ class Sweep:
     runs: list[Run]
     packs: list[list[Run]]  # the runs still to train, grouped
     launcher_overrides: list[str]  # hydra.* overrides for the pack jobs
+    lattice: Lattice | None = None  # a subset sweep's clamps (training/lattice.py)
 
     def pack_total(self, i: int) -> int:
         """Sequences each run of pack i trains in all."""
@@ -130,10 +132,11 @@ def pack_seconds(pack: list[Run]) -> float:
 
 
 def plan_sweep(overrides: list[str], max_pack_runs: int = 0, allow_callbacks: bool = False, on_run=None,
-               retry_failed: bool = False) -> Sweep:
+               retry_failed: bool = False, subsets: str | None = None) -> Sweep:
     """Expand the overrides into runs, validate all of them and group the ones to train into packs
     (`needs_training`). `allow_callbacks`: run the hydra.callbacks of the config tree's pack_job.yaml;
-    `on_run(done, total)` is called as the runs are composed (a fraction of a second each)."""
+    `on_run(done, total)` is called as the runs are composed (a fraction of a second each); `subsets`
+    (clamp=A,B,...) sweeps every subset of those clamp presets (training/lattice.py)."""
     parsed = parse(literal_folders(overrides))
     check_hydra_overrides(overrides, SWEEP_DIR, launches=True)
     hydra_args = [o.input_line for o in parsed if o.is_hydra_override()]
@@ -141,13 +144,18 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0, allow_callbacks: bo
     if not run_args:
         raise ConfigError("nothing to sweep: give overrides such as seed=5,6 clamp=none,copy, or experiment=NAME")
     check_added_keys(run_args)  # once, not once per run
+    lattice, named = None, [f"subsets={subsets}", *run_args] if subsets else run_args
+    if subsets:
+        lattice, run_args = subset_sweep(subsets, run_args)
     expanded = expand(run_args)
+    if lattice:
+        expanded = drop_incompatible(lattice, expanded, check_clamps)
     if not expanded:
         raise ConfigError(f"the sweep {' '.join(run_args)} has no runs")
     job_cfg = compose_pack_job(hydra_args)
     check_launch_config(job_cfg, allow_callbacks)
     chosen = any(o.key_or_group == SWEEP_DIR for o in parsed)
-    named_by = [o for o in run_args if not o.lstrip("+~").startswith("logger")]  # trackers watch runs, they don't define them
+    named_by = [o for o in named if not o.lstrip("+~").startswith("logger")]  # trackers watch runs, they don't define them
     sweep_dir = Path(job_cfg.hydra.sweep.dir) if chosen else outputs_root() / "sweeps" / folder_name("_".join(named_by))
     check_folder_path(sweep_dir, SWEEP_DIR)
     check_sweep_dir(sweep_dir)
@@ -156,7 +164,11 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0, allow_callbacks: bo
     todo = [run for run in runs if needs_training(run.files.read_status(), retry_failed)]
     packs = sorted(group_into_packs(todo, max_pack_runs, budget), key=pack_seconds, reverse=True)  # see pack_jobs
     launcher_args = [o.input_line for o in parsed if o.is_hydra_override() and o.key_or_group != SWEEP_DIR]
-    return Sweep(sweep_dir.resolve(), runs, packs, launcher_args)
+    return Sweep(sweep_dir.resolve(), runs, packs, launcher_args, lattice)
+
+
+def check_clamps(cfg: DictConfig) -> None:
+    build_clamps(cfg.clamp, ModelShape.of_config(cfg, exemplar_shape(cfg.data, {})[2]))
 
 
 def needs_training(status: dict, retry_failed: bool = False) -> bool:
@@ -277,7 +289,7 @@ def memory_budget(job_cfg: DictConfig) -> int | None:
     return int(mem_gb * 2**30) if mem_gb else None
 
 
-SWEEP_FILES = {PLAN, SWEEP_INDEX, LOCK_NAME, "multirun.yaml"}
+SWEEP_FILES = {PLAN, SWEEP_INDEX, LATTICE, LOCK_NAME, "multirun.yaml"}
 SWEEP_FOLDERS = {"packs", ".submitit"}
 
 
@@ -352,6 +364,9 @@ def run_sweeps(sweeps: list[Sweep], folder: Path, on_progress=None) -> list[list
             except OSError as exc:  # a read-only or full filesystem, a file on the way
                 raise ConfigError(f"cannot create the sweep folder {path}: {first_line(exc)}") from None
             locks.append(lock_run_dir(path))
+        for sweep in sweeps:
+            if sweep.lattice:  # before training: `analyze subsets` can follow a sweep under way
+                atomic_write_text(sweep.dir / LATTICE, sweep.lattice.to_json(sweep.runs))
         jobs = pack_jobs(sweeps)
         if jobs:
             per_machine = jobs_per_machine(compose_pack_job(sweeps[0].launcher_overrides), len(jobs))
