@@ -398,7 +398,7 @@ def reproduce(
             print_plan(sweep)
         say(f"estimated {rep.estimate_wall_seconds(plan) / 60:.0f} min of training in all, {plan.workers} pack job(s) "
             f"at a time, the longest first: an estimate from the cost of a training sequence and of an eval point "
-            f"measured end to end on an idle 2-core CPU (README: Reproducing the paper), without compilation; not a "
+            f"measured end to end on an idle 2-core CPU (docs/reproduce.md), without compilation; not a "
             f"measurement: a loaded machine takes longer")
         return
     train_sweeps({f"{preset}: ": sweep for preset, sweep in plan.sweeps.items()}, plan.folder, quiet)

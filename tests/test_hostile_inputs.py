@@ -356,7 +356,7 @@ def test_foreign_checkpoints_are_refused_by_analyze_resume_and_grafts(outputs_ro
 
 
 def test_sweep_run_folders_pass_back_as_hydra_run_dir(outputs_root):
-    """Sweep runs are named like `clamp=copy,seed=5`; the README resumes them with hydra.run.dir=<folder>."""
+    """Sweep runs are named like `clamp=copy,seed=5`; docs/sweeps.md resumes them with hydra.run.dir=<folder>."""
     run_dir = outputs_root / "sweeps" / "s" / "lr=0.001,seed=5"
     assert train(f"hydra.run.dir={run_dir}", *SHORT).exit_code == 0
     assert (run_dir / "run.json").exists()

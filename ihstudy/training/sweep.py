@@ -98,7 +98,7 @@ class Run:
 
 
 # What a pack job costs on this project's 2-core CPU, one torch thread, beside another pack job
-# (measured end to end: README, "Reproducing the paper"): per run, a training sequence (clamped or
+# (measured end to end: docs/reproduce.md): per run, a training sequence (clamped or
 # not: in packs they cost about the same) and an eval point (4 evaluators x 1000 sequences).
 # Orders the pack jobs, longest first, and estimates their time.
 TRAIN_SEQUENCES_PER_SECOND = 20_000
