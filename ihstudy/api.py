@@ -143,26 +143,33 @@ class Run:
 
     @cached_property
     def task(self):
-        """The run's few-shot task (tasks.fsl.FewShotTask): its splits and samplers."""
-        from ihstudy.tasks.fsl import FewShotTask, load_features
+        """The run's task family (tasks.base.TaskFamily; fsl's FewShotTask has the splits and samplers)."""
+        from ihstudy.tasks.base import task_family
+        from ihstudy.tasks.fsl import load_features
 
-        return FewShotTask(self.config.task, load_features(self.config.data))
+        return task_family(self.config.task).from_config(self.config, load_features)
 
     def eval_sets(self) -> dict[str, Batch]:
         """Every evaluator's fixed sequences, as training evaluates them."""
         n, seed = self.config.eval.n_sequences, self.config.eval_seed
         return {name: self.task.eval_set(name, n, seed) for name in self.config.eval.evaluators}
 
-    def sample(self, n: int, seed: int = 0, classes: str = "train", exemplars: str = "train", pairs: str = "train") -> Batch:
-        """`n` fresh sequences from the task's sampler (splits: train, val or test)."""
-        return self.task.sampler(classes, exemplars, pairs).sample(n, torch.Generator().manual_seed(seed))
+    def sample(self, n: int, seed: int = 0, **splits: str) -> Batch:
+        """`n` fresh sequences from the task's training distribution; a few-shot run also takes its
+        splits (classes=, exemplars=, pairs= train|val|test)."""
+        generator = torch.Generator().manual_seed(seed)
+        if splits:
+            if not hasattr(self.task, "sampler"):
+                raise ConfigError(f"{type(self.task).__name__} has no splits to choose from")
+            return self.task.sampler(**splits).sample(n, generator)
+        return self.task.sample(n, generator)
 
     def training_batch(self, step: int) -> Batch:
         """The batch the run trained on at `step` (0-based), exactly (the stream is counter-based)."""
-        from ihstudy.tasks.fsl import TrainStream
+        from ihstudy.tasks.base import TrainStream
 
         t = self.config.train
-        return TrainStream(self.task.sampler(), self.config.data_seed, t.batch_size, t.chunk_batches).batch(step)
+        return TrainStream(self.task, self.config.data_seed, t.batch_size, t.chunk_batches).batch(step)
 
     # --- the CLI's analyses ---------------------------------------------------------------------
 

@@ -295,7 +295,7 @@ HOSTILE = [  # (command line, what the one line says); {O} is the outputs folder
     (["analyze", "{O}/broken"], "broken/config.yaml"),
     # 4: sizes the validator lets through that would not fit in memory
     (["train", "task.context_len=1024", "task.burstiness=512", "model.positional=learned"], "eval attention"),
-    (["train", "task.context_len=512", "task.burstiness=256"], "lower task.context_len"),
+    (["train", "task.context_len=1024", "task.burstiness=512"], "lower eval.n_sequences or task.context_len"),
     (["train", "model.d_model=16384", "model.n_layers=64"], "lower model.d_model or model.n_layers"),
     (["train", "data.n_classes=1000000", "data.n_exemplars=20", "data.dim=100"], "lower data.n_classes"),
     (["train", "train.batch_size=1048576", "train.sequences=1048576"], "lower train.batch_size"),

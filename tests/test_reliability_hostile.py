@@ -510,10 +510,10 @@ def test_a_sweep_failed_by_a_full_disk_resumes_once_there_is_space(outputs_root,
 
 def test_a_nan_run_stays_failed_unless_retry_failed(outputs_root):
     sweep_dir = outputs_root / "sw"
-    args = ["sweep", "-q", "optim=sgd", "optim.lr=1,0.001", *SHORT, "train.sequences=800", f"hydra.sweep.dir={sweep_dir}"]
+    args = ["sweep", "-q", "optim=sgd", "optim.lr=100,0.001", *SHORT, "train.sequences=800", f"hydra.sweep.dir={sweep_dir}"]
     first = run(*args)
     assert first.exit_code == 1 and "loss became NaN" in first.output, first.output
-    failed = RunFiles(sweep_dir / "optim.lr=1")
+    failed = RunFiles(sweep_dir / "optim.lr=100")
     assert failed.read_status()["failure"] == "numerical"
     again = run(*args)
     assert again.exit_code == 1 and "2 already finished, 0 to train" in again.output, again.output

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ihstudy.analysis import timing
+from ihstudy.analysis import defaults, timing
 from ihstudy.analysis.report import Report, group_colors, subplots
 from ihstudy.errors import ConfigError
 from ihstudy.training.lattice import LATTICE, label
@@ -59,17 +59,21 @@ class Lattice:
                 frame.pivot_table(index="subset", columns="seed", values="censored", aggfunc="first").astype(bool))
 
 
-def load(sweep_dir: Path, evaluator: str = "fsl_train", metric: str = timing.PHASE_CHANGE) -> Lattice:
-    """The lattice of a subset sweep folder (its subsets.json) with every run's crossing time."""
+def load(sweep_dir: Path, evaluator: str = "", metric: str = "") -> Lattice:
+    """The lattice of a subset sweep folder (its subsets.json) with every run's crossing time of `metric`
+    on `evaluator` (empty: the task family's main evaluator and phase-change threshold)."""
     path = Path(sweep_dir) / LATTICE
     if not path.is_file():
         raise ConfigError(f"{sweep_dir} has no {LATTICE}: analyze subsets takes the folder of an `ihstudy sweep --subsets` sweep")
     spec = json.loads(path.read_text())
     subset_of = {run: s["label"] for s in spec["subsets"] for run in s["runs"]}
     runs = [run for run in timing.find_runs([sweep_dir]) if run.name in subset_of]
-    table = timing.timing_table(runs)
+    family = timing.task_family_of(runs[0]) if runs else None
+    table = timing.timing_table(runs, defaults.parse_thresholds(family.timing_thresholds), column=family.timed_column) \
+        if family else pd.DataFrame()
     if table.empty:
         raise ConfigError(f"no run of {sweep_dir} has eval rows yet")
+    evaluator, metric = evaluator or family.main_evaluator, metric or family.phase_change
     rows = table[table.evaluator == evaluator]
     varying = [c.removeprefix("config.") for c in rows.columns if c.startswith("config.") and c != "config.clamp"
                and c.removeprefix("config.") not in timing.SEED_FIELDS and rows[c].astype(str).nunique() > 1]
