@@ -99,7 +99,7 @@ def test_the_paper_order_of_fig5b_names_the_presets_conditions():
 
 def test_every_finding_is_registered_with_a_unique_key_and_its_paper_numbers():
     specs = list(reproduce.FINDINGS.values())
-    assert [s.key for s in specs] == ["1", "2", "3", "4", "5", "6", "7", "8", "fig8", "fig15", "fig17"]
+    assert [s.key for s in specs] == ["1", "2", "3", "4", "5", "6", "7", "8", "fig8", "fig15", "fig17", "markov1", "markov2", "markov3"]
     assert all(s.paper and s.needs and s.claim for s in specs)
     assert [s.key for s in specs if s.appendix] == ["fig8", "fig15", "fig17"]
 
@@ -316,7 +316,7 @@ def test_tiny_reproduction_on_a_features_file(outputs_root):
     report = (folder / "report" / "report.md").read_text()
     assert "Quick look at scale 0.0005" in report
     findings = pd.read_csv(folder / "report" / "findings.csv")
-    assert len(findings) == 8 and set(findings.holds) <= {"yes", "no", "not run"}
+    assert len(findings) == 11 and set(findings.holds) <= {"yes", "no", "not run"}
     assert list(findings.holds[[3, 5, 7]]) == ["not run"] * 3  # figures 4b, 5b, 6 were not chosen
     assert findings.holds[6] in ("yes", "no") and findings.holds[0] in ("yes", "no")
 
@@ -370,3 +370,17 @@ def test_kept_head_reads_a_single_head_or_a_list():
 
     assert kept_head("1:3") == "1:3"  # fig4b sweeps clamp.keep.heads=1:0..1:7 as single strings
     assert kept_head(["1:5", "1:6"]) == "1:5"
+
+
+def test_reproduce_markov_judges_each_prior_from_its_own_runs(outputs_root):
+    """`reproduce markov` trains both priors and judges the three Markov findings from the runs whose
+    saved config has that prior (tiny: the verdicts themselves are tested in test_tasks.py)."""
+    result = CliRunner().invoke(app, ["reproduce", "markov", "--scale", "0.05", "-q", "train.threads=1"])
+    assert result.exit_code == 0, result.output
+    folder = next((outputs_root / "reproduce").iterdir())
+    findings = pd.read_csv(folder / "report" / "findings.csv").set_index("finding")
+    markov = findings[findings.index.str.startswith("Markov")]
+    assert len(markov) == 3 and set(markov.holds) <= {"yes", "no"}, markov
+    assert "dirichlet: median" in markov.ihstudy["Markov: unigrams delay bigrams"]
+    assert markov.ihstudy["Markov: unigrams delay bigrams"].count("over 1 runs") == 2
+    assert set(findings.drop(markov.index).holds) == {"not run"}

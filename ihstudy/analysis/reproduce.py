@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ihstudy.analysis import circuits, defaults, report, timing, toy
+from ihstudy.analysis import circuits, defaults, markov_findings, report, timing, toy
 from ihstudy.config import check_hydra_overrides, compose_config, quote
 from ihstudy.errors import ConfigError, UserError
 from ihstudy.run_files import RunFiles, check_folder_path, check_report_dir, outputs_root
@@ -65,7 +65,7 @@ from ihstudy.training.sweep import (
 )
 
 FIGURES = {"3": ["fig3"], "4b": ["fig4b"], "5b": ["fig5b"], "6": ["fig6_long", "fig6_clamps"], "8": ["fig8"],
-           "15": ["fig15"], "17": ["fig17"], "toy": []}
+           "15": ["fig15"], "17": ["fig17"], "toy": [], "markov": ["markov_prior"]}
 MIN_TOY_ITERATIONS = 300  # enough for the clamped conditions to fit
 QUICK_CHECKPOINTS = 20
 # Unless the command line names a launcher: the pack jobs of every preset in one worker process per
@@ -594,6 +594,38 @@ def run_toy(repro: Reproduction) -> None:
     settings = defaults.TOY | {"iterations": repro.toy_iterations}
     table = toy.run_conditions(settings["conditions"], settings["dim"], settings["lr"], settings["iterations"], settings["seed"])
     toy.write_toy(table, folder, settings)
+
+
+def markov_runs(r: Results, prior: str) -> list[pd.DataFrame]:
+    """Eval tables of the markov_prior runs whose saved config has task.prior == `prior` (dirichlet | doubly_stochastic)."""
+    return [run.evals for run in r.runs("markov_prior") or [] if RunFiles(run.dir).read_config().task.get("prior") == prior]
+
+
+@finding("markov1", "Markov: three phases", "the predictions pass from uniform to the in-context unigram and then to the "
+         "in-context bigram strategy (the closest by KL), in that order",
+         paper={"phases": "uniform, unigram, then a rapid transition to bigram"}, needs=("markov_prior",))
+def markov_three_phases(r: Results, f: Finding) -> None:
+    judged = [markov_findings.three_phases_in_order(e) for e in markov_runs(r, "dirichlet")]
+    f.ihstudy = " | ".join(what for _, what in judged)
+    f.holds = verdict(bool(judged) and all(holds for holds, _ in judged))
+
+
+@finding("markov2", "Markov: statistical induction head", "in the bigram phase the first layer attends to the previous "
+         "token and the second to the positions after earlier occurrences of the current state",
+         paper={"circuit": "previous-token head in layer 1, statistical induction head in layer 2"}, needs=("markov_prior",))
+def markov_induction_head(r: Results, f: Finding) -> None:
+    judged = [markov_findings.statistical_induction_head(e) for e in markov_runs(r, "dirichlet")]
+    f.ihstudy = " | ".join(what for _, what in judged)
+    f.holds = verdict(bool(judged) and all(holds for holds, _ in judged))
+
+
+@finding("markov3", "Markov: unigrams delay bigrams", "a prior whose chains have uniform stationary distributions "
+         "(doubly stochastic) reaches the bigram solution sooner",
+         paper={"doubly stochastic prior": "bigram phase sooner"}, needs=("markov_prior",))
+def markov_doubly_stochastic(r: Results, f: Finding) -> None:
+    holds, f.ihstudy = markov_findings.doubly_stochastic_sooner(markov_runs(r, "dirichlet"),
+                                                                markov_runs(r, "doubly_stochastic"))
+    f.holds = verdict(holds)
 
 
 def findings(r: Results) -> list[Finding]:
