@@ -99,7 +99,8 @@ def test_the_paper_order_of_fig5b_names_the_presets_conditions():
 
 def test_every_finding_is_registered_with_a_unique_key_and_its_paper_numbers():
     specs = list(reproduce.FINDINGS.values())
-    assert [s.key for s in specs] == ["1", "2", "3", "4", "5", "6", "7", "8", "fig8", "fig15", "fig17", "markov1", "markov2", "markov3"]
+    assert [s.key for s in specs] == ["1", "2", "3", "4", "5", "6", "7", "8", "fig8", "fig15", "fig17",
+                                      "markov1", "markov2", "markov3"]
     assert all(s.paper and s.needs and s.claim for s in specs)
     assert [s.key for s in specs if s.appendix] == ["fig8", "fig15", "fig17"]
 
