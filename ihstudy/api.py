@@ -181,8 +181,10 @@ class Run:
         """`ihstudy analyze RUN`: per evaluator, the sequences to each loss threshold, plateau, steepest descent."""
         from ihstudy.analysis import report, timing
 
-        return report.timing_report([timing.load_run(self.dir, self.dir.name)], None, "fsl_train", timing.PHASE_CHANGE,
-                                    thresholds, band)[1]
+        run = timing.load_run(self.dir, self.dir.name)
+        family, evaluator, limits, metric = timing.timed(run)
+        return report.timing_report([run], None, evaluator, metric, thresholds or limits, band, family.timed_column,
+                                    family.curves)[1]
 
     def heads(self, step: int | None = None, sequences: int = 100_000) -> dict[str, pd.DataFrame]:
         """`ihstudy analyze heads RUN`: head ablations, add-back, complementarity, layer-1 roles."""
@@ -280,9 +282,13 @@ class Sweep:
         """Every run's eval rows, with a `run` column."""
         return pd.concat([run.evals.assign(run=name) for name, run in self.runs.items()], ignore_index=True)
 
-    def timing(self, by: str | Sequence[str] | None = None, evaluator: str = "fsl_train", metric: str = "0.4ln2",
+    def timing(self, by: str | Sequence[str] | None = None, evaluator: str = "", metric: str = "",
                thresholds: dict[str, float] | None = None, band: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """`ihstudy analyze SWEEP --by ...`: (per-run timing table, summary by group)."""
+        """`ihstudy analyze SWEEP --by ...`: (per-run timing table, summary by group); evaluator and metric
+        default to the task family's (fsl: fsl_train and 0.4ln2)."""
         from ihstudy.analysis import report, timing
 
-        return report.timing_report(timing.find_runs([self.dir]), by, evaluator, metric, thresholds, band)[1:]
+        runs = timing.find_runs([self.dir])
+        family, evaluator, limits, metric = timing.timed(runs[0], evaluator, "", metric)
+        return report.timing_report(runs, by, evaluator, metric, thresholds or limits, band, family.timed_column,
+                                    family.curves)[1:]

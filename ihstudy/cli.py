@@ -516,10 +516,7 @@ def analyze_timing(paths: list[Path], by: str, evaluator: str, thresholds: str, 
             raise ConfigError("none of the runs found has eval rows to analyse" + (f" ({notes[0]})" if notes else ""))
         for note in notes:
             say(note, "[yellow]warning:[/] ")
-        family = timing.task_family_of(usable[0])
-        evaluator, thresholds, metric = evaluator or family.main_evaluator, thresholds or family.timing_thresholds, \
-            metric or family.phase_change
-        limits = defaults.parse_thresholds(thresholds)
+        family, evaluator, limits, metric = timing.timed(usable[0], evaluator, thresholds, metric)
         if metric not in limits:
             raise ConfigError(f"--metric '{metric}' is not one of --thresholds ({', '.join(limits)})")
         if evaluator not in {e for r in usable for e in r.evaluators}:

@@ -311,3 +311,15 @@ def test_a_token_run_in_a_pack_matches_the_same_run_alone(tmp_path):
     numeric = alone.columns.drop(["step", "sequences", "evaluator"])
     assert (inside[numeric] - alone[numeric]).abs().max().max() < 1e-4
     assert (other[numeric] - alone[numeric]).abs().max().max() > 1e-3
+
+
+def test_notebook_timing_of_a_token_run_reads_its_family(outputs_root):
+    """run.timing() and load_sweep(...).timing() time the family's own evaluator and column, as `analyze` does."""
+    import ihstudy
+
+    tiny = ["experiment=markov", "train.sequences=640", "train.eval_every=320", "eval.n_sequences=20", "train.threads=1"]
+    run = ihstudy.train([*tiny, f"hydra.run.dir={outputs_root / 'm'}"])
+    assert set(run.timing().evaluator) == {"markov"}
+    assert CliRunner().invoke(app, ["sweep", "-q", *tiny, "seed=1,2", f"hydra.sweep.dir={outputs_root / 's'}"]).exit_code == 0
+    table, _ = ihstudy.load_sweep(outputs_root / "s").timing()
+    assert set(table.evaluator) == {"markov"} and len(table) == 2

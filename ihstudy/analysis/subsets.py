@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ihstudy.analysis import defaults, timing
+from ihstudy.analysis import timing
 from ihstudy.analysis.report import Report, group_colors, subplots
 from ihstudy.errors import ConfigError
 from ihstudy.training.lattice import LATTICE, label
@@ -68,12 +68,12 @@ def load(sweep_dir: Path, evaluator: str = "", metric: str = "") -> Lattice:
     spec = json.loads(path.read_text())
     subset_of = {run: s["label"] for s in spec["subsets"] for run in s["runs"]}
     runs = [run for run in timing.find_runs([sweep_dir]) if run.name in subset_of]
-    family = timing.task_family_of(runs[0]) if runs else None
-    table = timing.timing_table(runs, defaults.parse_thresholds(family.timing_thresholds), column=family.timed_column) \
-        if family else pd.DataFrame()
+    if not runs:
+        raise ConfigError(f"no run of {sweep_dir} has eval rows yet")
+    family, evaluator, limits, metric = timing.timed(runs[0], evaluator, "", metric)
+    table = timing.timing_table(runs, limits, column=family.timed_column)
     if table.empty:
         raise ConfigError(f"no run of {sweep_dir} has eval rows yet")
-    evaluator, metric = evaluator or family.main_evaluator, metric or family.phase_change
     rows = table[table.evaluator == evaluator]
     varying = [c.removeprefix("config.") for c in rows.columns if c.startswith("config.") and c != "config.clamp"
                and c.removeprefix("config.") not in timing.SEED_FIELDS and rows[c].astype(str).nunique() > 1]

@@ -83,6 +83,14 @@ def task_family_of(run: Run) -> type[TaskFamily]:
     return task_family(OmegaConf.load(run.dir / "config.yaml").get("task") or {})
 
 
+def timed(run: Run, evaluator: str = "", thresholds: str = "", metric: str = "") -> tuple[type[TaskFamily], str, dict, str]:
+    """What the timing analysis reads on runs like `run`: (its task family, the evaluator, the thresholds,
+    the phase-change threshold's name), the family's own where not given."""
+    family = task_family_of(run)
+    return (family, evaluator or family.main_evaluator, defaults.parse_thresholds(thresholds or family.timing_thresholds),
+            metric or family.phase_change)
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / "run.json").is_file() and (path / "config.yaml").is_file()
 
