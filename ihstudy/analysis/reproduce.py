@@ -601,22 +601,25 @@ def markov_runs(r: Results, prior: str) -> list[pd.DataFrame]:
     return [run.evals for run in r.runs("markov_prior") or [] if RunFiles(run.dir).read_config().task.get("prior") == prior]
 
 
+def judge_every_dirichlet_run(r: Results, f: Finding, judge: Callable[[pd.DataFrame], tuple[bool, str]]) -> None:
+    """The finding holds if `judge` holds for every Dirichlet-prior run; what each run shows, joined."""
+    judged = [judge(evals) for evals in markov_runs(r, "dirichlet")]
+    f.ihstudy = " | ".join(what for _, what in judged)
+    f.holds = verdict(bool(judged) and all(holds for holds, _ in judged))
+
+
 @finding("markov1", "Markov: three phases", "the predictions pass from uniform to the in-context unigram and then to the "
          "in-context bigram strategy (the closest by KL), in that order",
          paper={"phases": "uniform, unigram, then a rapid transition to bigram"}, needs=("markov_prior",))
 def markov_three_phases(r: Results, f: Finding) -> None:
-    judged = [markov_findings.three_phases_in_order(e) for e in markov_runs(r, "dirichlet")]
-    f.ihstudy = " | ".join(what for _, what in judged)
-    f.holds = verdict(bool(judged) and all(holds for holds, _ in judged))
+    judge_every_dirichlet_run(r, f, markov_findings.three_phases_in_order)
 
 
 @finding("markov2", "Markov: statistical induction head", "in the bigram phase the first layer attends to the previous "
          "token and the second to the positions after earlier occurrences of the current state",
          paper={"circuit": "previous-token head in layer 1, statistical induction head in layer 2"}, needs=("markov_prior",))
 def markov_induction_head(r: Results, f: Finding) -> None:
-    judged = [markov_findings.statistical_induction_head(e) for e in markov_runs(r, "dirichlet")]
-    f.ihstudy = " | ".join(what for _, what in judged)
-    f.holds = verdict(bool(judged) and all(holds for holds, _ in judged))
+    judge_every_dirichlet_run(r, f, markov_findings.statistical_induction_head)
 
 
 @finding("markov3", "Markov: unigrams delay bigrams", "a prior whose chains have uniform stationary distributions "
