@@ -102,7 +102,8 @@ class Clamp:
     few_shot_only: ClassVar[bool] = False  # reads the few-shot layout (label tokens, the query): fsl's models only
     token_pieces: ClassVar[tuple[str, ...]] = ()  # the TaskFamily pieces (TOKEN_PIECES) it reads on a token model
     name: str = field(default="", compare=False)
-    # the run's task family, whose pieces the clamp reads on a token model (all runs of a pack share it)
+    # the run's task family, whose pieces the clamp reads on a token model. Identical clamps of a pack's runs
+    # act once, so a family's pieces may read only the batch and the task settings a pack shares (pack_settings)
     task: TaskFamily | None = field(default=None, compare=False, repr=False)
 
     def check_layout(self, shape: ModelShape, family: type[TaskFamily] | None) -> None:
@@ -322,7 +323,7 @@ class PerfectCopy(Clamp):
     for token v at position t is the logsumexp of its scores from t over the positions s <= t whose
     `copy_token` is v (-1e9 if none), so softmax(copy logits) is exactly the head's attention mass per
     copied token; it joins the rest of the model's logits as one more set of alternatives in the
-    same softmax: logits := logaddexp(logits, copy logits) (with a model that writes nothing else,
+    same softmax: logits := logaddexp(logits, copy logits) (were the other logits -1e9, this would be
     the few-shot definition). The copy part carries gradient into the head's Q/K and upstream; the
     head's V and W_O get none; the rest of the model trains as usual and can learn how much to
     trust the copy (a constant logit shift of its own).
@@ -502,8 +503,8 @@ KINDS = {cls.kind: cls for cls in (AblateHeads, PrevTokenPattern, NoPrevToken, I
 
 
 def copy_logits(label_scores: torch.Tensor, labels: torch.Tensor, n_labels: int) -> torch.Tensor:
-    """[..., n_labels]: logsumexp of the scores [..., N] of the label tokens carrying each label
-    (labels [..., N]); -1e9 for labels absent from the context."""
+    """[..., n_labels]: logsumexp of the scores [..., N] of the positions carrying each label (or
+    token: labels [..., N]); -1e9 for labels no position carries."""
     carries = F.one_hot(labels, n_labels).bool()  # [..., N, L]
     per_label = torch.where(carries, label_scores.unsqueeze(-1), NEG).logsumexp(-2)
     return torch.where(carries.any(-2), per_label, NEG)
@@ -581,13 +582,15 @@ def build_clamps(clamp_cfg, shape: ModelShape, task: TaskFamily | type[TaskFamil
     specs = OmegaConf.to_container(clamp_cfg, resolve=True) if isinstance(clamp_cfg, DictConfig) else clamp_cfg
     if specs is not None and not isinstance(specs, dict):
         raise ConfigError("clamp must be a mapping of clamp names to specs")
-    clamps = [_build(str(name), spec, shape, task) for name, spec in (specs or {}).items() if spec is not None]
+    family = task if isinstance(task, type) or task is None else type(task)
+    instance = None if isinstance(task, type) else task
+    clamps = [_build(str(name), spec, shape, family, instance) for name, spec in (specs or {}).items() if spec is not None]
     _check_one_pattern_per_head(clamps)
     _check_none_inert(clamps)
     return clamps
 
 
-def _build(name: str, spec, shape: ModelShape, task: TaskFamily | type[TaskFamily] | None) -> Clamp:
+def _build(name: str, spec, shape: ModelShape, family: type[TaskFamily] | None, task: TaskFamily | None) -> Clamp:
     where = f"clamp '{name}'"
     if not isinstance(spec, dict) or "kind" not in spec:
         raise ConfigError(f"{where} needs a mapping with a 'kind' (one of {', '.join(['keep_only', *KINDS])})")
@@ -610,8 +613,8 @@ def _build(name: str, spec, shape: ModelShape, task: TaskFamily | type[TaskFamil
                 raise ConfigError(f"{key}={value:g} must lie in {valid}")
         if kind == "keep_only":
             kwargs["heads"] = _complement(kwargs["heads"], shape)
-        clamp = cls(name=name, task=None if isinstance(task, type) else task, **kwargs)
-        clamp.check_layout(shape, task if isinstance(task, type) or task is None else type(task))
+        clamp = cls(name=name, task=task, **kwargs)
+        clamp.check_layout(shape, family)
         clamp.check(shape)
     except UserError as exc:  # a bad field, or a graft checkpoint that cannot be loaded (CheckpointError)
         raise type(exc)(f"{where}: {exc}") from None
