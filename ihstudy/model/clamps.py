@@ -360,13 +360,12 @@ class PerfectCopy(Clamp):
         layer, head = self.head
         seen = {}
 
-        def record(scores, _):  # the causal mask's -inf as -1e9: a finite logsumexp (and gradient) everywhere
-            seen["scores"] = scores[:, :, head].clamp(min=NEG)  # [R, B, Tq, T]
+        def record(scores, _):
+            seen["scores"] = scores[:, :, head]  # [R, B, Tq, T]
 
         def copy(logits, _):
-            scores = seen["scores"]
-            tokens = self.task.copy_token(batch).to(logits.device).unsqueeze(-2).expand(scores.shape)
-            value = torch.logaddexp(logits, copy_logits(scores, tokens, logits.shape[-1]))
+            tokens = self.task.copy_token(batch).to(logits.device)
+            value = torch.logaddexp(logits, token_copy_logits(seen["scores"], tokens, logits.shape[-1]))
             return torch.where(_expand(runs, 4), value, logits)
 
         silence = _zero_heads(_expand(runs, 5) & _head_mask((head,), model.shape.n_heads, runs.device, dim=3))
@@ -508,6 +507,15 @@ def copy_logits(label_scores: torch.Tensor, labels: torch.Tensor, n_labels: int)
     carries = F.one_hot(labels, n_labels).bool()  # [..., N, L]
     per_label = torch.where(carries, label_scores.unsqueeze(-1), NEG).logsumexp(-2)
     return torch.where(carries.any(-2), per_label, NEG)
+
+
+def token_copy_logits(scores: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[..., Tq, vocab]: copy_logits for every row of a causal head, as one matmul (no [Tq, T, vocab]
+    tensor): logsumexp of the scores [..., Tq, T] over the visible positions whose token (tokens
+    [..., T]) is v; -1e9 where none is."""
+    top = scores.detach().amax(-1, keepdim=True)  # a constant for autograd: logsumexp's usual shift
+    mass = (scores - top).exp() @ F.one_hot(tokens, vocab).to(scores.dtype)  # masked (-inf) positions add 0
+    return torch.where(mass > 0, mass.clamp(min=torch.finfo(mass.dtype).tiny).log() + top, NEG)
 
 
 # --- applying the clamps of a pack ----------------------------------------------------------------------
