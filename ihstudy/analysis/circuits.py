@@ -119,7 +119,7 @@ class Subject:
         per_condition = []
         for extra in conditions:
             merged = self.run_clamps | {f"analysis_{name}": spec for name, spec in extra.items()}
-            per_condition.append(build_clamps(merged, self.shape))
+            per_condition.append(build_clamps(merged, self.shape, self.task))
         return ClampSet(per_condition * n_checkpoints)
 
 

@@ -37,6 +37,11 @@ Generalisations beyond the paper's two context pairs (any context length and bur
     carry l (exactly the score itself when l appears once); labels absent from the context get -1e9.
   - layer-1 input: the Q/K residual of block 1 holds, at every position t>0 except the query, the
     embedding of token t-1; token 0 and the query hold their own.
+
+On a token family's model (docs/tasks.md, "Clamps on every family") induction_pattern, perfect_copy
+and layer1_input read the family's pieces (TaskFamily.induction_target, copy_token,
+previous_position; a family without the piece is refused in one line); match_pattern,
+silence_non_label and the label_rows_only variants are few-shot notions, refused on token models.
 """
 
 from __future__ import annotations
@@ -52,10 +57,14 @@ from omegaconf import DictConfig, OmegaConf
 from ihstudy.errors import ConfigError, UserError
 from ihstudy.model.transformer import ModelShape, Transformer, check_checkpoint_model
 from ihstudy.run_files import load_checkpoint_file
-from ihstudy.tasks.base import TensorBatch
+from ihstudy.tasks.base import TaskFamily, TensorBatch
 from ihstudy.tasks.fsl import Batch
 
 NEG = -1e9  # "never attend / never predict" without the NaN gradients of -inf
+# what each TaskFamily piece a clamp reads on a token family says (the refusal's words)
+TOKEN_PIECES = {"previous_position": "the position a previous-token head reads",
+                "induction_target": "where an induction head attends",
+                "copy_token": "the token a copy writes"}
 PRESERVE_SITES = {"patterns": "attn.hook_pattern", "values": "attn.hook_v",
                   "queries": "attn.hook_q", "keys": "attn.hook_k"}
 Head = tuple[int, int]
@@ -91,13 +100,24 @@ class Clamp:
 
     kind: ClassVar[str]
     few_shot_only: ClassVar[bool] = False  # reads the few-shot layout (label tokens, the query): fsl's models only
+    token_pieces: ClassVar[tuple[str, ...]] = ()  # the TaskFamily pieces (TOKEN_PIECES) it reads on a token model
     name: str = field(default="", compare=False)
+    # the run's task family, whose pieces the clamp reads on a token model. Identical clamps of a pack's runs
+    # act once, so a family's pieces may read only the batch and the task settings a pack shares (pack_settings)
+    task: TaskFamily | None = field(default=None, compare=False, repr=False)
 
-    def check_layout(self, shape: ModelShape) -> None:
-        """Refuse (ConfigError) a clamp that reads the few-shot layout on a model of another task family."""
-        if self.layout_specific and shape.input != "exemplar_label":
+    def check_layout(self, shape: ModelShape, family: type[TaskFamily] | None) -> None:
+        """Refuse (ConfigError) a clamp that reads the few-shot layout on a model of another task family,
+        or a piece that the token family does not define."""
+        if shape.input == "exemplar_label":
+            return
+        if self.layout_specific:
             raise ConfigError("needs the few-shot task's exemplar-label layout (label tokens, a query); "
                               "this task family's model reads tokens")
+        for piece in self.token_pieces:
+            if family is None or not family.defines(piece):
+                owner = "no task family was given" if family is None else f"task family {family.__name__} does not define it"
+                raise ConfigError(f"needs {piece} ({TOKEN_PIECES[piece]}); {owner}")
 
     @property
     def layout_specific(self) -> bool:
@@ -141,13 +161,13 @@ class PatternClamp(Clamp):
     def hooks(self, model, batch, runs):
         def hook(heads):
             def fn(pattern, _):
-                mask = _expand(runs, 5) & _head_mask(heads, pattern.shape[2], runs.device, dim=2) & self.rows(pattern)
+                mask = _expand(runs, 5) & _head_mask(heads, pattern.shape[2], runs.device, dim=2) & self.rows(pattern, batch)
                 return torch.where(mask, self.weights(pattern, batch), pattern)
             return fn
         return [(f"blocks.{layer}.attn.hook_pattern", hook(heads)) for layer, heads in _by_layer(self.heads).items()]
 
-    def rows(self, pattern: torch.Tensor) -> torch.Tensor:
-        """Which query rows are overwritten: bool broadcastable to [T, 1]. Default: the query row."""
+    def rows(self, pattern: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Which query rows are overwritten: bool broadcastable to [T, 1] (or [R, B, 1, T, 1]). Default: the query row."""
         return _positions(pattern)[0] == pattern.shape[-1] - 1
 
     def weights(self, pattern: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -167,7 +187,7 @@ class PrevTokenPattern(PatternClamp):
     def layout_specific(self) -> bool:
         return self.label_rows_only
 
-    def rows(self, pattern):
+    def rows(self, pattern, batch):
         row, _ = _positions(pattern)
         return row % 2 == 1 if self.label_rows_only else torch.ones_like(row, dtype=torch.bool)
 
@@ -179,16 +199,31 @@ class PrevTokenPattern(PatternClamp):
 
 @dataclass(frozen=True, kw_only=True)
 class InductionPattern(PatternClamp):
-    """The query row puts `strength` on the label tokens carrying the query's true label (split
-    equally) and 1-strength on the other label tokens (split equally)."""
+    """Few-shot layout: the query row puts `strength` on the label tokens carrying the query's true
+    label (split equally) and 1-strength on the other label tokens (split equally).
+
+    Token family: every row that has an induction target (the family's `induction_rows`) puts
+    `strength` on its `induction_target` (the positions after earlier occurrences of the current
+    token, as the family weighs them) and 1-strength equally on the other positions it can see; rows
+    without a target keep the head's own pattern (and train its Q/K)."""
 
     kind = "induction_pattern"
-    few_shot_only = True
+    token_pieces = ("induction_target",)
     strength: float = within(0, 1, default=1.0)
 
+    def rows(self, pattern, batch):
+        if _few_shot(batch):
+            return super().rows(pattern, batch)
+        return self.task.induction_rows(batch)[..., -pattern.shape[-2]:].to(pattern.device)[:, :, None, :, None]
+
     def weights(self, pattern, batch):
-        true = (batch.labels == batch.target.unsqueeze(-1)).to(pattern.dtype)  # [R, B, N]
         share = lambda m: m / m.sum(-1, keepdim=True).clamp(min=1)  # noqa: E731
+        if not _few_shot(batch):
+            target = self.task.induction_target(batch)[..., -pattern.shape[-2]:, :].to(pattern)  # [R, B, Tq, T]
+            row, col = _positions(pattern)
+            others = ((col <= row) & (target == 0)).to(pattern.dtype)
+            return (self.strength * target + (1 - self.strength) * share(others)).unsqueeze(2)
+        true = (batch.labels == batch.target.unsqueeze(-1)).to(pattern.dtype)  # [R, B, N]
         return _on_label_tokens(self.strength * share(true) + (1 - self.strength) * share(1 - true), pattern)
 
 
@@ -278,14 +313,25 @@ class HeadTemperature(ScoreClamp):
 
 @dataclass(frozen=True, kw_only=True)
 class PerfectCopy(Clamp):
-    """Query logits := the head's pre-softmax scores toward the label tokens, at the labels those
-    tokens carry (logsumexp over tokens sharing a label); every other label -1e9. The logits carry
-    gradient into the head's Q/K (and everything upstream of them); the unembedding, the final
-    LayerNorm and every head's output path get none. The head must sit above layer 0, where label
-    tokens can hold exemplar information."""
+    """Few-shot layout: query logits := the head's pre-softmax scores toward the label tokens, at the
+    labels those tokens carry (logsumexp over tokens sharing a label); every other label -1e9. The
+    logits carry gradient into the head's Q/K (and everything upstream of them); the unembedding, the
+    final LayerNorm and every head's output path get none.
+
+    Token family (every position predicts the next token, over the vocabulary): the head's value
+    vectors are zeroed and its output is instead written straight into the logits. Its copy logit
+    for token v at position t is the logsumexp of its scores from t over the positions s <= t whose
+    `copy_token` is v (-1e9 if none), so softmax(copy logits) is exactly the head's attention mass per
+    copied token; it joins the rest of the model's logits as one more set of alternatives in the
+    same softmax: logits := logaddexp(logits, copy logits) (were the other logits -1e9, this would be
+    the few-shot definition). The copy part carries gradient into the head's Q/K and upstream; the
+    head's V and W_O get none; the rest of the model trains as usual and can learn how much to
+    trust the copy (a constant logit shift of its own).
+
+    The head must sit above layer 0, where a position can hold information about earlier ones."""
 
     kind = "perfect_copy"
-    few_shot_only = True
+    token_pieces = ("copy_token",)
     head: Head
 
     def check(self, shape):
@@ -295,6 +341,8 @@ class PerfectCopy(Clamp):
                               f"(the model has {shape.n_layers} layer(s))")
 
     def hooks(self, model, batch, runs):
+        if not _few_shot(batch):
+            return self.token_hooks(model, batch, runs)
         layer, head = self.head
         seen = {}
 
@@ -308,16 +356,34 @@ class PerfectCopy(Clamp):
 
         return [(f"blocks.{layer}.attn.hook_attn_scores", record), ("hook_logits", copy)]
 
+    def token_hooks(self, model, batch, runs):
+        layer, head = self.head
+        seen = {}
+
+        def record(scores, _):
+            seen["scores"] = scores[:, :, head]  # [R, B, Tq, T]
+
+        def copy(logits, _):
+            tokens = self.task.copy_token(batch).to(logits.device)
+            value = torch.logaddexp(logits, token_copy_logits(seen["scores"], tokens, logits.shape[-1]))
+            return torch.where(_expand(runs, 4), value, logits)
+
+        silence = _zero_heads(_expand(runs, 5) & _head_mask((head,), model.shape.n_heads, runs.device, dim=3))
+        return [(f"blocks.{layer}.attn.hook_v", silence), (f"blocks.{layer}.attn.hook_attn_scores", record),
+                ("hook_logits", copy)]
+
 
 @dataclass(frozen=True, kw_only=True)
 class Layer1Input(Clamp):
     """Perfect layer-1 input: block 1 reads the raw embeddings (`blocks.1.hook_resid_pre` :=
     `hook_embed`), its Q/K read them shifted by one position (`blocks.1.hook_qk_input`), so block 0
     is taken out entirely (its parameters get no gradient). Both values carry gradient into the
-    embedding."""
+    embedding. The shift: on the few-shot layout token 0 and the query keep their own embedding,
+    token t holds the one of t-1; on a token family position t holds the embedding of the family's
+    `previous_position(t)` (its own where that is -1)."""
 
     kind = "layer1_input"
-    few_shot_only = True
+    token_pieces = ("previous_position",)
 
     def check(self, shape):
         if shape.n_layers < 2:
@@ -334,7 +400,11 @@ class Layer1Input(Clamp):
 
         def shifted(resid, _):  # token 0 and the query keep their own embedding, token t the one of t-1
             embed = seen["embed"]
-            previous = torch.cat([embed[:, :, :1], embed[:, :, :-2], embed[:, :, -1:]], 2)
+            if _few_shot(batch):
+                previous = torch.cat([embed[:, :, :1], embed[:, :, :-2], embed[:, :, -1:]], 2)
+            else:
+                source = self.task.previous_position(embed.shape[2]).to(embed.device)
+                previous = embed[:, :, torch.where(source < 0, torch.arange(len(source), device=embed.device), source)]
             return torch.where(_expand(runs, 4), previous, resid)
 
         return [("hook_embed", record), ("blocks.1.hook_resid_pre", residual), ("blocks.1.hook_qk_input", shifted)]
@@ -432,11 +502,20 @@ KINDS = {cls.kind: cls for cls in (AblateHeads, PrevTokenPattern, NoPrevToken, I
 
 
 def copy_logits(label_scores: torch.Tensor, labels: torch.Tensor, n_labels: int) -> torch.Tensor:
-    """[..., n_labels]: logsumexp of the scores [..., N] of the label tokens carrying each label
-    (labels [..., N]); -1e9 for labels absent from the context."""
+    """[..., n_labels]: logsumexp of the scores [..., N] of the positions carrying each label (or
+    token: labels [..., N]); -1e9 for labels no position carries."""
     carries = F.one_hot(labels, n_labels).bool()  # [..., N, L]
     per_label = torch.where(carries, label_scores.unsqueeze(-1), NEG).logsumexp(-2)
     return torch.where(carries.any(-2), per_label, NEG)
+
+
+def token_copy_logits(scores: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[..., Tq, vocab]: copy_logits for every row of a causal head, as one matmul (no [Tq, T, vocab]
+    tensor): logsumexp of the scores [..., Tq, T] over the visible positions whose token (tokens
+    [..., T]) is v; -1e9 where none is."""
+    top = scores.detach().amax(-1, keepdim=True)  # a constant for autograd: logsumexp's usual shift
+    mass = (scores - top).exp() @ F.one_hot(tokens, vocab).to(scores.dtype)  # masked (-inf) positions add 0
+    return torch.where(mass > 0, mass.clamp(min=torch.finfo(mass.dtype).tiny).log() + top, NEG)
 
 
 # --- applying the clamps of a pack ----------------------------------------------------------------------
@@ -504,18 +583,22 @@ class ClampSet:
 # --- building clamps from config ------------------------------------------------------------------------
 
 
-def build_clamps(clamp_cfg, shape: ModelShape) -> list[Clamp]:
-    """The clamps one run's `clamp` config names, checked against the model (ConfigError, one line)."""
+def build_clamps(clamp_cfg, shape: ModelShape, task: TaskFamily | type[TaskFamily] | None = None) -> list[Clamp]:
+    """The clamps one run's `clamp` config names, checked against the model and the run's task family
+    (ConfigError, one line). `task`: the run's TaskFamily, whose pieces the clamps read on a token model
+    (its class suffices to check a config)."""
     specs = OmegaConf.to_container(clamp_cfg, resolve=True) if isinstance(clamp_cfg, DictConfig) else clamp_cfg
     if specs is not None and not isinstance(specs, dict):
         raise ConfigError("clamp must be a mapping of clamp names to specs")
-    clamps = [_build(str(name), spec, shape) for name, spec in (specs or {}).items() if spec is not None]
+    family = task if isinstance(task, type) or task is None else type(task)
+    instance = None if isinstance(task, type) else task
+    clamps = [_build(str(name), spec, shape, family, instance) for name, spec in (specs or {}).items() if spec is not None]
     _check_one_pattern_per_head(clamps)
     _check_none_inert(clamps)
     return clamps
 
 
-def _build(name: str, spec, shape: ModelShape) -> Clamp:
+def _build(name: str, spec, shape: ModelShape, family: type[TaskFamily] | None, task: TaskFamily | None) -> Clamp:
     where = f"clamp '{name}'"
     if not isinstance(spec, dict) or "kind" not in spec:
         raise ConfigError(f"{where} needs a mapping with a 'kind' (one of {', '.join(['keep_only', *KINDS])})")
@@ -524,7 +607,7 @@ def _build(name: str, spec, shape: ModelShape) -> Clamp:
     if cls is None:
         raise ConfigError(f"{where}: unknown kind '{kind}' (known: {', '.join(['keep_only', *KINDS])})")
     where = f"{where} ({kind})"
-    allowed = {f.name: f for f in fields(cls) if f.init and not f.name.startswith("_") and f.name != "name"}
+    allowed = {f.name: f for f in fields(cls) if f.init and not f.name.startswith("_") and f.name not in ("name", "task")}
     unknown = set(values) - set(allowed)
     missing = {n for n, f in allowed.items() if _required(f)} - set(values)
     if unknown or missing:
@@ -538,8 +621,8 @@ def _build(name: str, spec, shape: ModelShape) -> Clamp:
                 raise ConfigError(f"{key}={value:g} must lie in {valid}")
         if kind == "keep_only":
             kwargs["heads"] = _complement(kwargs["heads"], shape)
-        clamp = cls(name=name, **kwargs)
-        clamp.check_layout(shape)
+        clamp = cls(name=name, task=task, **kwargs)
+        clamp.check_layout(shape, family)
         clamp.check(shape)
     except UserError as exc:  # a bad field, or a graft checkpoint that cannot be loaded (CheckpointError)
         raise type(exc)(f"{where}: {exc}") from None
@@ -670,6 +753,11 @@ def _on_label_tokens(weights: torch.Tensor, pattern: torch.Tensor) -> torch.Tens
     rows = pattern.new_zeros(R, B, 1, Tq, T)
     rows[:, :, 0, -1, 1:-1:2] = weights
     return rows
+
+
+def _few_shot(batch) -> bool:
+    """Whether `batch` has the few-shot layout (exemplar and label tokens, a query) rather than a token family's."""
+    return isinstance(batch, Batch)
 
 
 def _zero_heads(mask: torch.Tensor):

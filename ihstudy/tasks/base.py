@@ -142,6 +142,12 @@ class TaskFamily:
         """[..., T] long: the token an ideal copy writes when it attends to each position."""
         return None
 
+    @classmethod
+    def defines(cls, piece: str) -> bool:
+        """Whether the family gives clamp piece `piece` (previous_position has a default, t-1; the
+        others exist once a family overrides them)."""
+        return piece == "previous_position" or getattr(cls, piece) is not getattr(TaskFamily, piece)
+
     def induction_rows(self, batch: TensorBatch) -> torch.Tensor | None:
         """[..., T] bool: the positions whose induction score is averaged (default: rows with a target)."""
         target = self.induction_target(batch)

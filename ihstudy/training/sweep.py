@@ -69,6 +69,7 @@ from ihstudy.run_files import (
     lock_run_dir,
     outputs_root,
 )
+from ihstudy.tasks.base import task_family
 from ihstudy.training.lattice import LATTICE, Lattice, drop_incompatible, subset_sweep
 from ihstudy.training.memory import check_fits, fits
 from ihstudy.training.pack_settings import shared_group, shared_part
@@ -168,7 +169,7 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0, allow_callbacks: bo
 
 
 def check_clamps(cfg: DictConfig) -> None:
-    build_clamps(cfg.clamp, ModelShape.of_config(cfg, input_shape(cfg, {})[2]))
+    build_clamps(cfg.clamp, ModelShape.of_config(cfg, input_shape(cfg, {})[2]), task_family(cfg.task))
 
 
 def needs_training(status: dict, retry_failed: bool = False) -> bool:
@@ -227,7 +228,7 @@ def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int 
             shape = input_shape(cfg, features)
             validate(cfg, *shape[:2])
             check_fits([cfg], [shape], resolve_device(cfg.device), memory_budget)
-            build_clamps(cfg.clamp, ModelShape.of_config(cfg, shape[2]))
+            build_clamps(cfg.clamp, ModelShape.of_config(cfg, shape[2]), task_family(cfg.task))
             check_same_config(RunFiles(sweep_dir / name), cfg)
         except ConfigError as exc:
             errors.append(f"{name}: {exc}")

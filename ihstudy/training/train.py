@@ -90,7 +90,7 @@ class Runs:
         self.shape = ModelShape.of_config(shared, exemplar_shapes[0][2])
         self.batch_size = shared.train.batch_size
         self.model = Transformer(self.shape, len(specs), self.device).init_([s.cfg.seed for s in specs], shared.model.init)
-        self.clamps = ClampSet([build_clamps(s.cfg.clamp, self.shape) for s in specs])
+        self.clamps = ClampSet([build_clamps(s.cfg.clamp, self.shape, task) for s, task in zip(specs, self.tasks)])
         self.path = choose_path(self.model, self.clamps, self.tasks[0].loss_at_every_position)
         self.evaluator = Evaluator(self.tasks, [s.cfg for s in specs], self.device)
         self.step = 0
