@@ -3,17 +3,14 @@
 
     python scripts/plot_data_order.py OUT.png SWEEP_DIR...                               # against data.norm
     python scripts/plot_data_order.py OUT.png --by data.within_class_std SWEEP_DIR...
-    python scripts/plot_data_order.py OUT.png --by task.class_split SWEEP_DIR...        # training classes
 
-`--by` names a config field (a list field, such as task.class_split, is read by its first entry).
+`--by` names a numeric config field.
 Runs are grouped by data.dim / data.latent_dim (one panel each) and coloured by clamp; a run that
 never crossed is drawn as an open triangle at its last eval point.
 """
 
 import argparse
 from pathlib import Path
-
-import numpy as np
 
 from ihstudy.analysis import timing
 from ihstudy.analysis.report import group_colors, subplots
@@ -27,9 +24,8 @@ def main(out: str, sweeps: list[str], by: str = "data.norm") -> None:
     column = f"config.{by}"
     if column not in table:
         raise SystemExit(f"error: the runs have no config field {by}")
-    x = np.array([float(v[0] if isinstance(v, (list, tuple, np.ndarray)) else v) for v in table[column]])
-    table = table.assign(x=x, geometry=[f"dim {d}, latent {latent}" for d, latent in zip(table["config.data.dim"],
-                                                                                          table["config.data.latent_dim"])])
+    geometry = [f"dim {d}, latent {latent}" for d, latent in zip(table["config.data.dim"], table["config.data.latent_dim"])]
+    table = table.assign(x=table[column].astype(float), geometry=geometry)
     geometries = sorted(table.geometry.unique())
     fig, axes = subplots(1, len(geometries), figsize=(4.2 * len(geometries), 3.6), squeeze=False, sharey=True)
     colors = group_colors(sorted(table["config.clamp"].unique()))
@@ -46,7 +42,7 @@ def main(out: str, sweeps: list[str], by: str = "data.norm") -> None:
             ax.set_xscale("log")
         ax.set_xticks(values, [f"{v:g}" for v in values])
         ax.minorticks_off()
-        ax.set_xlabel(f"{by}" + (" (training classes)" if by == "task.class_split" else ""))
+        ax.set_xlabel(by)
         ax.set_title(geometry, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("sequences to fsl_train loss < 0.4·ln 2")
