@@ -364,7 +364,8 @@ def print_plan(plan) -> None:
 @app.command(context_settings=EXTRA, cls=WithLauncherGroups)
 def reproduce(
     args: list[str] | None = typer.Argument(None, metavar="[FIGURE...] [OVERRIDES...]",
-                                      help="Figures 3 4b 5b 6 8 15 17 toy (default: all) and Hydra overrides for every preset."),
+                                      help="Figures 3 4b 5b 6 8 15 17 toy markov lattice (default: all) and Hydra "
+                                           "overrides for every preset."),
     scale: float = typer.Option(1.0, "--scale", help="Shorten every run by this factor (a quick look; own folder)."),
     out: Path | None = typer.Option(None, "--out",
                                     help="Reproduction folder inside the outputs folder (default: outputs/reproduce)."),

@@ -425,6 +425,9 @@ def _check_data(cfg: DictConfig) -> None:
     _number(cfg, "data.within_class_std", float, 0)
     _number(cfg, "data.norm", float, 0)
     _number(cfg, "data.seed", int, 0, MAX_SEED)
+    if "n_groups" in cfg.data:
+        _number(cfg, "data.n_groups", int, 0, sizes[0])
+    _require(isinstance(cfg.data.get("nonnegative", False), bool), "data.nonnegative must be true or false")
 
 
 def _check_device(device: str) -> None:

@@ -147,6 +147,31 @@ def test_gaussian_features_shape_norm_and_structure():
     assert same_class > other_class + 0.3
 
 
+def test_omniglot_like_features_are_nonnegative_and_grouped_and_leave_the_default_unchanged():
+    from ihstudy.config import compose_config
+    from ihstudy.tasks.fsl import load_features
+
+    cfg, _ = compose_config(["data=omniglot_like"])
+    assert (cfg.data.dim, cfg.data.n_groups, cfg.data.nonnegative, cfg.data.latent_dim) == (512, 50, True, 16)
+    features = load_features(cfg.data)
+    assert features.shape == (1623, 5, 512) and (features >= 0).all() and (features == 0).float().mean() > 0.4
+    assert torch.allclose(features.norm(dim=-1), torch.ones(1623, 5), atol=1e-5)
+    # alphabets: classes 0-32 share one centre, 33-64 the next; characters of one alphabet are closer
+    grouped = gaussian_features(1623, 5, 512, 16, 0.3, 1.0, seed=0, n_groups=50)
+    centred = grouped[:, 0] - grouped[:, 0].mean(0)
+    cos = torch.cosine_similarity(centred[:, None], centred[None], dim=-1)
+    assert cos[:33, :33].mean() > cos[:33, 33:65].mean() + 0.3
+    plain = gaussian_features(1623, 5, 512, 16, 0.3, 1.0, seed=0)
+    assert torch.equal(plain, gaussian_features(1623, 5, 512, 16, 0.3, 1.0, seed=0, n_groups=0, nonnegative=False))
+    default, _ = compose_config([])
+    assert "n_groups" not in default.data and torch.equal(load_features(default.data), gaussian_features(
+        1623, 5, 64, 16, 0.3, 1.0, seed=0))
+    with pytest.raises(ConfigError, match="data.n_groups=2000 must lie in"):
+        compose_config(["data=omniglot_like", "data.n_groups=2000"])
+    with pytest.raises(ConfigError, match="data.nonnegative must be true or false"):
+        compose_config(["data=omniglot_like", "data.nonnegative=3"])
+
+
 def test_explicit_val_pairs_give_the_authors_split():
     train, val = label_pair_split(5, 0.2, 0, val_pairs=[[3, 1], [0, 2]])
     assert sorted(map(tuple, val.tolist())) == [(0, 2), (1, 3)]

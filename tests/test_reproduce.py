@@ -3,6 +3,7 @@ reproduction on a features file (report, a verdict checked by hand, re-running s
 runs), --dry-run and bad input; every preset end to end at a tiny scale is slow."""
 
 import json
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,11 +14,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from ihstudy.analysis import reproduce
+from ihstudy.analysis import reproduce, subsets
 from ihstudy.cli import app
 from ihstudy.run_files import atomic_write_parquet
 from ihstudy.training import sweep as sweep_module
 from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
+from ihstudy.training.lattice import label
 from ihstudy.training.sweep import pack_jobs, pack_seconds
 
 SEQ = np.arange(0, 600_001, 5000, dtype=float)
@@ -100,7 +102,7 @@ def test_the_paper_order_of_fig5b_names_the_presets_conditions():
 def test_every_finding_is_registered_with_a_unique_key_and_its_paper_numbers():
     specs = list(reproduce.FINDINGS.values())
     assert [s.key for s in specs] == ["1", "2", "3", "4", "5", "6", "7", "8", "fig8", "fig15", "fig17",
-                                      "markov1", "markov2", "markov3"]
+                                      "markov1", "markov2", "markov3", "fig5b_lattice", "fig5b_lattice_rules"]
     assert all(s.paper and s.needs and s.claim for s in specs)
     assert [s.key for s in specs if s.appendix] == ["fig8", "fig15", "fig17"]
 
@@ -325,7 +327,7 @@ def test_tiny_reproduction_on_a_features_file(outputs_root):
     report = (folder / "report" / "report.md").read_text()
     assert "Quick look at scale 0.0005" in report
     findings = pd.read_csv(folder / "report" / "findings.csv")
-    assert len(findings) == 11 and set(findings.holds) <= {"yes", "no", "not run"}
+    assert len(findings) == 13 and set(findings.holds) <= {"yes", "no", "not run"}
     assert list(findings.holds[[3, 5, 7]]) == ["not run"] * 3  # figures 4b, 5b, 6 were not chosen
     assert findings.holds[6] in ("yes", "no") and findings.holds[0] in ("yes", "no")
 
@@ -371,7 +373,7 @@ def test_every_preset_end_to_end_at_a_tiny_scale(outputs_root):
         index = pd.read_parquet(folder / preset / "sweep.parquet")
         assert (index.status == "completed").all(), preset
     findings = pd.read_csv(folder / "report" / "findings.csv")
-    assert len(findings) == 11 and "not run" not in set(findings.holds)
+    assert len(findings) == 13 and "not run" not in set(findings.holds)
 
 
 def test_kept_head_reads_a_single_head_or_a_list():
@@ -393,3 +395,76 @@ def test_reproduce_markov_judges_each_prior_from_its_own_runs(outputs_root):
     assert "dirichlet: median" in markov.ihstudy["Markov: unigrams delay bigrams"]
     assert markov.ihstudy["Markov: unigrams delay bigrams"].count("over 1 runs") == 2
     assert set(findings.drop(markov.index).holds) == {"not run"}
+
+
+FIG5B_SUBSETS = [(), ("pt_attention",), ("layer1",), ("match",), ("copy",), ("pt_attention", "match"),
+                 ("pt_attention", "copy"), ("layer1", "match"), ("layer1", "copy")]  # those the clamps allow together
+
+
+def synthetic_lattice(time_of):
+    """The Fig-5b lattice with subset S crossing at time_of(S) x a seed factor (seeds 5, 6, 7 paired)."""
+    rows = [{"subset": label(s), "seed": seed, "time": time_of(s) * factor, "censored": False, "bound": 1e9}
+            for s in FIG5B_SUBSETS for seed, factor in (("5", 1.0), ("6", 1.2), ("7", 0.9))]
+    return subsets.Lattice(list(reproduce.LATTICES["fig5b_lattice"].clamps), pd.DataFrame(rows), {})
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_lattice_bottlenecks_judged_from_the_lattice(tmp_path, monkeypatch, holds):
+    """Every clamp shortens formation and they rank as the paper's single clamps (not: layer 1 and copy swapped)."""
+    factors = reproduce.paper_factors_fig5b()
+    assert sorted(factors, key=factors.get) == ["match", "copy", "layer1", "pt_attention"]
+    if not holds:
+        factors = factors | {"layer1": factors["copy"], "copy": factors["layer1"]}
+    lattice = synthetic_lattice(lambda s: 3e5 * math.prod(factors[c] for c in s))
+    monkeypatch.setattr(reproduce.Results, "lattice", lambda self, preset: subsets.subsets_report(lattice))
+    found = judged("fig5b_lattice", tmp_path, ["fig5b_lattice"])
+    assert found.holds == ("yes" if holds else "no"), found.ihstudy
+    ranked = "match > copy > layer1 > pt_attention" if holds else "match > layer1 > copy > pt_attention"
+    assert f"ranked {ranked}" in found.ihstudy and "match x0.1" in found.ihstudy
+    assert "x0.1" in found.paper and "copy x0.12" in found.paper
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_lattice_composition_judged_from_the_lattice(tmp_path, monkeypatch, holds):
+    """A lattice multiplicative in the clamps (additive in log time) is predicted exactly; one whose
+    times are drawn at random between 1e3 and 3e5, whatever the clamps, is not."""
+    erratic = dict(zip(FIG5B_SUBSETS, 10 ** np.random.default_rng(1).uniform(3, 5.5, len(FIG5B_SUBSETS))))
+    lattice = synthetic_lattice((lambda s: 3e5 * 0.3 ** len(s)) if holds else erratic.get)
+    monkeypatch.setattr(reproduce.Results, "lattice", lambda self, preset: subsets.subsets_report(lattice))
+    found = judged("fig5b_lattice_rules", tmp_path, ["fig5b_lattice"])
+    assert found.holds == ("yes" if holds else "no"), found.ihstudy
+    if holds:
+        assert found.ihstudy.startswith("best: additive in log time, held-out error x1.00 median"), found.ihstudy
+
+
+def test_the_lattice_trains_as_fig5b_on_its_own_eval_schedule(outputs_root):
+    plan = reproduce.plan_reproduction(["lattice", "seed=5,6"])
+    sweep = plan.sweeps["fig5b_lattice"]
+    assert sweep.lattice.clamps == ["pt_attention", "layer1", "match", "copy"] and sweep.lattice.base == ["only_l2h3"]
+    assert len(sweep.runs) == 2 * len(FIG5B_SUBSETS) and len(sweep.lattice.skipped) == 16 - len(FIG5B_SUBSETS)
+    assert {(r.cfg.train.sequences, r.cfg.train.eval_every) for r in sweep.runs} == {(600_000, 2000)}
+    scaled = reproduce.plan_reproduction(["lattice"], scale=0.1).sweeps["fig5b_lattice"]
+    assert {(r.cfg.train.sequences, r.cfg.train.eval_every) for r in scaled.runs} == {(60_000, 200)}
+    assert not any(outputs_root.iterdir())
+
+
+def test_reproduce_lattice_end_to_end_at_a_tiny_scale(outputs_root):
+    """`reproduce lattice` trains the subsets the Fig-5b clamps allow together (on only_l2h3) and
+    writes their analysis as a section of the report (tiny: the verdicts are tested above)."""
+    result = CliRunner().invoke(app, ["reproduce", "lattice", "--scale", "0.002", "-q", *TINY])
+    assert result.exit_code == 0, result.output
+    folder = next((outputs_root / "reproduce").iterdir())
+    spec = json.loads((folder / "fig5b_lattice" / "subsets.json").read_text())
+    assert spec["base"] == ["only_l2h3"] and sum(bool(s["runs"]) for s in spec["subsets"]) == len(FIG5B_SUBSETS)
+    index = pd.read_parquet(folder / "fig5b_lattice" / "sweep.parquet")
+    assert len(index) == len(FIG5B_SUBSETS) and (index.status == "completed").all()
+    findings = pd.read_csv(folder / "report" / "findings.csv").set_index("finding")
+    lattice = findings[findings.index.str.startswith("what needs to go right")]
+    assert len(lattice) == 2 and set(lattice.holds) <= {"yes", "no"}, lattice
+    assert set(findings.drop(lattice.index).holds) == {"not run"}
+    report = (folder / "report" / "report.md").read_text()
+    assert ("What needs to go right (fig5b_lattice: every subset of pt_attention, layer1, match, copy on top of "
+            "only_l2h3") in report
+    nodes = pd.read_csv(folder / "report" / "fig5b_lattice_nodes.csv")
+    assert sorted(nodes.subset) == sorted(map(label, FIG5B_SUBSETS))
+    assert (folder / "report" / "fig5b_lattice_lattice.png").is_file()

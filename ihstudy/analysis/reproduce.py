@@ -2,6 +2,7 @@
 
     ihstudy reproduce                          # figures 3 4b 5b 6 8 15 17 and the toy model
     ihstudy reproduce 3 5b --scale 0.1         # a quick look: every run 10x shorter
+    ihstudy reproduce lattice seed=5,6,7       # what needs to go right: every subset of the Fig-5b clamps
     ihstudy reproduce seed=5,6,7               # medians and spreads over seeds
     ihstudy reproduce data=features_file data.path=omniglot.h5
     ihstudy reproduce hydra/launcher=submitit_slurm hydra.launcher.partition=cpu
@@ -46,11 +47,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ihstudy.analysis import circuits, defaults, markov_findings, report, timing, toy
+from ihstudy.analysis import circuits, defaults, markov_findings, report, subsets, timing, toy
 from ihstudy.config import check_hydra_overrides, compose_config, quote
 from ihstudy.errors import ConfigError, UserError
 from ihstudy.run_files import RunFiles, check_folder_path, check_report_dir, outputs_root
 from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
+from ihstudy.training.lattice import GROUP
 from ihstudy.training.sweep import (
     SWEEP_DIR,
     Sweep,
@@ -65,7 +67,7 @@ from ihstudy.training.sweep import (
 )
 
 FIGURES = {"3": ["fig3"], "4b": ["fig4b"], "5b": ["fig5b"], "6": ["fig6_long", "fig6_clamps"], "8": ["fig8"],
-           "15": ["fig15"], "17": ["fig17"], "toy": [], "markov": ["markov_prior"]}
+           "15": ["fig15"], "17": ["fig17"], "toy": [], "markov": ["markov_prior"], "lattice": ["fig5b_lattice"]}
 MIN_TOY_ITERATIONS = 300  # enough for the clamped conditions to fit
 QUICK_CHECKPOINTS = 20
 # Unless the command line names a launcher: the pack jobs of every preset in one worker process per
@@ -85,8 +87,38 @@ INDUCTION_HEAD = 0.3  # a last-layer head with a final induction strength above 
 REDUNDANT_ACC_DROP = 0.02  # redundancy: removing any one last-layer head costs at most this much accuracy
 DIRECT_PATH_ACC = 0.01  # layer 1 acts only through layer 2: its direct path changes accuracy by at most this
 LABEL_SPECIFIC = 0.2  # a head's copy circuit is label-specific if its accuracy differs this much between labels
+PREDICTS_WITHIN = 1.25  # a composition rule predicts if its median held-out error is at most this factor
 COMPLEMENTARY_GAIN = 0.05  # two heads are complementary if each label's better head beats the better head overall by this
 ROLE_ACC_DROP = 0.05  # a group of layer-1 heads matters through a path if ablating that path costs this much accuracy
+
+
+
+@dataclass(frozen=True)
+class SubsetLattice:
+    """A "what needs to go right" section (docs/subsets.md): every subset of `clamps` on top of the
+    `base` clamp preset, trained as `experiment` with `settings` (scaled by --scale like the preset's own)."""
+
+    experiment: str
+    clamps: tuple[str, ...]
+    base: str = ""
+    settings: tuple[str, ...] = ()
+
+    def base_override(self) -> list[str]:
+        return [f"{GROUP}={self.base}"] if self.base else []
+
+    @property
+    def subsets(self) -> str:
+        return f"{GROUP}={','.join(self.clamps)}"
+
+
+# preset (a folder of the reproduction, listed in FIGURES["lattice"]) -> its subset sweep. The token
+# families (docs/tasks.md) join with one entry each once their clamps exist in conf/clamp/, e.g.
+#     "repeat_lattice": SubsetLattice("repeat", ("prev_token_first", "induction", "copy")),
+# and a register_lattice_findings("repeat_lattice", ...) call below: the judges take any lattice.
+# The Fig-5b lattice evaluates every 2000 sequences, half as often as fig5b: it reads only the
+# interpolated crossing times, and evals are most of a fig5b run's cost (docs/reproduce.md).
+LATTICES = {"fig5b_lattice": SubsetLattice("fig5b", ("pt_attention", "layer1", "match", "copy"), "only_l2h3",
+                                           ("train.eval_every=2000",))}
 
 
 # --- planning ---------------------------------------------------------------------------------------------
@@ -132,9 +164,12 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
     presets = list(dict.fromkeys(p for f in figures for p in FIGURES[f]))
     sweeps = {}
     for preset in presets:
-        scaled = [] if scale == 1 else scaled_overrides(preset, fixed, scale, given)
-        sweeps[preset] = plan_sweep([f"experiment={preset}", *scaled, *overrides, f"{SWEEP_DIR}={quote(str(folder / preset))}"],
-                                    max_pack_runs, allow_callbacks, on_run, retry_failed)
+        lattice = LATTICES.get(preset)
+        experiment, settings = (lattice.experiment, list(lattice.settings)) if lattice else (preset, [])
+        scaled = [] if scale == 1 else scaled_overrides(experiment, [*settings, *fixed], scale, given)
+        sweeps[preset] = plan_sweep([f"experiment={experiment}", *settings, *scaled, *overrides,
+                                     *(lattice.base_override() if lattice else []), f"{SWEEP_DIR}={quote(str(folder / preset))}"],
+                                    max_pack_runs, allow_callbacks, on_run, retry_failed, lattice.subsets if lattice else None)
     n_jobs = sum(len(sweep.packs) for sweep in sweeps.values())
     if "hydra/launcher" not in given and min(n_jobs, available_cores()) > 1:
         for sweep in sweeps.values():
@@ -221,6 +256,22 @@ class Results:
             return None
         subject = circuits.Subject(runs[0].dir)
         return subject, *circuits.training_distribution(subject.task, self.repro.analysis_sequences)
+
+    def available(self, name: str) -> bool:
+        """Whether a preset (or "toy") has results to judge: runs, and for a LATTICES preset its lattice."""
+        if name == "toy":
+            return self.toy() is not None
+        return (self.lattice(name) if name in LATTICES else self.runs(name)) is not None
+
+    @functools.cache  # noqa: B019
+    def lattice(self, preset: str) -> tuple[report.Report, dict[str, pd.DataFrame]] | None:
+        """The subset-lattice analysis of a LATTICES preset (subsets.subsets_report): its report and tables."""
+        if self.runs(preset) is None:
+            return None
+        try:
+            return subsets.subsets_report(subsets.load(self.repro.folder / preset))
+        except UserError:  # no subsets.json yet, no eval rows
+            return None
 
     def toy(self) -> pd.DataFrame | None:
         path = self.repro.folder / "toy" / "toy.parquet"
@@ -320,7 +371,7 @@ class FindingSpec:
     def __call__(self, r: Results) -> Finding:
         """The finding judged on `r`, or left "not run" when a preset (or the toy model) it needs has no results."""
         f = Finding(self.key, self.title, self.claim, "; ".join(f"{what} {value}" for what, value in self.paper.items()))
-        if all((r.toy() if name == "toy" else r.runs(name)) is not None for name in self.needs):
+        if all(r.available(name) for name in self.needs):
             self.judge(r, f)
         return f
 
@@ -637,6 +688,64 @@ def markov_doubly_stochastic(r: Results, f: Finding) -> None:
     f.holds = verdict(holds)
 
 
+# --- what needs to go right: the subset lattices (LATTICES) -----------------------------------------------
+
+
+def register_lattice_findings(preset: str, title: str, paper_factors: dict[str, float] | None) -> None:
+    """Two findings of a LATTICES preset: which clamps hold the phase change back (ranked against
+    `paper_factors`, the paper's time with each clamp alone over its time with none; None: no paper
+    numbers) and whether a composition rule predicts held-out subsets."""
+    clamps = ", ".join(LATTICES[preset].clamps)
+    paper = ({"alone, time vs none (Fig. 5b)": ", ".join(f"{c} x{v:.2g}" for c, v in sorted(paper_factors.items(),
+                                                                                        key=lambda kv: kv[1])),
+              "over the lattice": "not measured"} if paper_factors else {"lattice": "not in the paper"})
+    finding(preset, f"{title}: bottlenecks", f"every clamp ({clamps}) shortens formation in every context it is added to; "
+            f"averaged over the lattice, they rank as the paper's single clamps do", paper=paper,
+            needs=(preset,))(functools.partial(lattice_bottlenecks, preset, paper_factors))
+    finding(f"{preset}_rules", f"{title}: composition", "a simple rule (additive in log time, slowest sets the pace, rates "
+            "add) predicts a subset's time from the others' (the paper leaves open whether the clamped times predict the "
+            "unclamped one)", paper={"composition": "not tested in the paper"},
+            needs=(preset,))(functools.partial(lattice_composition, preset))
+
+
+def lattice_bottlenecks(preset: str, paper_factors: dict[str, float] | None, r: Results, f: Finding) -> None:
+    """Holds if every clamp's effect over the lattice is 'shortens' and they rank as in the paper."""
+    effects = r.lattice(preset)[1]["effects"]  # most shortening first
+    ranked = list(effects.dropna(subset=["estimate"]).clamp)
+    paper_rank = sorted(paper_factors, key=paper_factors.get) if paper_factors else ranked
+    f.ihstudy = ("; ".join(f"{row.clamp} x{row.factor:.2g}" + ("" if row.bound == "exact" else f" ({row.bound})")
+                           for row in effects.itertuples() if np.isfinite(row.estimate))
+                 + f" (time with / without, mean over contexts); ranked {' > '.join(ranked)}" if ranked
+                 else "no effect measured")
+    if not_shortening := [f"{row.clamp} {row.verdict}" for row in effects.itertuples() if row.verdict != "shortens"]:
+        f.ihstudy += f"; not shortening: {', '.join(not_shortening)}"
+    f.holds = verdict(not not_shortening and ranked == [c for c in paper_rank if c in ranked])
+
+
+def lattice_composition(preset: str, r: Results, f: Finding) -> None:
+    """Holds if the best rule's median held-out error factor is at most PREDICTS_WITHIN."""
+    rules = r.lattice(preset)[1]["composition"].dropna(subset=["median_factor"])  # best first
+    if rules.empty:
+        f.ihstudy, f.holds = "too few crossed subsets to fit a rule", verdict(False)
+        return
+    best = rules.iloc[0]
+    empty = ("unclamped subset: never crossed" if best.empty_subset_censored or np.isnan(best.empty_subset_factor)
+             else f"unclamped subset within x{best.empty_subset_factor:.2f}")
+    f.ihstudy = (f"best: {best['rule']}, held-out error x{best.median_factor:.2f} median (mean x{best.mean_factor:.2f}) "
+                 f"over {best.held_out} (subset, seed) pairs, {empty}; "
+                 + ", ".join(f"{row.rule} x{row.median_factor:.2f}" for row in rules.iloc[1:].itertuples()))
+    f.holds = verdict(bool(best.median_factor <= PREDICTS_WITHIN))
+
+
+def paper_factors_fig5b() -> dict[str, float]:
+    """Finding 6's paper times of the lattice's clamps over the paper's none (the lattice's base)."""
+    times, lattice = FINDINGS["6"].paper, LATTICES["fig5b_lattice"]
+    return {c: float(times[c]) / float(times[lattice.base]) for c in lattice.clamps}
+
+
+register_lattice_findings("fig5b_lattice", "what needs to go right (Fig-5b clamps)", paper_factors_fig5b())
+
+
 def findings(r: Results) -> list[Finding]:
     """Every main finding (not run if its presets were not chosen), and the appendix findings whose presets were."""
     return [spec(r) for spec in FINDINGS.values() if not spec.appendix or all(p in r.repro.sweeps for p in spec.needs)]
@@ -670,7 +779,26 @@ def build_report(repro: Reproduction) -> tuple[report.Report, pd.DataFrame]:
         if f.details is not None:
             out.table(f"finding_{f.key}", f.details, f.claim)
     add_figures(out, r)
+    for preset in (p for p in LATTICES if p in repro.sweeps):
+        add_lattice(out, preset, r.lattice(preset))
     return out, table
+
+
+def add_lattice(out: report.Report, preset: str, analysed: tuple[report.Report, dict] | None) -> None:
+    """The subset analysis of a LATTICES preset (`ihstudy analyze subsets` on its folder) as a section:
+    its findings in words among the notes, its tables and figures named `<preset>_...`."""
+    lattice = LATTICES[preset]
+    head = (f"What needs to go right ({preset}: every subset of {', '.join(lattice.clamps)}"
+            + (f" on top of {lattice.base}" if lattice.base else "") + ", docs/subsets.md)")
+    if analysed is None:
+        out.notes.append(f"{head}: no runs with eval rows yet")
+        return
+    sub, _ = analysed
+    out.notes += [f"{head}: {sub.notes[0]}" if sub.notes else head, *sub.notes[1:]]
+    for name, frame, sentence in sub.tables:
+        out.table(f"{preset}_{name}", frame, sentence)
+    for name, fig, caption in sub.figures:
+        out.figure(f"{preset}_{name}", fig, caption)
 
 
 def add_figures(out: report.Report, r: Results) -> None:

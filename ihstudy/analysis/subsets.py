@@ -386,7 +386,9 @@ def subsets_report(lattice: Lattice) -> tuple[Report, dict[str, pd.DataFrame]]:
         report.notes.append(f"Composition: '{best['rule']}' predicts a held-out subset's time best, within a factor "
                             f"{best.median_factor:.2f} (median; mean {best.mean_factor:.2f}) over {best.held_out} held-out "
                             f"(subset, seed) pairs; {empty}. Every rule: the composition table.")
-    report.notes += [f"skipped {label(s)}: {reason}" for s, reason in lattice.skipped.items()]
+    if lattice.skipped:
+        report.notes.append(f"{len(lattice.skipped)} of {2 ** len(lattice.clamps)} subsets skipped: their clamps cannot act "
+                            f"together (the skipped table says why)")
     report.notes.append(f"Intervals: {LEVEL:.0%} bootstrap over seeds ({lattice.times.seed.nunique()} seeds; with few seeds "
                         f"they are rough). Censored runs enter at their last eval point as lower bounds (module docstring).")
     report.table("nodes", node_table,
@@ -399,6 +401,9 @@ def subsets_report(lattice: Lattice) -> tuple[Report, dict[str, pd.DataFrame]]:
     report.table("composition", rules, "Per rule: held-out (subset, seed) pairs judged, median and mean error factor "
                                        "(exp |log predicted - log observed|), and the error on the unclamped subset.")
     report.table("predictions", predictions, "Every leave-one-subset-out prediction.")
+    if lattice.skipped:
+        skipped = pd.DataFrame({"subset": [label(s) for s in lattice.skipped], "reason": list(lattice.skipped.values())})
+        report.table("skipped", skipped, "Subsets not trained: clamps that cannot act together (training/lattice.py).")
     report.table("effect_contexts", effect_detail, "Every context's change in log time per clamp and seed.")
     report.figure("lattice", plot_lattice(lattice, node_table),
                   "Subsets by size; dots: seeds, grey bars: their range; edges coloured by the clamp added.")

@@ -18,6 +18,7 @@ from ihstudy.errors import ConfigError
 from ihstudy.tasks.base import TaskFamily, TensorBatch, chunk_generator
 
 MAX_FEATURE_ELEMENTS = 2_000_000_000  # refuse absurd files before reading them
+GAUSSIAN_OPTIONS = ("n_groups", "nonnegative")  # data keys of the built-in exemplars that only some presets set
 
 
 @dataclass
@@ -36,21 +37,31 @@ class Batch(TensorBatch):
 # --- exemplar sources ---------------------------------------------------------------------------
 
 
-def gaussian_features(n_classes: int, n_exemplars: int, dim: int, latent_dim: int,
-                      within_class_std: float, norm: float, seed: int) -> torch.Tensor:
+def gaussian_features(n_classes: int, n_exemplars: int, dim: int, latent_dim: int, within_class_std: float,
+                      norm: float, seed: int, n_groups: int = 0, nonnegative: bool = False) -> torch.Tensor:
     """Built-in exemplars [classes, exemplars, dim] with shared low-dimensional structure.
 
     Class centres lie in a random `latent_dim`-dimensional subspace (docs/science.md §6: isotropic
     class vectors never let held-out classes generalise); exemplars scatter isotropically around
-    them. Every exemplar is scaled to the same norm.
+    them. `n_groups` > 0 groups the classes, in order, into that many equal runs of consecutive
+    classes (Omniglot's characters grouped in alphabets), each class centre then being the mean of
+    its group's centre and its own, both unit vectors of the subspace. `nonnegative`: every
+    coordinate below 0 set to 0 (as ReLU features are). Every exemplar is scaled to the same norm.
     """
     g = torch.Generator().manual_seed(seed)
     basis = torch.randn(latent_dim, dim, generator=g) / math.sqrt(latent_dim)
     centres = torch.randn(n_classes, 1, latent_dim, generator=g) @ basis
     centres = centres / centres.norm(dim=-1, keepdim=True)
     spread = torch.randn(n_classes, n_exemplars, dim, generator=g) * (within_class_std / math.sqrt(dim))
+    if n_groups:  # drawn last: without groups the array is the one drawn before groups existed
+        groups = torch.randn(n_groups, 1, latent_dim, generator=g) @ basis
+        group_of = torch.arange(n_classes) * n_groups // n_classes
+        centres = (centres + groups[group_of] / groups[group_of].norm(dim=-1, keepdim=True)) / 2
+        centres = centres / centres.norm(dim=-1, keepdim=True)
     features = centres + spread
-    return features * (norm / features.norm(dim=-1, keepdim=True))
+    if nonnegative:
+        features = features.clamp(min=0)
+    return features * (norm / features.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(features.dtype).tiny))
 
 
 def load_feature_file(path: str, dataset: str | None = None) -> torch.Tensor:
@@ -268,5 +279,6 @@ def load_features(data_cfg) -> torch.Tensor:
     """The exemplar array [classes, exemplars, dim] named by the `data` config group."""
     if data_cfg.source == "gaussian":
         return gaussian_features(data_cfg.n_classes, data_cfg.n_exemplars, data_cfg.dim, data_cfg.latent_dim,
-                                 data_cfg.within_class_std, data_cfg.norm, data_cfg.seed)
+                                 data_cfg.within_class_std, data_cfg.norm, data_cfg.seed,
+                                 **{key: data_cfg[key] for key in GAUSSIAN_OPTIONS if key in data_cfg})
     return load_feature_file(data_cfg.path, data_cfg.get("dataset"))
