@@ -139,6 +139,6 @@ def test_eval_plan_measures_dense_evaluators_at_every_point_and_the_rest_sparsel
     # every 160 sequences = steps 0 and 5 (not on the 64-sequence grid: all three measured there too), and the end
     assert plan(["fsl_train"]) == {0: names, 2: ["fsl_train"], 4: ["fsl_train"], 5: names, 6: ["fsl_train"],
                                    8: ["fsl_train"], 10: names}
-    assert plan(["fsl_train", "fsl_test_class"], 10**6) == {0: names, **dict.fromkeys((2, 4, 6, 8), ["fsl_train", "fsl_test_class"]),
-                                                            10: names}
+    two = ["fsl_train", "fsl_test_class"]
+    assert plan(two, 10**6) == {0: names, **dict.fromkeys((2, 4, 6, 8), two), 10: names}
     assert plan([]) == {0: names, 5: names, 10: names}  # no dense evaluator: only the sparse points

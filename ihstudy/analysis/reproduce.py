@@ -121,7 +121,8 @@ class Reproduction:
 
 
 def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = None, max_pack_runs: int = 0,
-                      allow_callbacks: bool = False, on_run=None, retry_failed: bool = False, quick: bool = False) -> Reproduction:
+                      allow_callbacks: bool = False, on_run=None, retry_failed: bool = False,
+                      quick: bool = False) -> Reproduction:
     """Figures and overrides from the command line -> every preset's sweep, planned and validated
     (nothing written). `args`: figure names (3 4b 5b 6 8 15 17 toy) and Hydra overrides (with =);
     `allow_callbacks`, `on_run` and `retry_failed` as sweep.plan_sweep takes them; `quick`: the quick
