@@ -85,6 +85,13 @@ def test_sparse_evaluators_skip_their_points_alike_alone_in_a_pack_and_resumed(t
     numeric = evals.columns.drop(["step", "sequences", "evaluator"])
     assert (packed[numeric] - evals[numeric]).abs().max().max() < 1e-4
 
+    dense = compose_config([*SPARSE, "eval=default"])[0]  # the same run, every evaluator at every point
+    Pack([RunSpec(dense, tmp_path / "dense")]).train()
+    every = pd.read_parquet(tmp_path / "dense" / "eval.parquet")
+    assert len(every) == 4 * 7 and every.merge(evals).shape == evals.shape  # the sparse rows: a subset, bit for bit
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "dense" / "metrics.parquet"),
+                                  pd.read_parquet(solo / "metrics.parquet"), check_exact=True)
+
     resumed = tmp_path / "resumed"  # as if killed after its checkpoint at step 7 (224 sequences)
     shutil.copytree(solo, resumed)
     for checkpoint in resumed.glob("checkpoints/step_*.pt*"):
