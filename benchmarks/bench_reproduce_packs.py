@@ -48,10 +48,11 @@ def measure_pack(pack, steps: int, compile_setting: str) -> dict:
     first, _ = timed(lambda: [pack.train_step() for _ in range(5)])
     step_wall, step = (t / steps for t in timed(lambda: [pack.train_step() for _ in range(steps)]))
     pack.step = pack.n_steps // 2  # mid-training table sizes
-    n_evals, n_ckpts = len(pack.eval_steps), len(pack.ckpt_steps)
+    n_evals = sum(map(len, pack.eval_plan.values())) / len(pack.evaluators)  # in full evals (eval.dense: fewer)
+    n_ckpts = len(pack.ckpt_steps)
     for columns in pack.recorder.eval_columns:
         for key in columns:
-            columns[key] = columns[key] * max(1, n_evals // 2)
+            columns[key] = columns[key] * max(1, int(n_evals) // 2)
     (eval_wall, evaluate), (ckpt_wall, checkpoint) = timed(pack.evaluate, 3), timed(pack.checkpoint, 3)
     return {"compiled": compiled, "first_steps": first - 5 * step_wall + first_eval - eval_wall,
             "step": step, "eval": evaluate, "ckpt": checkpoint,

@@ -71,9 +71,9 @@ def main() -> None:
             eval_times.append(time.perf_counter() - start)
         print(f"full eval ({len(pack.evaluators)} x {cfg.eval.n_sequences} sequences): "
               f"{summary(eval_times[1:], 'ms', 1e3)}")
-        n_evals = len(pack.eval_steps)
+        n_evals = sum(map(len, pack.eval_plan.values())) / len(pack.evaluators)  # in full evals (eval.dense: fewer)
         estimate = pack.n_steps * min(step_times) + n_evals * min(eval_times[1:])
-        print(f"default run estimate without start-up: {pack.n_steps} steps + {n_evals} evals = {estimate:.1f} s")
+        print(f"default run estimate without start-up: {pack.n_steps} steps + {n_evals:g} evals = {estimate:.1f} s")
 
         if not args.skip_full:
             cache = {"TORCHINDUCTOR_CACHE_DIR": f"{tmp}/compile-cache"}  # empty at first, like a fresh machine's

@@ -367,6 +367,8 @@ def reproduce(
                                       help="Figures 3 4b 5b 6 8 15 17 toy markov lattice (default: all) and Hydra "
                                            "overrides for every preset."),
     scale: float = typer.Option(1.0, "--scale", help="Shorten every run by this factor (a quick look; own folder)."),
+    quick: bool = typer.Option(False, "--quick", help="Quick mode: every run shorter at a higher learning rate, time "
+                                                      "compressed (docs/reproduce.md#quick-mode; own folder)."),
     out: Path | None = typer.Option(None, "--out",
                                     help="Reproduction folder inside the outputs folder (default: outputs/reproduce)."),
     max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
@@ -379,7 +381,8 @@ def reproduce(
 
     \b
     ihstudy reproduce                         all figures at full length (outputs/reproduce/full)
-    ihstudy reproduce 3 5b --scale 0.1        a quick look at two figures
+    ihstudy reproduce --quick                 every figure in a few minutes, time compressed (outputs/reproduce/quick)
+    ihstudy reproduce 3 5b --scale 0.1        a quick look at two figures, runs 10x shorter
     ihstudy reproduce seed=5,6,7 data=features_file data.path=omniglot.h5
     Running the same command again skips finished runs and resumes interrupted ones."""
     from ihstudy.analysis import reproduce as rep
@@ -387,7 +390,7 @@ def reproduce(
 
     try:
         with planning_progress(quiet) as on_run:
-            plan = rep.plan_reproduction(args or [], scale, out, max_pack_runs, allow_callbacks, on_run, retry_failed)
+            plan = rep.plan_reproduction(args or [], scale, out, max_pack_runs, allow_callbacks, on_run, retry_failed, quick)
     except UserError as exc:
         fail(str(exc))
     for preset, sweep in plan.sweeps.items():

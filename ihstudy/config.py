@@ -284,6 +284,8 @@ def validate(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
     family = task_family(cfg.task)
     for name in ev.evaluators:
         _require(name in family.evaluators, f"unknown evaluator '{name}' (known: {', '.join(family.evaluators)})")
+    for name in ev.dense or []:
+        _require(name in ev.evaluators, f"eval.dense names '{name}', not one of eval.evaluators ({', '.join(ev.evaluators)})")
     if family is FewShotTask:
         _validate_fsl(cfg, n_classes, n_exemplars)
     else:
@@ -374,6 +376,10 @@ def check_values(cfg: DictConfig) -> None:
     evaluators = OmegaConf.select(cfg, "eval.evaluators")
     _require(isinstance(evaluators, ListConfig) and len(evaluators) > 0 and all(isinstance(e, str) for e in evaluators),
              f"eval.evaluators must be a non-empty list of names, got {evaluators!r}")
+    dense = OmegaConf.select(cfg, "eval.dense")
+    _require(dense is None or (isinstance(dense, ListConfig) and all(isinstance(e, str) for e in dense)),
+             f"eval.dense must be null or a list of evaluator names, got {dense!r}")
+    _number(cfg, "eval.sparse_every", int, 1)
     _check_device(str(OmegaConf.select(cfg, "device")))
     _check_data(cfg)
 

@@ -21,6 +21,7 @@ from ihstudy.training import sweep as sweep_module
 from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 from ihstudy.training.lattice import label
 from ihstudy.training.sweep import pack_jobs, pack_seconds
+from ihstudy.training.train import eval_plan
 
 SEQ = np.arange(0, 600_001, 5000, dtype=float)
 TINY = ["data.dim=16", "eval.n_sequences=40", "train.threads=1"]
@@ -259,11 +260,51 @@ def test_fig17_copy_circuits_judged_from_per_label_accuracy(tmp_path, monkeypatc
 
 
 def test_scale_shortens_every_schedule_with_sane_minimums():
+    # 1e5 sequences in at most 50 eval points: every 2016 (a whole number of batches), not 5000 * 0.1
     fig3 = reproduce.scaled_overrides("fig3", [], 0.1, set())
-    assert fig3 == ["train.sequences=100000", "train.eval_every=500", "train.ckpt_every=5000",
-                    "train.eval_at=[]", "train.ckpt_at=[]"]
+    assert fig3 == ["train.compile=auto", "train.sequences=100000", "train.eval_every=2016", "eval.sparse_every=20160",
+                    "train.ckpt_every=5000", "train.eval_at=[]", "train.ckpt_at=[]"]
     tiny = dict(o.split("=") for o in reproduce.scaled_overrides("fig5b", [], 0.0001, {"train.eval_at"}))
-    assert tiny == {"train.sequences": "64", "train.eval_every": "32", "train.ckpt_every": "32", "train.ckpt_at": "[]"}
+    assert tiny == {"train.compile": "auto", "train.sequences": "64", "train.eval_every": "32", "eval.sparse_every": "320",
+                    "train.ckpt_every": "32", "train.ckpt_at": "[]"}
+
+
+def eval_points(run) -> dict[int, list[str]]:
+    cfg = run.cfg
+    return eval_plan(cfg.train, cfg.eval, math.ceil(cfg.train.sequences / cfg.train.batch_size))
+
+
+def test_scaled_runs_keep_a_bounded_number_of_eval_points(outputs_root):
+    """Every preset under --scale: at most ~SCALED_EVAL_POINTS eval points per run (the full runs have
+    120-600), the evaluators outside eval.dense at most every SPARSE_EVAL_SPACING-th of them."""
+    plan = reproduce.plan_reproduction(["3", "4b", "5b", "6", "8", "15", "17"], scale=0.05)
+    for preset, sweep in plan.sweeps.items():
+        points = eval_points(sweep.runs[0])
+        full = sum(len(names) == len(sweep.runs[0].cfg.eval.evaluators) for names in points.values())
+        assert 2 <= len(points) <= reproduce.SCALED_EVAL_POINTS + 2, preset
+        assert full <= (len(points) if preset == "fig3" else len(points) / reproduce.SPARSE_EVAL_SPACING + 2), preset
+    assert not any(outputs_root.iterdir())
+
+
+def test_quick_mode_plans_the_paper_faster_and_shorter_and_markov_as_it_is(outputs_root):
+    quick, full = reproduce.plan_reproduction([], quick=True), reproduce.plan_reproduction([])
+    assert quick.folder == outputs_root / "reproduce" / "quick" and quick.quick
+    assert quick.presets == full.presets and "markov_prior" in quick.presets
+    speedup = reproduce.QUICK_SPEEDUP
+    for preset, sweep in quick.sweeps.items():
+        assert len(sweep.runs) == len(full.sweeps[preset].runs)
+        for fast, paper in zip(sweep.runs, full.sweeps[preset].runs):
+            if preset in reproduce.QUICK_AS_IS:
+                assert fast.cfg == paper.cfg
+                continue
+            assert fast.cfg.optim.lr == pytest.approx(paper.cfg.optim.lr * speedup)
+            assert abs(fast.cfg.train.sequences - paper.cfg.train.sequences / speedup) <= paper.cfg.train.batch_size
+            assert len(eval_points(fast)) <= reproduce.SCALED_EVAL_POINTS + 2
+            assert (fast.cfg.clamp, fast.cfg.task, fast.cfg.model) == (paper.cfg.clamp, paper.cfg.task, paper.cfg.model)
+    assert quick.toy_iterations == 1000  # the toy model's own time: not compressed
+    result = CliRunner().invoke(app, ["reproduce", "--quick", "--scale", "0.1", "--dry-run"])
+    assert result.exit_code == 2 and "--quick" in result.output and result.output.count("\n") == 1, result.output
+    assert not any(outputs_root.iterdir())
 
 
 def test_dry_run_lists_runs_packs_and_estimates_and_writes_nothing(outputs_root):

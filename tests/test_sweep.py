@@ -1,6 +1,7 @@
 """Sweeps: packing, pack-vs-solo equivalence, failure isolation, re-runs, launchers, bad input."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -58,6 +59,48 @@ def test_failing_run_stops_alone(pack_and_solo):
     status = json.loads((root / "packed2" / "run.json").read_text())
     assert status["status"] == "failed" and "NaN" in status["error"]
     assert pd.read_parquet(root / "packed1" / "metrics.parquet").step.max() == 300
+
+
+SPARSE = ["eval=sparse", "eval.sparse_every=480", "train.sequences=960", "train.eval_every=160", "train.ckpt_every=224",
+          "eval.n_sequences=50", "model.d_model=32", "model.n_heads=4", "optim.lr=1e-3", "train.threads=1"]
+
+
+def test_sparse_evaluators_skip_their_points_alike_alone_in_a_pack_and_resumed(tmp_path):
+    """eval=sparse: fsl_train at every eval point, the other evaluators every eval.sparse_every
+    sequences and at the end; the same rows in a pack, and exactly the same after resuming from a
+    checkpoint between two sparse points."""
+    cfg = compose_config(SPARSE)[0]
+    solo = tmp_path / "solo"
+    [result] = Pack([RunSpec(cfg, solo)]).train()
+    evals = pd.read_parquet(solo / "eval.parquet")
+    others = ["fsl_val_rl", "fsl_train_valex", "fsl_test_class"]
+    assert evals.groupby("evaluator").sequences.apply(list).to_dict() == {"fsl_train": list(range(0, 961, 160)),
+                                                                         **dict.fromkeys(others, [0, 480, 960])}
+    assert result.summary["fsl_test_class.loss"] == evals.loss.iloc[-1]  # final losses: every evaluator at the end
+
+    mate = compose_config([*SPARSE, "seed=6", "clamp=copy"])[0]
+    Pack([RunSpec(mate, tmp_path / "mate"), RunSpec(cfg, tmp_path / "packed")]).train()
+    packed = pd.read_parquet(tmp_path / "packed" / "eval.parquet")
+    assert packed[["step", "evaluator"]].equals(evals[["step", "evaluator"]])
+    numeric = evals.columns.drop(["step", "sequences", "evaluator"])
+    assert (packed[numeric] - evals[numeric]).abs().max().max() < 1e-4
+
+    dense = compose_config([*SPARSE, "eval=default"])[0]  # the same run, every evaluator at every point
+    Pack([RunSpec(dense, tmp_path / "dense")]).train()
+    every = pd.read_parquet(tmp_path / "dense" / "eval.parquet")
+    assert len(every) == 4 * 7 and every.merge(evals).shape == evals.shape  # the sparse rows: a subset, bit for bit
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "dense" / "metrics.parquet"),
+                                  pd.read_parquet(solo / "metrics.parquet"), check_exact=True)
+
+    resumed = tmp_path / "resumed"  # as if killed after its checkpoint at step 7 (224 sequences)
+    shutil.copytree(solo, resumed)
+    for checkpoint in resumed.glob("checkpoints/step_*.pt*"):
+        if int(checkpoint.name.split("_")[1].split(".")[0]) > 7:
+            checkpoint.unlink()
+    pack = Pack([RunSpec(cfg, resumed)])
+    assert pack.restore() == 7
+    pack.train()
+    pd.testing.assert_frame_equal(pd.read_parquet(resumed / "eval.parquet"), evals, check_exact=True)
 
 
 def test_sweep_marks_the_failed_run_and_finishes_the_rest(tmp_path):

@@ -186,3 +186,19 @@ def test_a_run_resumes_under_another_logger(tmp_path):
     cfg, _ = compose_config([*SHORT, "seed=6"])
     with pytest.raises(Exception, match="differs in seed"):
         Pack([RunSpec(cfg, tmp_path / "run")]).restore()
+
+
+def test_csv_takes_the_columns_of_an_evaluator_first_measured_after_a_resume(tmp_path):
+    """eval=sparse resumed at a point where only fsl_train is measured: the file gains the other
+    evaluators' columns at their next point, the earlier rows kept (blank there)."""
+    from ihstudy.training.trackers import CSVTracker
+
+    tracker = CSVTracker({"dir": str(tmp_path)}, "run", {}, sequences=320)  # resumed, no metrics.csv yet
+    tracker.log({"fsl_train/loss": 0.5, "train/loss": 0.6}, 320)
+    tracker.log({"fsl_train/loss": 0.4, "fsl_val_rl/loss": 0.9, "train/loss": 0.45}, 480)
+    with (tmp_path / "run" / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"sequences": "320", "fsl_train/loss": "0.5", "train/loss": "0.6", "train/grad_norm": "",
+                     "train/grad_batch_stddev": "", "train/lr": "", "fsl_val_rl/loss": ""},
+                    {"sequences": "480", "fsl_train/loss": "0.4", "train/loss": "0.45", "train/grad_norm": "",
+                     "train/grad_batch_stddev": "", "train/lr": "", "fsl_val_rl/loss": "0.9"}]

@@ -64,6 +64,9 @@ def test_same_config_and_seeds_give_identical_outputs(tmp_path):
     ("train.batch_size=0", "batch_size"),
     ("data=features_file", "data.path"),
     ("data=features_file data.path=/nonexistent/features.h5", "not found"),
+    ("eval=sparse eval.evaluators=[fsl_val_rl]", "eval.dense names 'fsl_train'"),
+    ("eval.dense=fsl_train", "eval.dense must be null or a list"),
+    ("eval.sparse_every=0", "eval.sparse_every"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, override, message):
     result = train(tmp_path / "run", *override.split())
@@ -169,6 +172,15 @@ def test_evaluator_turns_a_forward_pass_into_eval_rows():
         assert row["loss"] < 1e-6 and row["acc"] == 1.0 and row["icl_acc"] == 1.0 and row["ooc_acc"] == 0.0
         assert abs(row["induction.L1H0"] - 1) < 1e-6 and abs(row["induction.L0H1"] - 1) < 1e-6
         assert "prev_token.L0H0" in row and "prev_token.L1H0" not in row
+
+    def from_query(batch, part):  # logits that differ from sequence to sequence
+        logits, patterns = certain(batch, part)
+        return batch[:, part].exemplars[..., -1, :cfg.task.n_labels] * 10, patterns
+
+    # one evaluator alone (eval.dense's sparse points): its rows as measured with all the others
+    every = evaluator.measure(from_query, step=7, batch_size=32)
+    alone = evaluator.measure(from_query, step=7, batch_size=32, names=["fsl_test_class"])
+    assert alone == [[run_rows[3]] for run_rows in every] and len({row["loss"] for row in every[0]}) == 4
 
 
 def test_run_recorder_writes_restores_and_fails_runs_alone(tmp_path):

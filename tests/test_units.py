@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from ihstudy.tasks.fsl import Batch
 from ihstudy.training.evaluate import induction_strength, previous_token_score, query_metrics
 from ihstudy.training.optim import StackedOptimizer, lr_schedule
-from ihstudy.training.train import schedule_steps
+from ihstudy.training.train import eval_plan, schedule_steps
 
 # --- learning-rate schedules: 6 steps of 32 sequences, warmup over 64 sequences = 2 steps ---------
 
@@ -126,3 +126,19 @@ def test_schedule_steps_every_and_extra_points():
     assert schedule_steps(64, [40, 100, 1000], n_steps=10, batch_size=32) == {0, 2, 4, 6, 8, 10}
     assert schedule_steps(96, [33], n_steps=10, batch_size=32) == {0, 2, 3, 6, 9, 10}
     assert schedule_steps(10**6, [], n_steps=10, batch_size=32) == {0, 10}
+
+
+def test_eval_plan_measures_dense_evaluators_at_every_point_and_the_rest_sparsely():
+    train = OmegaConf.create({"eval_every": 64, "eval_at": [40], "batch_size": 32})
+    names = ["fsl_train", "fsl_val_rl", "fsl_test_class"]
+
+    def plan(dense, sparse_every=160):
+        return eval_plan(train, OmegaConf.create({"evaluators": names, "dense": dense, "sparse_every": sparse_every}), 10)
+
+    assert plan(None) == {step: names for step in (0, 2, 4, 6, 8, 10)}  # dense unset: every evaluator everywhere
+    # every 160 sequences = steps 0 and 5 (not on the 64-sequence grid: all three measured there too), and the end
+    assert plan(["fsl_train"]) == {0: names, 2: ["fsl_train"], 4: ["fsl_train"], 5: names, 6: ["fsl_train"],
+                                   8: ["fsl_train"], 10: names}
+    two = ["fsl_train", "fsl_test_class"]
+    assert plan(two, 10**6) == {0: names, **dict.fromkeys((2, 4, 6, 8), two), 10: names}
+    assert plan([]) == {0: names, 5: names, 10: names}  # no dense evaluator: only the sparse points

@@ -70,6 +70,18 @@ FIGURES = {"3": ["fig3"], "4b": ["fig4b"], "5b": ["fig5b"], "6": ["fig6_long", "
            "15": ["fig15"], "17": ["fig17"], "toy": [], "markov": ["markov_prior"], "lattice": ["fig5b_lattice"]}
 MIN_TOY_ITERATIONS = 300  # enough for the clamped conditions to fit
 QUICK_CHECKPOINTS = 20
+# --quick (docs/reproduce.md#quick-mode): the paper's presets with their time compressed QUICK_SPEEDUP
+# times, a learning rate that many times higher and runs that many times shorter (Adam's steps grow
+# with the learning rate: the phase changes come about that much sooner). QUICK_AS_IS: presets already
+# at a fast-learning setting, run as they are.
+QUICK_SPEEDUP = 30
+QUICK_AS_IS = ("markov_prior",)
+# --scale and --quick: eval points per run at most about this many (plus train.eval_at's; the full
+# runs have 120-600), every evaluator at most every SPARSE_EVAL_SPACING of them (eval=sparse): an
+# eval point costs as much as training ~1,000 sequences, so shortened runs would otherwise spend
+# most of their time evaluating
+SCALED_EVAL_POINTS = 50
+SPARSE_EVAL_SPACING = 10
 # Unless the command line names a launcher: the pack jobs of every preset in one worker process per
 # core (each then takes one torch thread, sweep.jobs_per_machine). A pack gains little from a second
 # thread (1.26 against 1.30 ms per step), so two packs side by side beat one after another.
@@ -127,12 +139,13 @@ LATTICES = {"fig5b_lattice": SubsetLattice("fig5b", ("pt_attention", "layer1", "
 @dataclass
 class Reproduction:
     folder: Path
-    scale: float
+    scale: float  # --quick: 1 / QUICK_SPEEDUP
     figures: list[str]
     sweeps: dict[str, Sweep]  # preset -> its planned sweep
     toy_iterations: int
     analysis_sequences: int
     workers: int = 1  # pack jobs running at once on this machine
+    quick: bool = False
 
     @property
     def presets(self) -> list[str]:
@@ -140,16 +153,21 @@ class Reproduction:
 
 
 def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = None, max_pack_runs: int = 0,
-                      allow_callbacks: bool = False, on_run=None, retry_failed: bool = False) -> Reproduction:
+                      allow_callbacks: bool = False, on_run=None, retry_failed: bool = False,
+                      quick: bool = False) -> Reproduction:
     """Figures and overrides from the command line -> every preset's sweep, planned and validated
     (nothing written). `args`: figure names (3 4b 5b 6 8 15 17 toy) and Hydra overrides (with =);
-    `allow_callbacks`, `on_run` and `retry_failed` as sweep.plan_sweep takes them."""
+    `allow_callbacks`, `on_run` and `retry_failed` as sweep.plan_sweep takes them; `quick`: the quick
+    mode (QUICK_SPEEDUP) instead of a scale."""
     figures = [a for a in args if "=" not in a] or list(FIGURES)
     overrides = [a for a in args if "=" in a]
     if unknown := [f for f in figures if f not in FIGURES]:
         raise ConfigError(f"unknown figure(s) {', '.join(unknown)}: choose from {' '.join(FIGURES)}")
     if not 0 < scale <= 1:  # also NaN
         raise ConfigError(f"--scale {scale:g} must lie in (0, 1]")
+    if quick and scale != 1:
+        raise ConfigError("--quick sets its own scale: give --quick or --scale, not both")
+    scale, lr_factor = (1 / QUICK_SPEEDUP, QUICK_SPEEDUP) if quick else (scale, 1)
     if any(o.lstrip("+~").split("=", 1)[0] in ("experiment", SWEEP_DIR) for o in overrides):
         raise ConfigError("reproduce chooses experiment= and hydra.sweep.dir itself (use --out for the folder)")
     check_hydra_overrides(overrides, SWEEP_DIR, launches=True)  # also when only the toy model runs
@@ -158,7 +176,8 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
     fixed = [o.input_line for o in parsed if not o.is_hydra_override() and not o.is_sweep_override()]
     given = {o.key_or_group.lstrip("+~") for o in parsed}
     root = Path(out) if out else outputs_root() / "reproduce"
-    folder = root / (("full" if scale == 1 else f"scale-{scale:g}") + (f"_{folder_name(','.join(run_args))}" if run_args else ""))
+    kind = "quick" if quick else "full" if scale == 1 else f"scale-{scale:g}"
+    folder = root / (kind + (f"_{folder_name(','.join(run_args))}" if run_args else ""))
     check_folder_path(folder, "--out")
     check_report_dir(folder / "report")  # now, not after hours of training
     presets = list(dict.fromkeys(p for f in figures for p in FIGURES[f]))
@@ -166,7 +185,8 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
     for preset in presets:
         lattice = LATTICES.get(preset)
         experiment, settings = (lattice.experiment, list(lattice.settings)) if lattice else (preset, [])
-        scaled = [] if scale == 1 else scaled_overrides(experiment, [*settings, *fixed], scale, given)
+        as_is = scale == 1 or (quick and preset in QUICK_AS_IS)
+        scaled = [] if as_is else scaled_overrides(experiment, [*settings, *fixed], scale, given, lr_factor)
         sweeps[preset] = plan_sweep([f"experiment={experiment}", *settings, *scaled, *overrides,
                                      *(lattice.base_override() if lattice else []), f"{SWEEP_DIR}={quote(str(folder / preset))}"],
                                     max_pack_runs, allow_callbacks, on_run, retry_failed, lattice.subsets if lattice else None)
@@ -175,24 +195,29 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
         for sweep in sweeps.values():
             sweep.launcher_overrides = [*PARALLEL_LAUNCHER, *sweep.launcher_overrides]
     workers = jobs_per_machine(compose_pack_job(next(iter(sweeps.values())).launcher_overrides), n_jobs) if sweeps else 1
-    toy_iterations = max(MIN_TOY_ITERATIONS, round(defaults.TOY["iterations"] * scale))
+    toy_iterations = defaults.TOY["iterations"] if quick else max(MIN_TOY_ITERATIONS, round(defaults.TOY["iterations"] * scale))
     return Reproduction(folder.resolve(), scale, figures, sweeps, toy_iterations,
-                        max(MIN_ANALYSIS_SEQUENCES, round(ANALYSIS_SEQUENCES * scale)), workers)
+                        max(MIN_ANALYSIS_SEQUENCES, round(ANALYSIS_SEQUENCES * scale)), workers, quick)
 
 
-def scaled_overrides(preset: str, fixed: list[str], scale: float, given: set[str]) -> list[str]:
-    """train.* overrides shortening `preset` by `scale` (keys the user set stay theirs). Minimums:
-    a run and an eval interval of at least one batch; checkpoints no denser than evals and at most
-    QUICK_CHECKPOINTS per run (the report reads only the final one)."""
+def scaled_overrides(preset: str, fixed: list[str], scale: float, given: set[str], lr_factor: float = 1) -> list[str]:
+    """train.* (and eval.sparse_every) overrides shortening `preset` by `scale`, and optim.lr times
+    `lr_factor` (keys the user set stay theirs). Minimums: a run and an eval interval of at least one
+    batch; at most about SCALED_EVAL_POINTS regular eval points and QUICK_CHECKPOINTS checkpoints per
+    run (the report reads only the final one), checkpoints no denser than evals. torch.compile as
+    train.compile=auto decides for the shorter runs."""
     cfg, _ = compose_config([f"experiment={preset}", *fixed])
     train, batch = cfg.train, cfg.train.batch_size
     sequences = max(batch, round(train.sequences * scale / batch) * batch)
-    eval_every = max(batch, round(train.eval_every * scale))
-    values = {"train.sequences": sequences, "train.eval_every": eval_every,
+    eval_every = max(batch, round(train.eval_every * scale), math.ceil(sequences / SCALED_EVAL_POINTS / batch) * batch)
+    values = {"optim.lr": f"{cfg.optim.lr * lr_factor:.6g}", "train.compile": "auto",
+              "train.sequences": sequences, "train.eval_every": eval_every,
+              "eval.sparse_every": max(SPARSE_EVAL_SPACING * eval_every, round(cfg.eval.sparse_every * scale)),
               "train.ckpt_every": max(eval_every, sequences // QUICK_CHECKPOINTS, round(train.ckpt_every * scale)),
               "train.eval_at": sorted({min(sequences, round(s * scale)) for s in train.eval_at}),
               "train.ckpt_at": sorted({min(sequences, round(s * scale)) for s in train.ckpt_at})}
-    return [f"{key}={value}".replace(" ", "") for key, value in values.items() if key not in given]
+    return [f"{key}={value}".replace(" ", "") for key, value in values.items()
+            if key not in given and (key != "optim.lr" or lr_factor != 1)]
 
 
 def estimate_seconds(sweep: Sweep) -> float:
@@ -757,7 +782,12 @@ def build_report(repro: Reproduction) -> tuple[report.Report, pd.DataFrame]:
     found = findings(r)
     table = pd.DataFrame([f.row() for f in found])
     out = report.Report("Reproducing Singh et al. (ICML 2024): the findings of docs/science.md §5")
-    if repro.scale != 1:
+    if repro.quick:
+        out.notes.append(f"**Quick mode**: the paper's figure presets with their time compressed {QUICK_SPEEDUP}x (learning "
+                         f"rate x{QUICK_SPEEDUP}, every run 1/{QUICK_SPEEDUP} as long; {', '.join(QUICK_AS_IS)} as it is), "
+                         f"so the times are in compressed sequences; docs/reproduce.md compares its verdicts with the "
+                         f"full run's. Run without --quick to reproduce.")
+    elif repro.scale != 1:
         out.notes.append(f"**Quick look at scale {repro.scale:g}**: every run is {repro.scale:g}x the paper's length "
                          f"(evals and checkpoints scaled alike), so the phase changes may not happen and the verdicts "
                          f"need not hold; run without --scale to reproduce.")

@@ -27,37 +27,38 @@ class Evaluator:
 
     def __init__(self, tasks: list[TaskFamily], cfgs: list, device: torch.device):
         shared = shared_group([cfg.eval for cfg in cfgs], "eval")
-        self.names, n = list(shared.evaluators), shared.n_sequences
+        self.names, self.n = list(shared.evaluators), shared.n_sequences
         self.task = tasks[0]  # runs pack together only with equal task families
-        sets = [[task.eval_set(name, n, cfg.eval_seed) for name in self.names] for task, cfg in zip(tasks, cfgs)]
+        sets = [[task.eval_set(name, self.n, cfg.eval_seed) for name in self.names] for task, cfg in zip(tasks, cfgs)]
         kind = type(sets[0][0])
         self.batch = kind.stack([kind.concat(run_sets) for run_sets in sets]).to(device)
+        # equal chunks within one evaluator's sequences (one compiled graph; an evaluator's values do
+        # not depend on which others are measured with it), small enough to stay in the CPU cache
+        R = len(cfgs)
+        self.chunk = max(d for d in range(1, self.n + 1) if self.n % d == 0 and d * R <= max(EVAL_CHUNK_SEQUENCES, R))
 
     @torch.no_grad()
-    def measure(self, eval_forward, step: int, batch_size: int) -> list[list[dict]]:
-        """Per run, one row per evaluator: the task's metrics and head scores at `step`.
+    def measure(self, eval_forward, step: int, batch_size: int, names: list[str] | None = None) -> list[list[dict]]:
+        """Per run, one row per evaluator of `names` (default: all): the task's metrics and head scores at `step`.
         eval_forward(batch, part) -> (logits, patterns) of the sequences `part` (steps.FastPath /
         HookedPath.eval_forward; logits at the query, or at every position for next-token tasks)."""
-        logits, patterns = self.forward(eval_forward)
-        n = self.batch.target.shape[1] // len(self.names)
         rows: list[list[dict]] = [[] for _ in range(self.batch.target.shape[0])]
-        for e, name in enumerate(self.names):
-            part = slice(e * n, (e + 1) * n)
+        for name in self.names if names is None else names:
+            e = self.names.index(name)
+            part = slice(e * self.n, (e + 1) * self.n)
+            logits, patterns = self.forward(eval_forward, part)
             sub = self.batch[:, part]
-            columns = self.task.metrics(logits[:, part], sub) | self.task.head_scores([p[:, part] for p in patterns], sub)
+            columns = self.task.metrics(logits, sub) | self.task.head_scores(patterns, sub)
             columns = {k: v.cpu() for k, v in columns.items()}
             for r, run_rows in enumerate(rows):
                 run_rows.append({"step": step, "sequences": step * batch_size, "evaluator": name}
                                 | {k: float(v[r]) for k, v in columns.items()})
         return rows
 
-    def forward(self, eval_forward) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Query logits [R, N, L] on the eval sequences, and every layer's attention pattern [R, N, H, T, T]
-        (the last layer's at the query row only, [R, N, H, 1, T]). In equal chunks that keep the
-        activations in the CPU cache (and need one compiled graph)."""
-        R, n = self.batch.target.shape[:2]
-        size = max(d for d in range(1, n + 1) if n % d == 0 and d * R <= max(EVAL_CHUNK_SEQUENCES, R))
-        chunks = [eval_forward(self.batch, slice(i, i + size)) for i in range(0, n, size)]
+    def forward(self, eval_forward, part: slice) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Query logits [R, n, L] on one evaluator's sequences `part`, and every layer's attention
+        pattern [R, n, H, T, T] (the last layer's at the query row only, [R, n, H, 1, T]), in chunks."""
+        chunks = [eval_forward(self.batch, slice(i, i + self.chunk)) for i in range(part.start, part.stop, self.chunk)]
         return torch.cat([c[0] for c in chunks], 1), [torch.cat(layer, 1) for layer in zip(*(c[1] for c in chunks))]
 
 

@@ -182,10 +182,10 @@ def phase_change_criterion(family: type[TaskFamily]) -> str:
 
 def summarize(eval_frame: pd.DataFrame, family: type[TaskFamily] = FewShotTask) -> dict:
     """run.json's summary: the phase change by the task family's criterion, and each evaluator's final
-    loss (and accuracy, where the family measures one)."""
+    loss (and accuracy, where the family measures one): its last row (eval.dense: the others' rows are sparser)."""
     if eval_frame.empty:
         return {}
-    last = eval_frame[eval_frame.step == eval_frame.step.max()]
+    last = eval_frame.sort_values("step", kind="stable").groupby("evaluator", sort=False).tail(1)
     found = family.main_evaluator in set(eval_frame.evaluator) and family.timed_column in eval_frame
     summary = {"phase_change_sequences": phase_change_sequences(eval_frame, threshold_value(family.phase_change),
                                                                 family.main_evaluator, family.timed_column) if found else None,

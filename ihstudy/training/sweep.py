@@ -74,7 +74,7 @@ from ihstudy.training.lattice import LATTICE, Lattice, drop_incompatible, subset
 from ihstudy.training.memory import check_fits, fits
 from ihstudy.training.pack_settings import shared_group, shared_part
 from ihstudy.training.recorder import NUMERICAL
-from ihstudy.training.train import Pack, RunResult, RunSpec, input_shape, resolve_device, schedule_steps, sequences_to_step
+from ihstudy.training.train import Pack, RunResult, RunSpec, eval_plan, input_shape, resolve_device, sequences_to_step
 
 log = logging.getLogger(__name__)
 PLAN = "plan.json"
@@ -120,13 +120,14 @@ class Sweep:
 
 
 def pack_seconds(pack: list[Run]) -> float:
-    """Estimated time of a pack's remaining training and evals (TRAIN_SEQUENCES_PER_SECOND, EVAL_SECONDS)."""
-    train = shared_group([run.cfg.train for run in pack], "train")
+    """Estimated time of a pack's remaining training and evals (TRAIN_SEQUENCES_PER_SECOND, EVAL_SECONDS,
+    in proportion to the evaluators each eval point measures)."""
+    train, ev = (shared_group([run.cfg[group] for run in pack], group) for group in ("train", "eval"))
     n_steps = sequences_to_step(train.sequences, train.batch_size)
     done = max(pack[0].files.checkpoint_steps(), default=0)
-    evals = [step for step in schedule_steps(train.eval_every, train.eval_at, n_steps, train.batch_size) if step > done]
+    evals = sum(len(names) for step, names in eval_plan(train, ev, n_steps).items() if step > done) / len(ev.evaluators)
     sequences = (n_steps - done) * train.batch_size
-    return len(pack) * (sequences / TRAIN_SEQUENCES_PER_SECOND + len(evals) * EVAL_SECONDS)
+    return len(pack) * (sequences / TRAIN_SEQUENCES_PER_SECOND + evals * EVAL_SECONDS)
 
 
 # --- planning: everything is composed and validated before anything is written ----------------

@@ -197,12 +197,18 @@ class CSVTracker:
             self.path.unlink(missing_ok=True)
 
     def log(self, values: dict, sequences: int) -> None:
-        """Columns: those of the first row written plus train/* (empty at sequence 0, before any step)."""
+        """Columns: those of the first row written plus train/* (empty at sequence 0, before any step),
+        and any that a later row adds (an evaluator outside eval.dense, first measured after a resume)."""
         from ihstudy.training.recorder import STEP_COLUMNS  # (the recorder imports this module)
 
         new = self.columns is None
         if new:
             self.columns = ["sequences", *values, *(f"train/{c}" for c in STEP_COLUMNS if f"train/{c}" not in values)]
+        elif added := [k for k in values if k not in self.columns]:
+            with self.path.open(newline="") as f:
+                earlier = list(csv.DictReader(f))
+            self.columns += added
+            self.write(earlier, "w")
         self.write([{"sequences": sequences} | values], "w" if new else "a", header=new)
 
     def write(self, rows: list[dict], mode: str, header: bool = True) -> None:

@@ -65,6 +65,18 @@ def schedule_steps(every: int, extra, n_steps: int, batch_size: int) -> set[int]
     return {min(sequences_to_step(s, batch_size), n_steps) for s in [*regular, *extra]} | {n_steps}
 
 
+def eval_plan(train, ev, n_steps: int) -> dict[int, list[str]]:
+    """Step -> the evaluators measured there (train and eval: a pack's shared config groups). Every
+    evaluator at the train.eval_every and train.eval_at points and at the end; with eval.dense set,
+    only those there, and all of them every eval.sparse_every sequences (and at the end)."""
+    dense = schedule_steps(train.eval_every, train.eval_at, n_steps, train.batch_size)
+    if ev.dense is None:
+        return {step: list(ev.evaluators) for step in sorted(dense)}
+    sparse = schedule_steps(ev.sparse_every, [], n_steps, train.batch_size)
+    plan = {step: [e for e in ev.evaluators if step in sparse or e in ev.dense] for step in sorted(dense | sparse)}
+    return {step: names for step, names in plan.items() if names}
+
+
 class Runs:
     """R runs' tasks, model (at `step`), clamps, compute path and eval sets, without optimizer or data
     stream: what evaluating and analysing a checkpoint needs."""
@@ -104,9 +116,9 @@ class Runs:
     def evaluators(self) -> list[str]:
         return self.evaluator.names
 
-    def measure(self) -> list[list[dict]]:
-        """Per run, one eval row per evaluator at the current step (evaluate.Evaluator.measure)."""
-        return self.evaluator.measure(self.path.eval_forward, self.step, self.batch_size)
+    def measure(self, names: list[str] | None = None) -> list[list[dict]]:
+        """Per run, one eval row per evaluator of `names` (default: all) at the current step (evaluate.Evaluator.measure)."""
+        return self.evaluator.measure(self.path.eval_forward, self.step, self.batch_size, names)
 
 
 class Pack(Runs):
@@ -120,7 +132,7 @@ class Pack(Runs):
         self.lrs = torch.stack([lr_schedule(s.cfg.optim, self.n_steps, self.batch_size) for s in specs], 1).to(self.device)
         self.stream = PackStream([TrainStream(task, s.cfg.data_seed, self.batch_size, train.chunk_batches)
                                   for task, s in zip(self.tasks, specs)], self.device)
-        self.eval_steps = schedule_steps(train.eval_every, train.eval_at, self.n_steps, self.batch_size)
+        self.eval_plan = eval_plan(train, self.settings.eval, self.n_steps)  # step -> evaluators measured
         self.ckpt_steps = schedule_steps(train.ckpt_every, train.ckpt_at, self.n_steps, self.batch_size) - {0}
         self.active = torch.ones(len(specs), dtype=torch.bool, device=self.device)
         self.loss_weight = self.loss_weights()
@@ -159,14 +171,14 @@ class Pack(Runs):
     def run_loop(self, stop: StopRequest, progress) -> None:
         self.recorder.start(self.step)
         while self.step < self.n_steps and self.active.any() and stop.signal is None:
-            if self.step in self.eval_steps:
+            if self.step in self.eval_plan:
                 self.evaluate()
             self.train_step()
             if self.step in self.ckpt_steps:
                 self.checkpoint()
             if progress is not None and (self.step % 100 == 0 or self.step == self.n_steps):
                 progress(self.step * self.batch_size, self.recorder.step_log[self.step - 1, :, 0])
-        if self.step == self.n_steps and self.step in self.eval_steps and stop.signal is None:
+        if self.step == self.n_steps and self.step in self.eval_plan and stop.signal is None:
             self.evaluate()
 
     def train_step(self) -> None:
@@ -177,8 +189,8 @@ class Pack(Runs):
         self.step += 1
 
     def evaluate(self) -> None:
-        """Record the eval rows of the current step and write the tables."""
-        self.recorder.add_evals(self.measure(), self.step)
+        """Record the eval rows of the current step (the evaluators its plan names; off the plan: all) and write the tables."""
+        self.recorder.add_evals(self.measure(self.eval_plan.get(self.step)), self.step)
 
     def checkpoint(self) -> None:
         self.recorder.checkpoint(self.step, lambda r: {"model": self.model.state_dict(r),
