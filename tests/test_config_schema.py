@@ -1,0 +1,108 @@
+"""The run config's schemas (ihstudy/schema.py) and conf/'s YAML files declare the same keys, and every
+field of every schema refuses a value of another type or out of its range in one line naming the key."""
+
+import copy
+import functools
+import math
+import typing
+from dataclasses import fields
+
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+from ihstudy.config import CHOSEN_SCHEMAS, RunSettings, check_values, compose_config, compose_with_hydra, conf_dir, schema_of
+from ihstudy.errors import ConfigError
+from ihstudy.schema import Range, describe
+
+# Groups no run schema types: experiment/ holds sweep presets (overrides of the other groups), clamp/
+# specs that model/clamps.py builds and checks, logger/ tracker settings that training/trackers.py reads.
+UNTYPED_GROUPS = ("experiment", "clamp", "logger")
+NOT_SETTINGS = ("_target_",)  # the task family a task config names, not one of its settings
+OPTION_OVERRIDES = {"features_file": ["data.path=features.npy"]}  # what an option leaves to the command line
+
+
+def options() -> list[tuple[str, str]]:
+    """(group, option) for every YAML file of a config group that a schema types."""
+    return sorted((path.parent.name, path.stem) for path in conf_dir().glob("*/*.yaml")
+                  if path.parent.name not in UNTYPED_GROUPS)
+
+
+def group_keys(cfg, group: str) -> set[str]:
+    chooser = CHOSEN_SCHEMAS.get(group, ("",))[0]
+    return {key for key in cfg[group] if key not in (chooser, *NOT_SETTINGS)}
+
+
+def schema_field_names(schema) -> set[str]:
+    return {f.name for f in fields(schema)}
+
+
+@pytest.mark.parametrize("group,option", options())
+def test_each_yaml_option_declares_exactly_the_keys_of_its_schema(group, option):
+    cfg = compose_with_hydra([f"{group}={option}"])
+    assert group_keys(cfg, group) == schema_field_names(schema_of(cfg, group))
+
+
+def test_the_top_level_settings_of_config_yaml_are_the_run_settings_schema():
+    cfg = compose_with_hydra([])
+    scalars = {key for key in cfg if not isinstance(cfg[key], DictConfig)}
+    assert scalars == schema_field_names(RunSettings)
+
+
+# --- a bad value for every field of every schema ---------------------------------------------------
+
+
+def schema_cases() -> list[tuple[list[str], str, type, str]]:
+    """(overrides choosing the schema, the group ("" at the top level), schema, field) for every field
+    of every schema a config option chooses."""
+    seen, cases = set(), []
+    for group, option in [("", "config"), *options()]:
+        overrides = [f"{group}={option}", *OPTION_OVERRIDES.get(option, [])] if group else []
+        schema = RunSettings if not group else schema_of(compose_with_hydra(overrides), group)
+        if schema not in seen:
+            seen.add(schema)
+            cases += [(overrides, group, schema, f.name) for f in fields(schema)]
+    return cases
+
+
+def bad_values(schema, name: str) -> list[tuple[object, str]]:
+    """(a value the field must refuse, what the refusal must say) for a field: a value of another type,
+    a number out of its range (inside its list, if it is a list), a word not among its choices."""
+    f = next(f for f in fields(schema) if f.name == name)
+    kind = typing.get_type_hints(schema)[name]
+    other_type = {"a": 1} if kind in (str, str | None) else "abc"
+    cases = [(other_type, f"must be {describe(schema, name)}, got {other_type!r}")]
+    valid: Range | None = f.metadata.get("range")
+    if valid is not None:
+        number = valid.low if valid.low_open else valid.low - 1 if valid.high == math.inf else valid.high * 2 + 1
+        number = int(number) if "int" in str(kind) else float(number)
+        value, depth = number, str(kind).count("list[")
+        for level in range(depth):  # the innermost list holds the number, the outermost as many as its length
+            value = [value] * ((f.metadata.get("length") or 1) if level == depth - 1 else 1)
+        with pytest.raises(ConfigError) as refusal:
+            valid.check(name + "[0]" * depth, number)
+        cases.append((value, str(refusal.value)))
+    if f.metadata.get("choices"):
+        cases.append(("no_such_choice", f"must be {describe(schema, name)}, got 'no_such_choice'"))
+    return cases
+
+
+CASES = [(overrides, group, name, value, message) for overrides, group, schema, name in schema_cases()
+         for value, message in bad_values(schema, name)]
+
+
+@functools.cache
+def composed(overrides: tuple[str, ...]):
+    return compose_config(list(overrides))[0]
+
+
+@pytest.mark.parametrize("overrides,group,name,value,message", CASES,
+                         ids=[f"{' '.join(o)}:{g}.{n}={v}" for o, g, n, v, _ in CASES])
+def test_every_field_refuses_a_bad_value_in_one_line_naming_key_and_range(overrides, group, name, value, message):
+    """check_values' refusal, which the commands print as their one line (exit 2: test_hostile_inputs.py)."""
+    key = f"{group}.{name}" if group else name
+    cfg = copy.deepcopy(composed(tuple(overrides)))
+    OmegaConf.update(cfg, key, value, merge=False)
+    with pytest.raises(ConfigError) as refusal:
+        check_values(cfg)
+    assert str(refusal.value).startswith(key) and "\n" not in str(refusal.value)
+    assert message in str(refusal.value)
