@@ -13,10 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 from ihstudy.config import CHOSEN_SCHEMAS, RunSettings, check_values, compose_config, compose_with_hydra, conf_dir, schema_of
 from ihstudy.errors import ConfigError
 from ihstudy.schema import Range, describe
+from ihstudy.training.trackers import TRACKERS, check_trackers
 
-# Groups no run schema types: experiment/ holds sweep presets (overrides of the other groups), clamp/
-# specs that model/clamps.py builds and checks, logger/ tracker settings that training/trackers.py reads.
-UNTYPED_GROUPS = ("experiment", "clamp", "logger")
+# Groups no schema types: experiment/ holds sweep presets (overrides of the other groups), clamp/ the
+# specs that model/clamps.py builds and checks by each kind's own fields.
+UNTYPED_GROUPS = ("experiment", "clamp")
 NOT_SETTINGS = ("_target_",)  # the task family a task config names, not one of its settings
 OPTION_OVERRIDES = {"features_file": ["data.path=features.npy"]}  # what an option leaves to the command line
 
@@ -27,9 +28,12 @@ def options() -> list[tuple[str, str]]:
                   if path.parent.name not in UNTYPED_GROUPS)
 
 
-def group_keys(cfg, group: str) -> set[str]:
+def typed_parts(cfg, group: str) -> list[tuple[str, type, set[str]]]:
+    """(where, schema, the keys it types) of a config group: the group itself, or each tracker of logger."""
+    if group == "logger":
+        return [(f"logger.{name}", TRACKERS[name].schema, set(settings)) for name, settings in cfg.logger.items()]
     chooser = CHOSEN_SCHEMAS.get(group, ("",))[0]
-    return {key for key in cfg[group] if key not in (chooser, *NOT_SETTINGS)}
+    return [(group, schema_of(cfg, group), {key for key in cfg[group] if key not in (chooser, *NOT_SETTINGS)})]
 
 
 def schema_field_names(schema) -> set[str]:
@@ -39,7 +43,8 @@ def schema_field_names(schema) -> set[str]:
 @pytest.mark.parametrize("group,option", options())
 def test_each_yaml_option_declares_exactly_the_keys_of_its_schema(group, option):
     cfg = compose_with_hydra([f"{group}={option}"])
-    assert group_keys(cfg, group) == schema_field_names(schema_of(cfg, group))
+    for _, schema, keys in typed_parts(cfg, group):
+        assert keys == schema_field_names(schema)
 
 
 def test_the_top_level_settings_of_config_yaml_are_the_run_settings_schema():
@@ -54,13 +59,13 @@ def test_the_top_level_settings_of_config_yaml_are_the_run_settings_schema():
 def schema_cases() -> list[tuple[list[str], str, type, str]]:
     """(overrides choosing the schema, the group ("" at the top level), schema, field) for every field
     of every schema a config option chooses."""
-    seen, cases = set(), []
-    for group, option in [("", "config"), *options()]:
-        overrides = [f"{group}={option}", *OPTION_OVERRIDES.get(option, [])] if group else []
-        schema = RunSettings if not group else schema_of(compose_with_hydra(overrides), group)
-        if schema not in seen:
-            seen.add(schema)
-            cases += [(overrides, group, schema, f.name) for f in fields(schema)]
+    seen, cases = set(), [([], "", RunSettings, f.name) for f in fields(RunSettings)]
+    for group, option in options():
+        overrides = [f"{group}={option}", *OPTION_OVERRIDES.get(option, [])]
+        for where, schema, _ in typed_parts(compose_with_hydra(overrides), group):
+            if schema not in seen:
+                seen.add(schema)
+                cases += [(overrides, where, schema, f.name) for f in fields(schema)]
     return cases
 
 
@@ -98,11 +103,13 @@ def composed(overrides: tuple[str, ...]):
 @pytest.mark.parametrize("overrides,group,name,value,message", CASES,
                          ids=[f"{' '.join(o)}:{g}.{n}={v}" for o, g, n, v, _ in CASES])
 def test_every_field_refuses_a_bad_value_in_one_line_naming_key_and_range(overrides, group, name, value, message):
-    """check_values' refusal, which the commands print as their one line (exit 2: test_hostile_inputs.py)."""
+    """The refusal of check_values or check_trackers (compose_config runs both; the commands print it as
+    their one line and exit 2: test_hostile_inputs.py)."""
     key = f"{group}.{name}" if group else name
     cfg = copy.deepcopy(composed(tuple(overrides)))
     OmegaConf.update(cfg, key, value, merge=False)
     with pytest.raises(ConfigError) as refusal:
         check_values(cfg)
+        check_trackers(cfg)
     assert str(refusal.value).startswith(key) and "\n" not in str(refusal.value)
     assert message in str(refusal.value)
