@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ihstudy.errors import ConfigError
 from ihstudy.model.transformer import INIT_SCHEMES, POSITIONALS
 from ihstudy.run_files import check_folder_path, outputs_setting
-from ihstudy.schema import MAX_SEED, Range, checked, non_empty, one_of, within
+from ihstudy.schema import MAX_SEED, Range, check_schema, non_empty, one_of, within
 from ihstudy.tasks.base import task_family
 from ihstudy.tasks.fsl import DATA_SOURCES, MAX_FEATURE_ELEMENTS, FewShotTask
 from ihstudy.training.trackers import check_trackers
@@ -415,16 +415,15 @@ def check_values(cfg: DictConfig) -> None:
     """Types and ranges of every value, checked by the schema of its config group before anything is
     loaded or allocated (a value the schema converts, like a quoted number, is converted in `cfg`): a word
     where a count belongs, a negative seed or a billion-wide model ends here in one line, not in a traceback."""
-    checked(RunSettings, cfg, "", skip=[key for key in cfg if key not in RunSettings.__dataclass_fields__])
+    check_schema(RunSettings, cfg, "", skip=[key for key in cfg if key not in RunSettings.__dataclass_fields__])
     for group in (*GROUP_SCHEMAS, *CHOSEN_SCHEMAS, "task"):
         node = cfg.get(group)
         _require(isinstance(node, DictConfig), f"{group} must be a mapping of its settings, got {node!r}")
     for group in GROUP_SCHEMAS:
-        checked(GROUP_SCHEMAS[group], cfg[group], group)
+        check_schema(GROUP_SCHEMAS[group], cfg[group], group)
     for group, (chooser, _) in CHOSEN_SCHEMAS.items():
-        checked(schema_of(cfg, group), cfg[group], group, what=f"{group}.{chooser}={cfg[group][chooser]}", skip=[chooser])
+        check_schema(schema_of(cfg, group), cfg[group], group, what=f"{group}.{chooser}={cfg[group][chooser]}", skip=[chooser])
     task_family(cfg.task).check(cfg.task)  # its schema and rules
-    task_family(cfg.task).check(cfg.task)
     steps = MAX_STEPS * cfg.train.batch_size  # the per-step log alone holds 16 bytes per step and run
     _require(cfg.train.sequences <= steps, f"train.sequences={cfg.train.sequences} must lie in [1, {steps}] "
                                            f"(at most {MAX_STEPS:,} steps of train.batch_size={cfg.train.batch_size})")

@@ -2,7 +2,7 @@
 
 A schema's field annotation is the key's type (int, float, str, bool, list[...], Optional[...]);
 `within(low, high)` declares the range of a number (of every number of a list) and `one_of(...)` the
-choices of a word. `checked` types a config node by its schema with OmegaConf (which refuses a value of
+choices of a word. `check_schema` types a config node by its schema with OmegaConf (which refuses a value of
 another type and a key the schema does not declare), then walks the schema's fields and checks each
 declared range, choice and list length: a bad value ends in one line (ConfigError) naming its key.
 Schemas declare no defaults: the defaults live in the YAML files of conf/ (tests/test_config_schema.py
@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from ihstudy.errors import ConfigError
@@ -60,29 +60,29 @@ def non_empty():
     return field(default=MISSING, metadata={"length": "non-empty"})
 
 
-def checked(schema: type, node: DictConfig, where: str, what: str | None = None, skip=()) -> DictConfig:
-    """`node`, but for its keys in `skip`, typed by `schema` (a value OmegaConf converts, e.g. a quoted
-    number, is written back into `node` converted). Raises ConfigError naming `where`.KEY for a key the
-    schema does not declare (`what` names the schema's owner in that message: an optimizer, a data
-    source), a value of another type or outside its field's range or choices, and a missing value."""
-    own = OmegaConf.masked_copy(node, [key for key in node if key not in skip]) if skip else node
+def check_schema(schema: type, node: DictConfig, where: str, what: str | None = None, skip=()) -> None:
+    """Check `node`, but for its keys in `skip`, against `schema`: OmegaConf types it (a value it converts,
+    e.g. a quoted number, is written back into `node` converted), then each field's range, choices and
+    length are checked. Raises ConfigError naming `where`.KEY for a key the schema does not declare
+    (`what` names the schema's owner in that message: an optimizer, a data source), a value of another
+    type or outside its field's range or choices, and a missing value."""
+    own = OmegaConf.masked_copy(node, [key for key in node if key not in skip]) if any(k in node for k in skip) else node
     try:
-        typed = OmegaConf.merge(_structured(schema), own)
+        typed = OmegaConf.to_container(OmegaConf.merge(_structured(schema), own), resolve=True)
     except ConfigKeyError as exc:
         settings = ", ".join(f.name for f in fields(schema))
         raise ConfigError(f"{_key(where, exc.key)} is not a setting of {what or where} (its settings: {settings})") from None
     except ValidationError as exc:
         name = _culprit(schema, own, exc)
         raise ConfigError(f"{_key(where, name)} must be {describe(schema, name)}, got {node.get(name)!r}") from None
+    raw = OmegaConf.to_container(own, resolve=True)
     for f in fields(schema):
-        key = _key(where, f.name)
-        if OmegaConf.is_missing(typed, f.name):
+        key, value = _key(where, f.name), typed[f.name]
+        if value == "???":  # OmegaConf's MISSING: a key the schema declares that the config leaves unset
             raise ConfigError(f"missing config value: {key} (set it on the command line, e.g. {key}=...)")
-        value = typed[f.name]
         _check_field(schema, f, key, value)
-        if not _same(node.get(f.name), value):
-            node[f.name] = value
-    return typed
+        if not (type(raw[f.name]) is type(value) or isinstance(value, float)) or raw[f.name] != value:
+            node[f.name] = value  # converted by OmegaConf: "12" -> 12, "yes" -> true (an int stays where a float goes)
 
 
 def describe(schema: type, name: str) -> str:
@@ -108,8 +108,8 @@ def _check_field(schema: type, f: Field, key: str, value) -> None:
     choices, valid, length = f.metadata.get("choices"), f.metadata.get("range"), f.metadata.get("length")
     if choices and value not in choices:
         raise ConfigError(f"{key} must be {describe(schema, f.name)}, got {value!r}")
-    if isinstance(value, ListConfig) and length is not None and (len(value) != length if isinstance(length, int) else not value):
-        raise ConfigError(f"{key} must be {describe(schema, f.name)}, got {OmegaConf.to_container(value)!r}")
+    if isinstance(value, list) and length is not None and (len(value) != length if isinstance(length, int) else not value):
+        raise ConfigError(f"{key} must be {describe(schema, f.name)}, got {value!r}")
     for index, number in _numbers(value, key):
         if isinstance(number, float) and not math.isfinite(number):
             raise ConfigError(f"{index} must be a finite number, got {number!r}")
@@ -119,7 +119,7 @@ def _check_field(schema: type, f: Field, key: str, value) -> None:
 
 def _numbers(value, key: str):
     """(key[i][j], number) for every number of a value or of its (nested) lists."""
-    if isinstance(value, ListConfig):
+    if isinstance(value, list):
         for i, item in enumerate(value):
             yield from _numbers(item, f"{key}[{i}]")
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -163,12 +163,6 @@ def _plural(kind) -> str:
     if typing.get_origin(kind) is list:
         return f"lists of {_plural(typing.get_args(kind)[0])}"
     return {int: "integers", float: "numbers", str: "names"}.get(kind, str(kind))
-
-
-def _same(raw, value) -> bool:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return isinstance(raw, type(value)) and OmegaConf.to_container(raw) == OmegaConf.to_container(value)
-    return type(raw) is type(value) and raw == value or (type(raw), type(value)) == (int, float) and raw == value
 
 
 def _number(x: float) -> str:

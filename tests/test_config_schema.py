@@ -113,3 +113,14 @@ def test_every_field_refuses_a_bad_value_in_one_line_naming_key_and_range(overri
         check_trackers(cfg)
     assert str(refusal.value).startswith(key) and "\n" not in str(refusal.value)
     assert message in str(refusal.value)
+
+
+def test_a_value_the_schema_converts_is_stored_converted_and_an_int_stays_where_a_float_goes():
+    cfg, _ = compose_config(["model.n_heads='4'", "optim.lr=1"])
+    assert cfg.model.n_heads == 4 and type(cfg.model.n_heads) is int
+    assert cfg.optim.lr == 1 and type(cfg.optim.lr) is int  # the saved config keeps what was given
+
+
+def test_a_key_the_chosen_schema_does_not_declare_is_refused_with_its_settings():
+    with pytest.raises(ConfigError, match=r"data.n_classes is not a setting of data.source=file \(its settings: path, dataset\)"):
+        compose_config(["data.source=file", "+data.path=x.npy"])

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ihstudy.errors import ConfigError
-from ihstudy.schema import checked
+from ihstudy.schema import check_schema
 
 DEFAULT_FAMILY = "ihstudy.tasks.fsl.FewShotTask"  # a task config without _target_ (runs saved before families)
 
@@ -101,7 +101,7 @@ class TaskFamily:
         does not declare or a value of another type or out of its range; a family with rules across
         its fields adds them after calling this."""
         if cls.schema is not None:
-            checked(cls.schema, task_cfg, "task", what=f"the task family {cls.__name__}", skip=("_target_",))
+            check_schema(cls.schema, task_cfg, "task", what=f"the task family {cls.__name__}", skip=("_target_",))
 
     def sample(self, n: int, generator: torch.Generator) -> TensorBatch:
         """n training sequences drawn from `generator` (a pure function of its state)."""

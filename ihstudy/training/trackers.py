@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.errors import ConfigError
 from ihstudy.run_files import atomic_write_text, first_line, outputs_root
-from ihstudy.schema import checked, one_of
+from ihstudy.schema import check_schema, one_of
 
 log = logging.getLogger(__name__)
 LIBRARIES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "csv": None}  # tracker -> module (= extra)
@@ -47,7 +47,7 @@ def check_trackers(cfg) -> None:
         settings = cfg.logger[name]
         if not isinstance(settings, DictConfig):
             raise ConfigError(f"logger.{name} must be a mapping of its settings, got {settings!r}")
-        checked(TRACKERS[name].schema, settings, f"logger.{name}", what=f"the {name} tracker")
+        check_schema(TRACKERS[name].schema, settings, f"logger.{name}", what=f"the {name} tracker")
         module = LIBRARIES[name]
         if module and importlib.util.find_spec(module) is None:
             raise ConfigError(f"logger={name} needs the {module} library: pip install -e '.[{name}]'")
