@@ -136,21 +136,29 @@ def test_toy_model_judged_from_its_table(tmp_path, holds):
 @pytest.mark.parametrize("holds", [True, False])
 def test_data_dependence_judged_from_the_curves(tmp_path, holds):
     """Finding 8: every series rises with labels or classes (not: 15 labels cross before 10)."""
+    sizes = {"fsl": (5, 50), "fsl_10labels": (10, 50), "fsl_15labels": (15, 50), "fsl_100classes": (5, 100),
+             "fsl_200classes": (5, 200)}  # (labels, train classes) of each task preset
+
+    def config(task: str, clamp: str = "{}") -> str:
+        labels, classes = sizes[task]
+        return f"clamp: {clamp}\ntask: {{n_labels: {labels}, class_split: [{classes}, 1, 1]}}\nseed: 5\n"
+
     long = {"fsl": 300_000, "fsl_10labels": 450_000, "fsl_15labels": 550_000 if holds else 400_000,
             "fsl_100classes": 350_000, "fsl_200classes": 380_000}
     for task, center in long.items():
-        fake_run(tmp_path / "fig6_long" / f"task={task}", {"fsl_train": plateau_then_drop(center)},
-                 config="clamp: {}\ntask: {n_labels: 5}\nseed: 5\n")
+        fake_run(tmp_path / "fig6_long" / f"task={task}", {"fsl_train": plateau_then_drop(center)}, config=config(task))
     clamped = {("match", "fsl_10labels"): 200_000, ("match", "fsl_15labels"): 250_000,
                ("layer1_copy", "fsl_100classes"): 150_000, ("layer1_copy", "fsl_200classes"): 180_000}
     for (clamp, task), center in clamped.items():
         fake_run(tmp_path / "fig6_clamps" / f"clamp={clamp},task={task}", {"fsl_train": plateau_then_drop(center, False)},
-                 config="clamp: {x: {kind: ablate, heads: []}}\ntask: {n_labels: 5}\nseed: 5\n")
+                 config=config(task, "{x: {kind: ablate, heads: []}}"))
     for clamp, center in (("match", 60_000), ("layer1_copy", 50_000)):
         fake_run(tmp_path / "fig5b" / f"clamp={clamp}", {"fsl_train": plateau_then_drop(center, False)})
     found = judged("8", tmp_path, ["fig6_long", "fig6_clamps", "fig5b"])
     assert found.holds == ("yes" if holds else "no"), found.ihstudy
     assert ("(not rising)" in found.ihstudy) != holds
+    assert "labels (long runs) 5/10/15: 2.9e5/4.4e5" in found.ihstudy
+    assert "classes (layer1_copy clamped) 50/100/200" in found.ihstudy
 
 
 @pytest.mark.parametrize("holds", [True, False])

@@ -488,35 +488,41 @@ def toy_model(r: Results, f: Finding) -> None:
     f.details = pd.DataFrame({"condition": list(fits), "fit_iteration": list(fits.values())})
 
 
-LABELS = ["fsl", "fsl_10labels", "fsl_15labels"]  # 5/10/15 labels at 50 classes
-CLASSES = ["fsl", "fsl_100classes", "fsl_200classes"]  # 50/100/200 classes at 5 labels
-
-
 @finding("8", "8 data dependence", "more labels delay the phase change strongly (also with match clamped: through "
          "subcircuit C); more classes delay it modestly (also with layer 1 + copy clamped: through subcircuit B)",
          paper={"labels 5/10/15": "3.1e5/8.8e5/1.43e6", "classes 50/100/200": "3.1e5/3.9e5/4.2e5"},
          needs=("fig6_long", "fig6_clamps"))
 def data_dependence(r: Results, f: Finding) -> None:
-    long, clamped = r.timing("fig6_long"), r.timing("fig6_clamps")
-    by_task = medians(long.assign(task=long["config.task"].astype(str)), "task").crossing
-    series = {"labels (long runs)": by_task.reindex(LABELS), "classes (long runs)": by_task.reindex(CLASSES)}
-    by = medians(clamped.assign(task=clamped["config.task"].astype(str), clamp=clamped["config.clamp"].astype(str)),
-                 ["clamp", "task"]).crossing
-    base = r.timing("fig5b")
-    base = {} if base is None else medians(base.assign(clamp=base["config.clamp"].astype(str)), "clamp").crossing
-    for clamp, variants, what in (("match", LABELS, "labels"), ("layer1_copy", CLASSES, "classes")):
-        values = [base.get(clamp, np.nan) if v == "fsl" else by.get((clamp, v), np.nan) for v in variants]
-        series[f"{what} ({clamp} clamped)"] = pd.Series(values, index=variants)
+    long, clamped = task_sizes(r, "fig6_long"), task_sizes(r, "fig6_clamps")
+    base = {"labels": long.labels.min(), "classes": long.classes.min()}  # the default task: 5 labels, 50 classes
+    varied = {"labels": "classes", "classes": "labels"}  # each series varies one size at the other's base value
+    series = {f"{what} (long runs)": medians(long[long[fixed] == base[fixed]], what).crossing for what, fixed in varied.items()}
+    fig5b = r.timing("fig5b")
+    fig5b = {} if fig5b is None else medians(fig5b.assign(clamp=fig5b["config.clamp"].astype(str)), "clamp").crossing
+    for clamp, what in (("match", "labels"), ("layer1_copy", "classes")):
+        runs = clamped[(clamped["config.clamp"].astype(str) == clamp) & (clamped[varied[what]] == base[varied[what]])]
+        at_base = pd.Series({base[what]: fig5b.get(clamp, np.nan)})  # the default task's run of this clamp is fig5b's
+        series[f"{what} ({clamp} clamped)"] = pd.concat([at_base, medians(runs, what).crossing]).sort_index()
     parts, monotone = [], []
     for name, s in series.items():
         present = s.dropna()
         values = present.to_numpy()
         rising = len(values) >= 2 and all(a < b for a, b in zip(values, values[1:]))  # never crossed: +inf
         monotone.append(rising)
-        parts.append(f"{name} {'/'.join(seq(v) if not np.isnan(v) else 'not run' for v in s)}{'' if rising else ' (not rising)'}")
+        sizes, times = "/".join(str(int(k)) for k in s.index), "/".join(seq(v) if not np.isnan(v) else "not run" for v in s)
+        parts.append(f"{name} {sizes}: {times}{'' if rising else ' (not rising)'}")
     f.ihstudy = "; ".join(parts)
     f.holds = verdict(all(monotone))
     f.details = pd.DataFrame([{"series": name, **s.to_dict()} for name, s in series.items()])
+
+
+def task_sizes(r: Results, preset: str) -> pd.DataFrame | None:
+    """The preset's timing table with each run's label count and train class count (its saved task config)."""
+    t = r.timing(preset)
+    if t is None:
+        return None
+    tasks = [r.config(preset, run).task for run in t.run]
+    return t.assign(labels=[task.n_labels for task in tasks], classes=[task.class_split[0] for task in tasks])
 
 
 @finding("fig8", "appendix: Fig. 8", "clamping previous-token attention on some layer-1 heads speeds learning, on all 8 slows it",
@@ -673,7 +679,9 @@ def add_figures(out: report.Report, r: Results) -> None:
         crossing = float(t.crossing.iloc[0])
         out.figure("fig3", report.plot_run(runs[0].evals, runs[0].name, crossing if np.isfinite(crossing) else None),
                    "Fig. 3: loss per evaluator, last-layer induction strengths, first-layer previous-token scores.")
-    orders = {"fig5b": ("config.clamp", list(FINDINGS["6"].paper)), "fig6_long": ("config.task", LABELS + CLASSES[1:])}
+    long = task_sizes(r, "fig6_long")
+    data_order = [] if long is None else list(dict.fromkeys(long.sort_values(["classes", "labels"])["config.task"].astype(str)))
+    orders = {"fig5b": ("config.clamp", list(FINDINGS["6"].paper)), "fig6_long": ("config.task", data_order)}
     for preset, (key, order) in orders.items():
         if (t := r.timing(preset)) is not None:
             by_name = {run.name: run for run in r.runs(preset)}

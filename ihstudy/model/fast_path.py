@@ -18,10 +18,11 @@ import torch
 from ihstudy.model.transformer import Transformer, log_softmax
 
 
-def train_step(model: Transformer, flat: torch.Tensor, inputs: torch.Tensor, target: torch.Tensor,
+def train_step(model: Transformer, flat: torch.Tensor, inputs: tuple[torch.Tensor, ...], target: torch.Tensor,
                weight: torch.Tensor, lr: torch.Tensor, grad_out: torch.Tensor, log_out: torch.Tensor) -> torch.Tensor:
-    """Loss and gradient of every run with parameters `flat` [R, P] on embedding inputs [R, B, T, F+1+L]
-    and query labels [R, B]; the loss being each run's mean cross-entropy times weight [R, 1, 1].
+    """Loss and gradient of every run with parameters `flat` [R, P] on embedding inputs
+    (Transformer.embedding_inputs of a batch [R, B, ...]) and query labels [R, B]; the loss being
+    each run's mean cross-entropy times weight [R, 1, 1].
 
     Writes the gradient into grad_out [R, P] and the step's log row (loss, gradient norm, batch
     spread of the logit gradients, lr [R]) into log_out [R, 4]; returns whether every loss is

@@ -326,8 +326,9 @@ class Transformer:
         only ([..., 1, ...] where the full pass has T), as do the final LayerNorm and the logits."""
         return self.forward(self.params, self.embedding_inputs(batch), query_only)
 
-    def forward(self, params: dict[str, torch.Tensor], inputs: torch.Tensor, query_only: bool = False) -> torch.Tensor:
-        """The one wiring of the model: logits of embedding inputs [R, B, T, F+1+L] under `params`
+    def forward(self, params: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...], query_only: bool = False,
+                ) -> torch.Tensor:
+        """The one wiring of the model: logits of the embedding inputs (`embedding_inputs`) under `params`
         (self.params, or any tensors of their shapes: the fast path differentiates it as a pure
         function of them, fast_path.py). Every site runs the installed hooks; with none installed
         (the fast path) each site is a no-op."""
@@ -340,19 +341,12 @@ class Transformer:
         final = self._site("ln_final.hook_normalized", layer_norm(resid, params["ln_final.w"], params["ln_final.b"]))
         return self._site("hook_logits", unembed(final, params))
 
-    def embedding_inputs(self, batch: Batch) -> torch.Tensor:
-        """One matmul embeds all tokens: a token's input row [..., T, F+1+L] is [exemplar, 1, 0...] or
-        [0..., 0, one-hot label], the weights [W_x; b_x; W_y] (fewer, larger ops are what make a small
-        model fast on a CPU). A token family's input row is the token's one-hot, its weights W_E."""
+    def embedding_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """What `forward` embeds: the batch's exemplars [..., N+1, F] and labels [..., N] (few-shot), or
+        its tokens [..., T] (a token family's model)."""
         if self.shape.input == "tokens":
-            return F.one_hot(batch.tokens, self.shape.n_labels).to(torch.float32)
-        F_ = self.shape.n_features
-        *lead, N = batch.labels.shape
-        inputs = batch.exemplars.new_zeros(*lead, 2 * N + 1, F_ + 1 + self.shape.n_labels)
-        inputs[..., 0::2, :F_] = batch.exemplars
-        inputs[..., 0::2, F_] = 1.0
-        inputs[..., 1::2, F_ + 1:].scatter_(-1, batch.labels.unsqueeze(-1), 1.0)
-        return inputs
+            return (batch.tokens,)
+        return batch.exemplars, batch.labels
 
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every parameter as a view into `buffer` [R, P], laid out like flat."""
@@ -480,16 +474,23 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
 # --- the building blocks of the forward pass ------------------------------------------------------
 
 
-def embedding_matrix(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[R, F+1+L, D]: the weights [W_x; b_x; W_y] that Transformer.embedding_inputs multiply (W_E for tokens)."""
+def embed(inputs: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token embeddings [R, B, T, D] of Transformer.embedding_inputs: W_E's rows for tokens; for the
+    few-shot layout x1 y1 ... xN yN xq, each exemplar through W_x + b_x and each label W_y's row (the
+    exemplars alone go through the exemplar projection, the costliest matmul with 512-d features)."""
     if "embed.W_E" in params:
-        return params["embed.W_E"]
-    return torch.cat([params["embed.W_x"], params["embed.b_x"].unsqueeze(1), params["embed.W_y"]], 1)
+        (tokens,) = inputs
+        return linear(one_hot(tokens, params["embed.W_E"]), params["embed.W_E"])
+    exemplars, labels = inputs
+    x = linear(exemplars, params["embed.W_x"], params["embed.b_x"])  # [R, B, N+1, D]
+    y = linear(one_hot(labels, params["embed.W_y"]), params["embed.W_y"])  # [R, B, N, D]
+    pairs = torch.stack([x[..., :-1, :], y], -2).flatten(-3, -2)  # x1 y1 ... xN yN
+    return torch.cat([pairs, x[..., -1:, :]], -2)
 
 
-def embed(inputs: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Token embeddings [R, B, T, D] of embedding inputs [R, B, T, F+1+L] (one matmul)."""
-    return linear(inputs, embedding_matrix(params))
+def one_hot(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """ids [...] as one-hot rows over the rows of an embedding table [R, n, D] (a matmul picks them)."""
+    return F.one_hot(ids, table.shape[1]).to(table.dtype)
 
 
 def split_qkv(qkv: torch.Tensor, n_heads: int) -> torch.Tensor:

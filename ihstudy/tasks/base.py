@@ -44,7 +44,9 @@ class TensorBatch:
 
     @classmethod
     def stack(cls, batches: list) -> TensorBatch:
-        """Stack per-run batches along a new leading run axis."""
+        """Stack per-run batches along a new leading run axis (one batch: a view, no copy)."""
+        if len(batches) == 1:
+            return batches[0].map(lambda t: t.unsqueeze(0))
         return cls(*(torch.stack([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(cls)))
 
     @classmethod
@@ -236,10 +238,13 @@ class TrainStream:
     def chunk(self, index: int) -> TensorBatch:
         """Batches index*chunk_batches ... as one batch [chunk_batches, batch_size, ...] (the latest is kept)."""
         if index != self._chunk_index:
-            drawn = self.sampler.sample(self.chunk_batches * self.batch_size, chunk_generator(self.seed, index))
-            self._chunk = drawn.map(lambda t: t.view(self.chunk_batches, self.batch_size, *t.shape[1:]))
-            self._chunk_index = index
+            self._chunk, self._chunk_index = self.draw(index), index
         return self._chunk
+
+    def draw(self, index: int) -> TensorBatch:
+        """Chunk `index`, drawn afresh (nothing kept)."""
+        drawn = self.sampler.sample(self.chunk_batches * self.batch_size, chunk_generator(self.seed, index))
+        return drawn.map(lambda t: t.view(self.chunk_batches, self.batch_size, *t.shape[1:]))
 
 
 class PackStream:
@@ -254,7 +259,8 @@ class PackStream:
     def batch(self, step: int) -> TensorBatch:
         chunk, offset = divmod(step, self.chunk_batches)
         if chunk != self.chunk_index:
-            first = self.streams[0].chunk(chunk)
-            self.chunk = type(first).stack([stream.chunk(chunk) for stream in self.streams]).to(self.device)
+            self.chunk = None  # the previous chunk goes before the next is drawn: one chunk in memory at a time
+            drawn = [stream.draw(chunk) for stream in self.streams]
+            self.chunk = type(drawn[0]).stack(drawn).to(self.device)
             self.chunk_index = chunk
         return self.chunk[:, offset]

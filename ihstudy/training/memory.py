@@ -42,7 +42,7 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
     pack_settings.py), with each run's exemplar array [classes, exemplars, dim]."""
     cfg, R = shared_settings(cfgs), len(cfgs)
     shape = ModelShape.of_config(cfg, exemplar_shapes[0][2])
-    T, D, H, F, L = shape.n_tokens, shape.d_model, shape.n_heads, shape.n_features, shape.n_labels
+    T, D, H, F = shape.n_tokens, shape.d_model, shape.n_heads, shape.n_features
     B, N = cfg.train.batch_size, shape.context_len
     n_params = sum(math.prod(s) for s in shape.param_shapes().values())
     n_steps = math.ceil(cfg.train.sequences / B)
@@ -50,7 +50,7 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
     eval_points = n_steps * B // cfg.train.eval_every + len(cfg.train.eval_at) + 2
     eval_values = len(cfg.eval.evaluators) * (12 + 2 * shape.n_layers * H)
     distinct_arrays = {OmegaConf.to_yaml(c.data): s for c, s in zip(cfgs, exemplar_shapes)}.values()
-    token_inputs = T * (F + 1 + L)  # a sequence's embedding inputs
+    sequence = (N + 1) * F + 4 * N  # a sequence's exemplars, labels and target
     chunk = cfg.train.chunk_batches  # training batches drawn at once (tasks/fsl.TrainStream), however short the run
     return [
         Part("parameters, gradients and optimizer state", 4 * R * n_params * FLOAT,
@@ -60,11 +60,11 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
              "train.batch_size or task.context_len"),
         Part("training activations [runs, batch, T, d_model]", R * B * T * shape.n_layers * (12 * D + 4 * shape.d_mlp) * FLOAT,
              "train.batch_size, task.context_len or model.d_model"),
-        Part(f"training batches ({chunk} steps at a time)", R * chunk * B * (2 * token_inputs + (N + 1) * F + 4 * N) * FLOAT,
+        Part(f"training batches ({chunk} steps at a time)", 2 * R * chunk * B * sequence * FLOAT,  # drawn, then stacked
              "train.batch_size, task.context_len or train.chunk_batches"),
         Part("eval attention patterns [runs, eval sequences, heads, T, T]", 2 * R * FLOAT * _attention(shape, n_eval, kept=1),
              "eval.n_sequences or task.context_len"),
-        Part("eval sets", R * n_eval * (token_inputs + (N + 1) * F + 4 * N) * FLOAT, "eval.n_sequences"),
+        Part("eval sets", R * n_eval * sequence * FLOAT, "eval.n_sequences"),
         Part("exemplar arrays [classes, exemplars, dim]", sum(3 * math.prod(s) * FLOAT for s in distinct_arrays),
              "data.n_classes, data.n_exemplars or data.dim"),
         Part("per-step log [steps, runs, 4]", n_steps * R * 4 * FLOAT, "train.sequences (or raise train.batch_size)"),

@@ -66,12 +66,12 @@ class HookedPath:
 
 
 class FastPath(HookedPath):
-    """An unclamped pack: fast_path.train_step, fed the embedding inputs of a whole chunk of batches at once;
-    evaluation as HookedPath's, with no hooks but the pattern recorder."""
+    """An unclamped pack: fast_path.train_step; evaluation as HookedPath's, with no hooks but the
+    pattern recorder."""
 
     def __init__(self, model: Transformer, clamps: ClampSet):
         super().__init__(model, clamps)
-        self.train_step, self.inputs_chunk, self.chunk_inputs = train_step, -1, None
+        self.train_step = train_step
 
     def compile(self) -> None:
         super().compile()
@@ -82,7 +82,5 @@ class FastPath(HookedPath):
         """Gradients of every run into model.flat_grad, the log row into log_row [R, 4]; whether all
         losses are finite (fast_path.train_step)."""
         batch = stream.batch(step)
-        if self.inputs_chunk != stream.chunk_index:
-            self.inputs_chunk, self.chunk_inputs = stream.chunk_index, self.model.embedding_inputs(stream.chunk)
-        inputs = self.chunk_inputs[:, step % stream.chunk_batches]
-        return self.train_step(self.model, self.model.flat, inputs, batch.target, weight, lr, self.model.flat_grad, log_row)
+        return self.train_step(self.model, self.model.flat, self.model.embedding_inputs(batch), batch.target, weight, lr,
+                               self.model.flat_grad, log_row)
