@@ -9,7 +9,9 @@ import os
 import re
 import shlex
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -17,25 +19,95 @@ from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ihstudy.errors import ConfigError
 from ihstudy.model.transformer import INIT_SCHEMES, POSITIONALS
 from ihstudy.run_files import check_folder_path, outputs_setting
+from ihstudy.schema import MAX_SEED, Range, check_schema, non_empty, one_of, within
 from ihstudy.tasks.base import task_family
-from ihstudy.tasks.fsl import MAX_FEATURE_ELEMENTS, FewShotTask
+from ihstudy.tasks.fsl import DATA_SOURCES, MAX_FEATURE_ELEMENTS, FewShotTask
 from ihstudy.training.trackers import check_trackers
 
 CONF_DIR_ENV = "IHSTUDY_CONF_DIR"  # a config tree of the user's own, in place of ihstudy's
 CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"  # conf/ beside the code in a source checkout
 CONF_MODULE = "ihstudy.conf"  # where an installed wheel holds the same tree (pyproject.toml maps conf/ there)
-OPTIMIZER_KEYS = {"adam": ("betas", "eps"), "sgd": ("momentum",)}  # besides name, lr and the schedule's keys
-SCHEDULE_KEYS = ("schedule", "warmup_sequences", "min_lr_fraction")
 SCHEDULES = ("constant", "warmup_decay", "cosine")
-MAX_SEED = 2**63 - 1
 MAX_STEPS = 10**8  # the per-step log alone holds 16 bytes per step and run
 OmegaConf.register_new_resolver("ihstudy.outputs", outputs_setting, replace=True)  # conf/config.yaml's run folder
+
+
+# --- the schema of a run config (ihstudy/schema.py): each key's type and values; its default is in conf/ ---------
+
+
+@dataclass
+class RunSettings:
+    """The top-level keys of conf/config.yaml."""
+
+    seed: int = within(0, MAX_SEED)
+    data_seed: int = within(0, MAX_SEED)
+    eval_seed: int = within(0, MAX_SEED)
+    device: str = MISSING  # auto | cpu | mps | cuda | cuda:N: _check_device
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = within(1, 64)
+    n_heads: int = within(1, 1024)  # dividing d_model: validate
+    d_model: int = within(1, 16384)
+    positional: str = one_of(*POSITIONALS)
+    rotary_base: float = within(1, 1e12)
+    mlp_ratio: float = within(0, 64)
+    init: str = one_of(*INIT_SCHEMES)
+
+
+@dataclass
+class TrainConfig:
+    sequences: int = within(1)  # at most MAX_STEPS batches: check_values
+    batch_size: int = within(1, 2**20)
+    eval_every: int = within(1)
+    eval_at: list[int] = within(0)  # within train.sequences: validate
+    ckpt_every: int = within(1)
+    ckpt_at: list[int] = within(0)
+    chunk_batches: int = within(1, 2**16)
+    threads: int = within(0, 1024)
+    compile: Any = one_of(True, False, "auto")
+
+
+@dataclass
+class EvalConfig:
+    evaluators: list[str] = non_empty()  # the task family's: validate
+    n_sequences: int = within(1, 100_000)
+    dense: list[str] | None  # evaluators measured at every eval point (null: all); names checked by validate
+    sparse_every: int = within(1)
+
+
+@dataclass
+class OptimConfig:
+    """What every optimizer takes: its learning rate and schedule (in conf/config.yaml)."""
+
+    lr: float = within(0, math.inf, low_open=True)
+    schedule: str = one_of(*SCHEDULES)
+    warmup_sequences: float = within(0)
+    min_lr_fraction: float = within(0, 1)
+
+
+@dataclass
+class AdamConfig(OptimConfig):
+    betas: list[float] = within(0, 1, length=2)
+    eps: float = within(0)
+
+
+@dataclass
+class SgdConfig(OptimConfig):
+    momentum: float = within(0, 1)
+
+
+OPTIMIZERS = {"adam": AdamConfig, "sgd": SgdConfig}  # optim.name chooses
+GROUP_SCHEMAS = {"model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+# groups whose schema a key of theirs chooses; the task group's schema is its family's (TaskFamily.schema)
+CHOSEN_SCHEMAS = {"optim": ("name", OPTIMIZERS), "data": ("source", DATA_SOURCES)}
 
 
 def compose_config(overrides: list[str], single_run: bool = False) -> tuple[DictConfig, Path]:
@@ -245,16 +317,16 @@ def check_launch_config(job_cfg: DictConfig, allow_callbacks: bool) -> None:
                           f"code: ihstudy runs them only with {CALLBACKS_FLAG}")
     batch = OmegaConf.select(job_cfg, "hydra.sweeper.max_batch_size")
     if batch is not None:
-        _check_number("hydra.sweeper.max_batch_size", batch, int, 1, math.inf)
+        _check_number("hydra.sweeper.max_batch_size", batch, int, Range(1))
     launcher = job_cfg.hydra.launcher
     if "n_jobs" in launcher:
-        _check_number("hydra.launcher.n_jobs", launcher.n_jobs, int, -1024, 1024)
+        _check_number("hydra.launcher.n_jobs", launcher.n_jobs, int, Range(-1024, 1024))
         _require(launcher.n_jobs != 0, "hydra.launcher.n_jobs=0 starts no worker (use N > 0, or -1 for one per core)")
     for key, kind in (("mem_gb", float), ("timeout_min", float), ("cpus_per_task", int), ("nodes", int),
                       ("tasks_per_node", int), ("array_parallelism", int), ("gpus_per_node", int)):
         value = launcher.get(key)
         if value is not None:
-            _check_number(f"hydra.launcher.{key}", value, kind, 0, math.inf)
+            _check_number(f"hydra.launcher.{key}", value, kind, Range(0))
             _require(value > 0 or key == "gpus_per_node", f"hydra.launcher.{key}={value} must be positive")
 
 
@@ -271,13 +343,9 @@ def validate(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
 
     `n_classes` and `n_exemplars` are the size of the exemplar array the run will read.
     """
-    m, o, tr, ev = cfg.model, cfg.optim, cfg.train, cfg.eval
+    m, tr, ev = cfg.model, cfg.train, cfg.eval
     _require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    _require(m.positional in POSITIONALS, f"model.positional must be one of {', '.join(POSITIONALS)}")
-    _require(m.init in INIT_SCHEMES, f"model.init must be one of {', '.join(INIT_SCHEMES)}")
     _require(m.positional != "rotary" or (m.d_model // m.n_heads) % 2 == 0, "rotary positions need an even head dimension")
-    _require(o.schedule in SCHEDULES, f"optim.schedule must be one of {', '.join(SCHEDULES)}")
-    _require(o.lr > 0, f"optim.lr={o.lr} must be positive")
     _require(tr.sequences >= tr.batch_size, "train.sequences must be at least one batch")
     _require(all(0 <= s <= tr.sequences for s in list(tr.eval_at) + list(tr.ckpt_at)),
              "train.eval_at and train.ckpt_at must lie within [0, train.sequences]")
@@ -288,8 +356,6 @@ def validate(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
         _require(name in ev.evaluators, f"eval.dense names '{name}', not one of eval.evaluators ({', '.join(ev.evaluators)})")
     if family is FewShotTask:
         _validate_fsl(cfg, n_classes, n_exemplars)
-    else:
-        family.check(cfg.task)
 
 
 def _validate_fsl(cfg: DictConfig, n_classes: int, n_exemplars: int) -> None:
@@ -335,8 +401,8 @@ def with_later_defaults(saved: DictConfig) -> DictConfig:
         if isinstance(saved.get(group), DictConfig) and (group != "task" or same_family):
             completed[group] = OmegaConf.merge(defaults[group], saved[group])
     optim = completed.get("optim")
-    if isinstance(optim, DictConfig) and optim.get("name") in OPTIMIZER_KEYS:
-        kept = {"name", "lr", *SCHEDULE_KEYS, *OPTIMIZER_KEYS[optim.name]}
+    if isinstance(optim, DictConfig) and optim.get("name") in OPTIMIZERS:
+        kept = {"name", *OPTIMIZERS[optim.name].__dataclass_fields__}
         completed.optim = {k: v for k, v in optim.items() if k in kept}
     return completed
 
@@ -350,90 +416,47 @@ def run_identity(cfg):
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Types and sane ranges of every value, checked before anything is loaded or allocated: a word
+    """Types and ranges of every value, checked by the schema of its config group before anything is
+    loaded or allocated (a value the schema converts, like a quoted number, is converted in `cfg`): a word
     where a count belongs, a negative seed or a billion-wide model ends here in one line, not in a traceback."""
-    for key in ("seed", "data_seed", "eval_seed"):
-        _number(cfg, key, int, 0, MAX_SEED)
-    _number(cfg, "model.n_layers", int, 1, 64)
-    _number(cfg, "model.n_heads", int, 1, 1024)
-    _number(cfg, "model.d_model", int, 1, 16384)
-    _number(cfg, "model.rotary_base", float, 1, 1e12)
-    _number(cfg, "model.mlp_ratio", float, 0, 64)
-    if task_family(cfg.task) is FewShotTask:
-        _check_fsl_values(cfg)
-    _check_optim(cfg)
-    _number(cfg, "train.batch_size", int, 1, 2**20)
-    _number(cfg, "train.sequences", int, 1, MAX_STEPS * cfg.train.batch_size)
-    _number(cfg, "train.eval_every", int, 1)
-    _number(cfg, "train.ckpt_every", int, 1)
-    _numbers(cfg, "train.eval_at", int, 0)
-    _numbers(cfg, "train.ckpt_at", int, 0)
-    _number(cfg, "train.threads", int, 0, 1024)
-    _number(cfg, "train.chunk_batches", int, 1, 2**16)
-    compile_setting = OmegaConf.select(cfg, "train.compile")
-    _require(compile_setting in (True, False, "auto"), f"train.compile must be true, false or auto, got {compile_setting!r}")
-    _number(cfg, "eval.n_sequences", int, 1, 100_000)
-    evaluators = OmegaConf.select(cfg, "eval.evaluators")
-    _require(isinstance(evaluators, ListConfig) and len(evaluators) > 0 and all(isinstance(e, str) for e in evaluators),
-             f"eval.evaluators must be a non-empty list of names, got {evaluators!r}")
-    dense = OmegaConf.select(cfg, "eval.dense")
-    _require(dense is None or (isinstance(dense, ListConfig) and all(isinstance(e, str) for e in dense)),
-             f"eval.dense must be null or a list of evaluator names, got {dense!r}")
-    _number(cfg, "eval.sparse_every", int, 1)
-    _check_device(str(OmegaConf.select(cfg, "device")))
-    _check_data(cfg)
+    check_schema(RunSettings, cfg, "", skip=[key for key in cfg if key not in RunSettings.__dataclass_fields__])
+    for group in (*GROUP_SCHEMAS, *CHOSEN_SCHEMAS, "task"):
+        node = cfg.get(group)
+        _require(isinstance(node, DictConfig), f"{group} must be a mapping of its settings, got {node!r}")
+    for group in GROUP_SCHEMAS:
+        check_schema(GROUP_SCHEMAS[group], cfg[group], group)
+    for group, (chooser, _) in CHOSEN_SCHEMAS.items():
+        check_schema(schema_of(cfg, group), cfg[group], group, what=f"{group}.{chooser}={cfg[group][chooser]}", skip=[chooser])
+    task_family(cfg.task).check(cfg.task)  # its schema and rules
+    steps = MAX_STEPS * cfg.train.batch_size  # the per-step log alone holds 16 bytes per step and run
+    _require(cfg.train.sequences <= steps, f"train.sequences={cfg.train.sequences} must lie in [1, {steps}] "
+                                           f"(at most {MAX_STEPS:,} steps of train.batch_size={cfg.train.batch_size})")
+    if cfg.data.source == "gaussian":
+        _check_gaussian_sizes(cfg.data)
+    _check_device(cfg.device)
 
 
-def _check_fsl_values(cfg: DictConfig) -> None:
-    _number(cfg, "task.pair_seed", int, 0, MAX_SEED)
-    _number(cfg, "task.n_labels", int, 2, 1000)  # the label pairs are enumerated
-    _number(cfg, "task.context_len", int, 1, 1024)
-    _number(cfg, "task.burstiness", int, 1, 1024)
-    _number(cfg, "task.zipf_alpha", float, 0, 100)
-    _number(cfg, "task.exemplar_noise", float, 0)
-    _number(cfg, "task.val_pair_fraction", float, 0, 1)
-    val_pairs = OmegaConf.select(cfg, "task.val_pairs")
-    if val_pairs is not None:
-        _require(isinstance(val_pairs, ListConfig), f"task.val_pairs must be null or a list of label pairs, got {val_pairs!r}")
-        for i in range(len(val_pairs)):
-            _numbers(cfg, f"task.val_pairs.{i}", int, 0, cfg.task.n_labels - 1, length=2)
-    _numbers(cfg, "task.class_split", int, 0, MAX_FEATURE_ELEMENTS, length=3)
-    _numbers(cfg, "task.exemplar_split", int, 0, MAX_FEATURE_ELEMENTS, length=3)
+def schema_of(cfg: DictConfig, group: str) -> type | None:
+    """The schema of a config group of `cfg`: chosen by a key of the group for optim and data, the task
+    family's for task (None for a family that declares none)."""
+    if group == "task":
+        return task_family(cfg.task).schema
+    if group not in CHOSEN_SCHEMAS:
+        return GROUP_SCHEMAS[group]
+    chooser, schemas = CHOSEN_SCHEMAS[group]
+    choice = OmegaConf.select(cfg, f"{group}.{chooser}")
+    _require(choice in schemas, f"{group}.{chooser} must be one of {', '.join(schemas)}, got {choice!r}")
+    return schemas[choice]
 
 
-def _check_optim(cfg: DictConfig) -> None:
-    """Each optimizer takes its own keys (conf/optim/NAME.yaml) plus the schedule's; any other key is refused."""
-    name = OmegaConf.select(cfg, "optim.name")
-    _require(name in OPTIMIZER_KEYS, f"optim.name must be one of {', '.join(OPTIMIZER_KEYS)}, got {name!r}")
-    foreign = sorted(set(cfg.optim) - {"name", "lr", *SCHEDULE_KEYS, *OPTIMIZER_KEYS[name]})
-    _require(not foreign, f"optim.{foreign[0] if foreign else ''} is not a setting of {name} "
-                          f"(its settings: lr, {', '.join([*OPTIMIZER_KEYS[name], *SCHEDULE_KEYS])})")
-    for key in ("optim.lr", "optim.warmup_sequences"):
-        _number(cfg, key, float, 0)
-    _number(cfg, "optim.min_lr_fraction", float, 0, 1)
-    if name == "adam":
-        _numbers(cfg, "optim.betas", float, 0, 1, length=2)
-        _number(cfg, "optim.eps", float, 0)
-    else:
-        _number(cfg, "optim.momentum", float, 0, 1)
-
-
-def _check_data(cfg: DictConfig) -> None:
-    source = OmegaConf.select(cfg, "data.source")
-    _require(source in ("gaussian", "file"), f"data.source must be gaussian or file, got {source!r}")
-    if source == "file":
-        _require(isinstance(cfg.data.get("path"), str), "data.path must name a feature file")
-        return
-    sizes = [_number(cfg, f"data.{key}", int, 1, MAX_FEATURE_ELEMENTS) for key in ("n_classes", "n_exemplars", "dim")]
-    _require(math.prod(sizes) <= MAX_FEATURE_ELEMENTS, f"data.n_classes x n_exemplars x dim = {math.prod(sizes):,} "
-                                                      f"exemplar values is too many (at most {MAX_FEATURE_ELEMENTS:,})")
-    _number(cfg, "data.latent_dim", int, 1, sizes[2])  # a subspace of the exemplar space
-    _number(cfg, "data.within_class_std", float, 0)
-    _number(cfg, "data.norm", float, 0)
-    _number(cfg, "data.seed", int, 0, MAX_SEED)
-    if "n_groups" in cfg.data:
-        _number(cfg, "data.n_groups", int, 0, sizes[0])
-    _require(isinstance(cfg.data.get("nonnegative", False), bool), "data.nonnegative must be true or false")
+def _check_gaussian_sizes(data: DictConfig) -> None:
+    values = data.n_classes * data.n_exemplars * data.dim
+    _require(values <= MAX_FEATURE_ELEMENTS, f"data.n_classes x n_exemplars x dim = {values:,} exemplar values is too many "
+                                             f"(at most {MAX_FEATURE_ELEMENTS:,})")
+    _require(data.latent_dim <= data.dim, f"data.latent_dim={data.latent_dim} must lie in [1, {data.dim}] "
+                                          f"(a subspace of the data.dim={data.dim} exemplar space)")
+    _require(data.n_groups <= data.n_classes, f"data.n_groups={data.n_groups} must lie in [0, {data.n_classes}] "
+                                              f"(groups of the data.n_classes={data.n_classes} classes)")
 
 
 def _check_device(device: str) -> None:
@@ -443,26 +466,11 @@ def _check_device(device: str) -> None:
     _require(device != "mps" or torch.backends.mps.is_available(), "device=mps but MPS is not available")
 
 
-def _number(cfg: DictConfig, key: str, kind: type, low: float, high: float = math.inf):
-    """The value at `key`, which must be a `kind` (int, or float which also takes ints) in [low, high]."""
-    return _check_number(key, OmegaConf.select(cfg, key), kind, low, high)
-
-
-def _numbers(cfg: DictConfig, key: str, kind: type, low: float, high: float = math.inf, length: int | None = None) -> None:
-    values = OmegaConf.select(cfg, key)
-    _require(isinstance(values, ListConfig) and (length is None or len(values) == length),
-             f"{key} must be a list of {length or 'any number of'} numbers, got {values!r}")
-    for i, value in enumerate(values):
-        _check_number(f"{key}[{i}]", value, kind, low, high)
-
-
-def _check_number(key: str, value, kind: type, low: float, high: float):
+def _check_number(key: str, value, kind: type, valid: Range) -> None:
     number = isinstance(value, int) or (kind is float and isinstance(value, float) and math.isfinite(value))
     _require(number and not isinstance(value, bool), f"{key} must be {'an integer' if kind is int else 'a finite number'}, "
                                                      f"got {value!r}")
-    _require(low <= value <= high, f"{key}={value} must be at least {low}" if high == math.inf
-             else f"{key}={value} must lie in [{low}, {high}]")
-    return value
+    valid.check(key, value)
 
 
 def _require(ok: bool, message: str) -> None:

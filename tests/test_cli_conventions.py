@@ -77,8 +77,8 @@ def test_train_refuses_sweeps_and_sweep_presets_unless_their_swept_keys_are_chos
 
 
 @pytest.mark.parametrize("override,message", [
-    ("+optim.momentum=0.5", "optim.momentum is not a setting of adam"),
-    ("+optim.betas=[0.9,0.9]", "optim.betas is not a setting of sgd"),
+    ("+optim.momentum=0.5", "optim.momentum is not a setting of optim.name=adam"),
+    ("+optim.betas=[0.9,0.9]", "optim.betas is not a setting of optim.name=sgd"),
     ("optim.name=adamw", "optim.name must be one of adam, sgd"),
 ])
 def test_each_optimizer_takes_only_its_own_keys(override, message, outputs_root):

@@ -125,12 +125,13 @@ def test_configs_cannot_execute_code(tmp_path):
     ("optim.lr=nan", "optim.lr must be a finite number"),
     ("optim.betas=[0.9]", "optim.betas must be a list of 2 numbers"),
     ("eval.evaluators=[]", "eval.evaluators must be a non-empty list"),
-    ("train.eval_at=[abc]", "train.eval_at[0] must be an integer"),
+    ("train.eval_at=[abc]", "train.eval_at must be a list of integers, got ['abc']"),
     ("train.chunk_batches=0", "train.chunk_batches=0 must lie in"),
     ("train.chunk_batches=2.5", "train.chunk_batches must be an integer"),
     ("device=cuda:x", "device must be auto, cpu, mps, cuda or cuda:N"),
-    ("~model.n_layers", "model.n_layers must be an integer, got None"),
-    ("data.source=url", "data.source must be gaussian or file"),
+    ("~model.n_layers", "missing config value: model.n_layers"),
+    ("model.n_layers=null", "model.n_layers must be an integer, got None"),
+    ("data.source=url", "data.source must be one of gaussian, file, got 'url'"),
 ])
 def test_absurd_or_mistyped_values_are_refused(tmp_path, override, message):
     assert_refused(train(f"hydra.run.dir={tmp_path / 'run'}", *SHORT, override), message)
@@ -310,8 +311,8 @@ HOSTILE = [  # (command line, what the one line says); {O} is the outputs folder
     # 7: clamp strengths, temperatures and head lists
     (["train", CLAMP % ("prev_token_pattern", "['0:1']", ", strength: 2")], "strength=2 must lie in [0, 1]"),
     (["train", CLAMP % ("induction_pattern", "['1:3']", ", strength: -0.5")], "strength=-0.5 must lie in [0, 1]"),
-    (["train", CLAMP % ("head_temperature", "['0:1']", ", temperature: 0")], "temperature=0 must lie in (0, inf)"),
-    (["train", CLAMP % ("match_pattern", "['1:3']", ", temperature: -1")], "temperature=-1 must lie in [0, inf)"),
+    (["train", CLAMP % ("head_temperature", "['0:1']", ", temperature: 0")], "temperature=0 must be above 0"),
+    (["train", CLAMP % ("match_pattern", "['1:3']", ", temperature: -1")], "temperature=-1 must be at least 0"),
     (["train", CLAMP % ("ablate", "[]", "")], "heads is empty"),
     # 9: brackets in messages survive
     (["train", "data=features_file", "data.path={O}/rank2.npy"], "must hold a [classes, exemplars, dim] array"),

@@ -1,14 +1,25 @@
 """A task family of one's own (docs/tasks.md): each sequence repeats a random cycle of `period`
 distinct tokens, so every token after the first cycle is predictable from the context alone."""
 
+from dataclasses import dataclass
+
 import torch
 
 from ihstudy.errors import ConfigError
 from ihstudy.model.transformer import cross_entropy
+from ihstudy.schema import within
 from ihstudy.tasks.base import TaskFamily, TokenBatch
 
 
+@dataclass
+class CycleConfig:  # the keys of cycle.yaml (but _target_), each with its type and range
+    vocab: int = within(2, 4096)
+    length: int = within(2, 4096)
+    period: int = within(2, 4096)  # at most min(vocab, length - 1): check
+
+
 class CycleTask(TaskFamily):
+    schema = CycleConfig
     evaluators = ("cycle",)
     main_evaluator = "cycle"  # `ihstudy analyze` times the loss of this evaluator
 
@@ -17,6 +28,7 @@ class CycleTask(TaskFamily):
 
     @classmethod
     def check(cls, task_cfg):
+        super().check(task_cfg)  # the schema: types, ranges, unknown keys
         if not 2 <= task_cfg.period <= min(task_cfg.vocab, task_cfg.length - 1):
             raise ConfigError(f"task.period={task_cfg.period} must lie in [2, min(vocab, length - 1)]")
 

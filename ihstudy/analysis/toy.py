@@ -33,9 +33,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ihstudy.config import MAX_SEED
 from ihstudy.errors import ConfigError
 from ihstudy.run_files import atomic_write_bytes, atomic_write_parquet, atomic_write_text, claim_run_dir, outputs_root
+from ihstudy.schema import MAX_SEED
 
 VECTORS = "abc"
 MAX_DIM = 200  # dim³ entries per loss evaluation

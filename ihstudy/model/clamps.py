@@ -57,6 +57,7 @@ from omegaconf import DictConfig, OmegaConf
 from ihstudy.errors import ConfigError, UserError
 from ihstudy.model.transformer import ModelShape, Transformer, check_checkpoint_model
 from ihstudy.run_files import load_checkpoint_file
+from ihstudy.schema import within
 from ihstudy.tasks.base import TaskFamily, TensorBatch
 from ihstudy.tasks.fsl import Batch
 
@@ -71,26 +72,6 @@ Head = tuple[int, int]
 
 
 # --- the clamps -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric clamp field takes; `_build` checks every field that declares one."""
-
-    low: float
-    high: float
-    low_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        return (self.low < value if self.low_open else self.low <= value) and value <= self.high
-
-    def __str__(self) -> str:
-        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{']' if self.high < math.inf else ')'}"
-
-
-def within(low: float, high: float, default=MISSING, low_open: bool = False):
-    """A dataclass field whose value must lie in the range (checked when built from config)."""
-    return field(default=default, metadata={"range": Range(low, high, low_open)})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -617,8 +598,8 @@ def _build(name: str, spec, shape: ModelShape, family: type[TaskFamily] | None, 
         kwargs = {key: _convert(key, value, allowed[key].default) for key, value in values.items()}
         for key, value in kwargs.items():
             valid = allowed[key].metadata.get("range")
-            if valid is not None and value not in valid:
-                raise ConfigError(f"{key}={value:g} must lie in {valid}")
+            if valid is not None:
+                valid.check(key, value)
         if kind == "keep_only":
             kwargs["heads"] = _complement(kwargs["heads"], shape)
         clamp = cls(name=name, task=task, **kwargs)

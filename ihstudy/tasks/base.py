@@ -9,6 +9,8 @@ class (docs/tasks.md has a worked example). It owns:
     table; "exemplar_label": fsl's exemplar vectors and one-hot labels) and `model_dims`;
   - which positions carry the loss (`loss_at_every_position`: next-token loss everywhere, or the
     query's label only) and the loss target (`batch.target`);
+  - its config's keys, their types and ranges (`schema`, a dataclass of ihstudy/schema.py fields),
+    and the rules across them (`check`);
   - its evaluators and their metrics (`metrics`), the head scores analyses read (`head_scores`), and
     the evaluator whose loss times the phase change (`main_evaluator`);
   - the positions clamps need, where the family defines them: `previous_position` (the token a
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from ihstudy.errors import ConfigError
+from ihstudy.schema import check_schema
 
 DEFAULT_FAMILY = "ihstudy.tasks.fsl.FewShotTask"  # a task config without _target_ (runs saved before families)
 
@@ -70,6 +73,7 @@ class TaskFamily:
     """A task family (see the module docstring). Subclasses set the class attributes and implement the
     methods that raise NotImplementedError here; the clamp pieces are optional."""
 
+    schema: ClassVar[type | None] = None  # the task config's keys, types and ranges (ihstudy/schema.py); None: unchecked
     evaluators: ClassVar[tuple[str, ...]]
     main_evaluator: ClassVar[str]
     model_input: ClassVar[str] = "tokens"  # tokens | exemplar_label
@@ -95,7 +99,11 @@ class TaskFamily:
 
     @classmethod
     def check(cls, task_cfg) -> None:
-        """Raise ConfigError (one line) for a task config this family cannot use."""
+        """Raise ConfigError (one line) for a task config this family cannot use: here, a key `schema`
+        does not declare or a value of another type or out of its range; a family with rules across
+        its fields adds them after calling this."""
+        if cls.schema is not None:
+            check_schema(cls.schema, task_cfg, "task", what=f"the task family {cls.__name__}", skip=("_target_",))
 
     def sample(self, n: int, generator: torch.Generator) -> TensorBatch:
         """n training sequences drawn from `generator` (a pure function of its state)."""

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from ihstudy.errors import ConfigError
+from ihstudy.schema import MAX_SEED, within
 from ihstudy.tasks.base import TaskFamily, TensorBatch, chunk_generator
 
 MAX_FEATURE_ELEMENTS = 2_000_000_000  # refuse absurd files before reading them
-GAUSSIAN_OPTIONS = ("n_groups", "nonnegative")  # data keys of the built-in exemplars that only some presets set
+GAUSSIAN_OPTIONS = ("n_groups", "nonnegative")  # data keys added after runs were saved without them (defaults: none)
 
 
 @dataclass
@@ -35,6 +37,32 @@ class Batch(TensorBatch):
 
 
 # --- exemplar sources ---------------------------------------------------------------------------
+
+
+@dataclass
+class GaussianData:
+    """conf/data/gaussian.yaml: the arguments of gaussian_features."""
+
+    n_classes: int = within(1, MAX_FEATURE_ELEMENTS)  # n_classes x n_exemplars x dim at most MAX_FEATURE_ELEMENTS
+    n_exemplars: int = within(1, MAX_FEATURE_ELEMENTS)
+    dim: int = within(1, MAX_FEATURE_ELEMENTS)
+    latent_dim: int = within(1, MAX_FEATURE_ELEMENTS)  # at most dim
+    within_class_std: float = within(0)
+    norm: float = within(0)
+    seed: int = within(0, MAX_SEED)
+    n_groups: int = within(0, MAX_FEATURE_ELEMENTS)  # 0: no alphabets; at most n_classes
+    nonnegative: bool
+
+
+@dataclass
+class FeatureFile:
+    """conf/data/features_file.yaml: the arguments of load_feature_file."""
+
+    path: str
+    dataset: str | None
+
+
+DATA_SOURCES = {"gaussian": GaussianData, "file": FeatureFile}  # data.source chooses
 
 
 def gaussian_features(n_classes: int, n_exemplars: int, dim: int, latent_dim: int, within_class_std: float,
@@ -207,10 +235,27 @@ EVALUATORS = {
 SPLITS = ("train", "val", "test")
 
 
+@dataclass
+class FewShotConfig:
+    """conf/task/fsl.yaml."""
+
+    n_labels: int = within(2, 1000)  # the label pairs are enumerated
+    class_split: list[int] = within(0, MAX_FEATURE_ELEMENTS, length=3)  # fitting the data: config.validate
+    exemplar_split: list[int] = within(0, MAX_FEATURE_ELEMENTS, length=3)
+    context_len: int = within(1, 1024)
+    burstiness: int = within(1, 1024)
+    zipf_alpha: float = within(0, 100)
+    exemplar_noise: float = within(0)
+    val_pair_fraction: float = within(0, 1)  # below 1: config.validate
+    pair_seed: int = within(0, MAX_SEED)
+    val_pairs: list[list[int]] | None = within(0)  # pairs of labels: check
+
+
 class FewShotTask(TaskFamily):
     """The few-shot family: splits the exemplar array by class and exemplar counts and builds the
     samplers of one task config. The loss and every metric are read at the query."""
 
+    schema = FewShotConfig
     evaluators = tuple(EVALUATORS)
     main_evaluator = "fsl_train"
     model_input = "exemplar_label"
@@ -224,6 +269,14 @@ class FewShotTask(TaskFamily):
                                                   task_cfg.get("val_pairs"))
         self.pairs = {"train": train_pairs, "val": val_pairs}
         self.train_sampler = self.sampler()
+
+    @classmethod
+    def check(cls, task_cfg) -> None:
+        super().check(task_cfg)
+        pairs, n = task_cfg.val_pairs, task_cfg.n_labels
+        if pairs is not None and not all(len(pair) == 2 and max(pair) < n for pair in pairs):
+            raise ConfigError(f"task.val_pairs must be null or a list of label pairs [i, j] below task.n_labels={n}, "
+                              f"got {OmegaConf.to_container(pairs)}")
 
     @classmethod
     def from_config(cls, cfg, data) -> FewShotTask:

@@ -12,20 +12,34 @@ The references the metrics compare the model with, at position t (predicting sta
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from ihstudy.errors import ConfigError
 from ihstudy.model.transformer import log_softmax
+from ihstudy.schema import one_of, within
 from ihstudy.tasks.base import TaskFamily, TokenBatch, earlier_occurrence_successors
 
 PRIORS = ("dirichlet", "doubly_stochastic")
 REFERENCES = ("uniform", "unigram", "bigram")
 
 
+@dataclass
+class MarkovConfig:
+    """conf/task/markov.yaml."""
+
+    vocab: int = within(2, 64)
+    length: int = within(2, 4096)
+    prior: str = one_of(*PRIORS)  # doubly_stochastic for vocab <= 4: check
+    concentration: float = within(0, 1e6, low_open=True)
+
+
 class MarkovTask(TaskFamily):
     """k-state chains of `length` tokens; transition rows from the prior named by task.prior."""
 
+    schema = MarkovConfig
     evaluators = ("markov",)
     main_evaluator = "markov"
     # the bigram phase: the KL to the Bayes bigram predictor falls below 0.04 nats (k=2: ~0.065 on the
@@ -39,15 +53,7 @@ class MarkovTask(TaskFamily):
 
     @classmethod
     def check(cls, task_cfg) -> None:
-        if not (isinstance(task_cfg.get("vocab"), int) and 2 <= task_cfg.vocab <= 64):
-            raise ConfigError(f"task.vocab must be an integer in [2, 64], got {task_cfg.get('vocab')!r}")
-        if not (isinstance(task_cfg.get("length"), int) and 2 <= task_cfg.length <= 4096):
-            raise ConfigError(f"task.length must be an integer in [2, 4096], got {task_cfg.get('length')!r}")
-        if task_cfg.get("prior") not in PRIORS:
-            raise ConfigError(f"task.prior must be one of {', '.join(PRIORS)}, got {task_cfg.get('prior')!r}")
-        c = task_cfg.get("concentration")
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1e6:
-            raise ConfigError(f"task.concentration must be a positive number, got {c!r}")
+        super().check(task_cfg)
         if task_cfg.prior == "doubly_stochastic" and task_cfg.vocab > 4:
             raise ConfigError("task.prior=doubly_stochastic draws uniform doubly stochastic matrices for task.vocab <= 4 only")
 

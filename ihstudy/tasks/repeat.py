@@ -17,7 +17,18 @@ import torch
 
 from ihstudy.errors import ConfigError
 from ihstudy.model.transformer import cross_entropy
+from ihstudy.schema import within
 from ihstudy.tasks.base import TaskFamily, TokenBatch
+
+
+@dataclass
+class RepeatConfig:
+    """conf/task/repeat.yaml."""
+
+    vocab: int = within(2, 100_000)
+    length: int = within(4, 100_000)
+    min_segment: int = within(2, 100_000)  # at most max_segment: check
+    max_segment: int = within(2, 100_000)  # repeated, within length: check
 
 
 @dataclass
@@ -27,6 +38,7 @@ class RepeatBatch(TokenBatch):
 
 
 class RepeatTask(TaskFamily):
+    schema = RepeatConfig
     evaluators = ("repeat",)
     main_evaluator = "repeat"
     # the loss on the repeat: ln vocab before the induction heads form; below 2 nats once they have
@@ -39,10 +51,7 @@ class RepeatTask(TaskFamily):
 
     @classmethod
     def check(cls, task_cfg) -> None:
-        for key, low in (("vocab", 2), ("length", 4), ("min_segment", 2), ("max_segment", 2)):
-            value = task_cfg.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 100_000:
-                raise ConfigError(f"task.{key} must be an integer in [{low}, 100000], got {value!r}")
+        super().check(task_cfg)
         if task_cfg.min_segment > task_cfg.max_segment:
             raise ConfigError(f"task.min_segment={task_cfg.min_segment} exceeds task.max_segment={task_cfg.max_segment}")
         if 2 * task_cfg.max_segment > task_cfg.length:

@@ -19,12 +19,14 @@ import importlib.util
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ihstudy.errors import ConfigError
 from ihstudy.run_files import atomic_write_text, first_line, outputs_root
+from ihstudy.schema import check_schema, one_of
 
 log = logging.getLogger(__name__)
 LIBRARIES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "csv": None}  # tracker -> module (= extra)
@@ -37,10 +39,15 @@ def chosen(cfg) -> dict:
 
 
 def check_trackers(cfg) -> None:
-    """Refuse, before anything runs, an unknown tracker or one whose library is not installed."""
+    """Refuse, before anything runs, an unknown tracker, settings its schema refuses, or a tracker whose
+    library is not installed."""
     for name in chosen(cfg):
         if name not in LIBRARIES:
             raise ConfigError(f"logger: unknown tracker '{name}' (choose from none, {', '.join(LIBRARIES)})")
+        settings = cfg.logger[name]
+        if not isinstance(settings, DictConfig):
+            raise ConfigError(f"logger.{name} must be a mapping of its settings, got {settings!r}")
+        check_schema(TRACKERS[name].schema, settings, f"logger.{name}", what=f"the {name} tracker")
         module = LIBRARIES[name]
         if module and importlib.util.find_spec(module) is None:
             raise ConfigError(f"logger={name} needs the {module} library: pip install -e '.[{name}]'")
@@ -110,7 +117,30 @@ def flat_config(cfg: dict) -> dict[str, str]:
     return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in pd.json_normalize(cfg, sep=".").iloc[0].items()}
 
 
+# --- the trackers: each reads the settings its schema declares (conf/logger/<name>.yaml) --------------------
+
+
+@dataclass
+class FolderSettings:
+    dir: str  # a folder per run inside it
+
+
+@dataclass
+class MLflowSettings:
+    tracking_uri: str
+    experiment: str
+
+
+@dataclass
+class WandbSettings:
+    project: str
+    dir: str
+    mode: str = one_of("offline", "online")
+
+
 class TensorBoardTracker:
+    schema = FolderSettings
+
     def __init__(self, settings: dict, name: str, cfg: dict, sequences: int):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -128,6 +158,8 @@ class TensorBoardTracker:
 
 
 class MLflowTracker:
+    schema = MLflowSettings
+
     def __init__(self, settings: dict, name: str, cfg: dict, sequences: int):
         uri = str(settings["tracking_uri"])
         if "://" not in uri and not uri.startswith("sqlite:"):  # a local folder: MLflow's file store
@@ -162,6 +194,8 @@ class MLflowTracker:
 
 
 class WandbTracker:
+    schema = WandbSettings
+
     def __init__(self, settings: dict, name: str, cfg: dict, sequences: int):
         import wandb
 
@@ -180,6 +214,8 @@ class WandbTracker:
 class CSVTracker:
     """<dir>/<run>/metrics.csv (a row per eval point; appended, so a resumed run continues it),
     config.yaml and summary.json."""
+
+    schema = FolderSettings
 
     def __init__(self, settings: dict, name: str, cfg: dict, sequences: int):
         self.dir = Path(settings["dir"]) / name
