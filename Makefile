@@ -16,5 +16,5 @@ setup: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n auto  # one worker per core (pytest-xdist)
 	PYTHON=$(VENV)/bin/python .ci/wheel-check
