@@ -79,7 +79,7 @@ def main() -> None:
             pack.train_step()
         step = timed(lambda: [pack.train_step() for _ in range(args.steps)]) / args.steps
         evaluation = timed(pack.evaluate)
-        n_evals = len(pack.eval_steps)
+        n_evals = len(pack.eval_plan)
         print(f"training step {step * 1e3:.2f} ms ({args.runs * pack.batch_size / step:,.0f} sequences/s); "
               f"eval point {evaluation * 1e3:.1f} ms; {pack.n_steps:,} steps + {n_evals} evals = "
               f"{step * pack.n_steps + evaluation * n_evals:.1f} s")
