@@ -8,7 +8,8 @@ resnet18/224/feat, standard normal, seed 0; --features FILE to use another one).
 paper's main run (docs/fidelity.md: 50 train classes, one train exemplar each, five labels, context
 of two pairs, lr 1e-5, batch 32), --sequences long, evaluating the four evaluators on 1000 sequences
 every 5000 sequences. Each side runs as a fresh process timed by `/usr/bin/time -v` (wall time, CPU
-time, peak resident memory), start-up included.
+time, peak resident memory), start-up included; ihstudy's compile cache is warmed first by a short
+untimed run of each pack shape (as after a machine's first run).
 
   one   one run: `ihstudy train` against one `python main.py`
   two   two runs (seeds 5 and 6): `ihstudy sweep ... seed=5,6` (one command, both cores) against two
@@ -124,6 +125,12 @@ def main() -> None:
                     lambda i: [authors_command(args.authors_python, data, args.sequences, seed, tmp / f"authors-two-{i}")
                                for seed in (5, 6)]),
         }
+        # Untimed: one short compiled run of each pack shape, so that PyTorch's on-disk compile cache holds
+        # its graphs, as on any machine after the first run (the cold compile: docs/performance.md).
+        warm = [*ihstudy_overrides(data, 3200), "train.compile=true", *args.overrides]
+        for command in (["train", "-q", *warm, f"hydra.run.dir={tmp}/outputs/warm-one"],
+                        ["sweep", "-q", *warm, "seed=5,6", f"hydra.sweep.dir={tmp}/outputs/warm-two"]):
+            subprocess.run([IHSTUDY, *command], env=env, check=True, stdout=subprocess.DEVNULL)
         print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.sequences:,} sequences per run, "
               f"feature file {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}", flush=True)
         for name, (ours, theirs) in comparisons.items():
