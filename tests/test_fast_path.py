@@ -46,7 +46,9 @@ def test_loss_and_gradients_equal_autograd(shape):
 
     assert torch.allclose(loss, losses.detach(), atol=1e-6)
     assert by_autograd.flat_grad[0].abs().sum() > 0
-    assert torch.allclose(grad, by_autograd.flat_grad, rtol=1e-4, atol=1e-6)
+    # atol: float32 sums in two evaluation orders differ by up to 2.9e-6 over this grid on an AMD EPYC
+    # machine (2.0e-6 on an element near 0.01), far below what a wrong gradient would give
+    assert torch.allclose(grad, by_autograd.flat_grad, rtol=1e-4, atol=1e-5)
     assert torch.all(grad[1] == 0)
     assert torch.allclose(grad_norm, by_autograd.flat_grad.norm(dim=1), rtol=1e-4)
 
