@@ -59,6 +59,13 @@ def ihstudy_overrides(data: Path, sequences: int) -> list[str]:
     return ["data=features_file", f"data.path={data}", f"train.sequences={sequences}", "train.eval_every=5000"]
 
 
+def ihstudy_command(comparison: str, overrides: list[str], folder: Path) -> list[str]:
+    """ihstudy's side of a comparison: one `ihstudy train`, or one `ihstudy sweep` of seeds 5 and 6."""
+    if comparison == "one":
+        return [IHSTUDY, "train", "-q", *overrides, f"hydra.run.dir={folder}"]
+    return [IHSTUDY, "sweep", "-q", *overrides, "seed=5,6", f"hydra.sweep.dir={folder}"]
+
+
 def start_timed(command: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(["/usr/bin/time", "-v", "-o", str(log), *command], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -118,28 +125,26 @@ def main() -> None:
             write_features(data)
         env = os.environ | {"IHSTUDY_OUTPUTS": str(tmp / "outputs")}
         overrides = [*ihstudy_overrides(data, args.sequences), *args.overrides]
-        comparisons = {
-            "one": (lambda i: [[IHSTUDY, "train", "-q", *overrides, f"hydra.run.dir={tmp}/outputs/one-{i}"]],
-                    lambda i: [authors_command(args.authors_python, data, args.sequences, 5, tmp / f"authors-one-{i}")]),
-            "two": (lambda i: [[IHSTUDY, "sweep", "-q", *overrides, "seed=5,6", f"hydra.sweep.dir={tmp}/outputs/two-{i}"]],
-                    lambda i: [authors_command(args.authors_python, data, args.sequences, seed, tmp / f"authors-two-{i}")
-                               for seed in (5, 6)]),
+        comparisons = {  # the authors' side of each comparison, repeat i
+            "one": lambda i: [authors_command(args.authors_python, data, args.sequences, 5, tmp / f"authors-one-{i}")],
+            "two": lambda i: [authors_command(args.authors_python, data, args.sequences, seed, tmp / f"authors-two-{i}")
+                              for seed in (5, 6)],
         }
+        names = [args.only] if args.only else list(comparisons)
         # Untimed: one short compiled run of each pack shape, so that PyTorch's on-disk compile cache holds
         # its graphs, as on any machine after the first run (the cold compile: docs/performance.md).
         warm = [*ihstudy_overrides(data, 3200), "train.compile=true", *args.overrides]
-        for command in (["train", "-q", *warm, f"hydra.run.dir={tmp}/outputs/warm-one"],
-                        ["sweep", "-q", *warm, "seed=5,6", f"hydra.sweep.dir={tmp}/outputs/warm-two"]):
-            subprocess.run([IHSTUDY, *command], env=env, check=True, stdout=subprocess.DEVNULL)
+        for name in names:
+            subprocess.run(ihstudy_command(name, warm, tmp / f"outputs/warm-{name}"), env=env, check=True,
+                           stdout=subprocess.DEVNULL)
         print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.sequences:,} sequences per run, "
               f"feature file {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}", flush=True)
-        for name, (ours, theirs) in comparisons.items():
-            if args.only and name != args.only:
-                continue
+        for name in names:
             results = {"ihstudy": [], "authors": []}
             for i in range(args.repeats):
-                results["ihstudy"].append(run_side(ours(i), Path.cwd(), env, tmp, f"{name}-ihstudy-{i}"))
-                results["authors"].append(run_side(theirs(i), authors, env, tmp, f"{name}-authors-{i}"))
+                ours = [ihstudy_command(name, overrides, tmp / f"outputs/{name}-{i}")]
+                results["ihstudy"].append(run_side(ours, Path.cwd(), env, tmp, f"{name}-ihstudy-{i}"))
+                results["authors"].append(run_side(comparisons[name](i), authors, env, tmp, f"{name}-authors-{i}"))
                 print(f"  {name} #{i + 1}: " + "; ".join(f"{side} {r[-1]['wall']:.1f} s wall, {r[-1]['cpu']:.1f} s CPU, "
                                                        f"{r[-1]['peak_gb']:.2f} GB" for side, r in results.items()), flush=True)
             medians = {side: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for side, rows in results.items()}

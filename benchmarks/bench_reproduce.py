@@ -1,5 +1,5 @@
-"""End-to-end time of `ihstudy reproduce`, per figure, and its training throughput (the target:
-figures 3, 4b, 5b and 6 in at most 25 minutes on a 2-core CPU, aim 12).
+"""End-to-end time of `ihstudy reproduce`, per figure, and its training throughput (the targets:
+figures 3, 4b, 5b and 6 in at most 12 minutes on a 2-core CPU, the paper's figures in 18).
 
     .venv/bin/python benchmarks/bench_reproduce.py                     # ihstudy reproduce 3 4b 5b 6, full length
     .venv/bin/python benchmarks/bench_reproduce.py 3 5b --scale 0.1    # any figures, scale and overrides
