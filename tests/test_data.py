@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ihstudy.errors import ConfigError
-from ihstudy.tasks.base import TrainStream
-from ihstudy.tasks.fsl import FewShotSampler, gaussian_features, label_pair_split
+from ihstudy.tasks.base import TrainStream, chunk_generator
+from ihstudy.tasks.fsl import FewShotSampler, Items, gaussian_features, label_pair_split
 
 N_CLASSES, N_EXEMPLARS = 60, 5
 
@@ -118,6 +118,22 @@ def test_exemplar_noise():
     batch = noisy.sample(4000, torch.Generator().manual_seed(0))
     noise = batch.exemplars[..., 1]  # exemplar id 0 plus noise
     assert abs(noise.std().item() - 0.5) < 0.02 and abs(noise.mean().item()) < 0.02
+
+
+def test_a_stream_keeps_its_chunk_compact_and_yields_the_batches_sampled_whole():
+    """A chunk is kept as exemplar rows and their noise (fsl.Items) and each step's batch expanded
+    from it: the same batches, noise included, as sampling the chunk's sequences at once."""
+    train_pairs, _ = label_pair_split(5, 0.2, 0)
+    noisy = FewShotSampler(id_features(), torch.arange(50), torch.tensor([0, 1]), train_pairs, 5, 2, 1, 0.0, 0.5)
+    stream = TrainStream(noisy, 7, 32, chunk_batches=4)
+    whole = noisy.sample(4 * 32, chunk_generator(7, 1))
+    for k in range(4):
+        batch, part = stream.batch(4 + k), slice(32 * k, 32 * (k + 1))
+        assert torch.equal(batch.exemplars, whole.exemplars[part]) and torch.equal(batch.labels, whole.labels[part])
+        assert torch.equal(batch.target, whole.target[part])
+    chunk = stream.chunk(1)
+    assert isinstance(chunk, Items) and chunk.rows.shape == (4, 32, 3) and chunk.noise.shape == (4, 32, 3, 2)
+    assert make_sampler().sample_compact(8, torch.Generator()).noise.numel() == 0  # no noise, nothing kept
 
 
 def test_train_stream_is_a_pure_function_of_seed_chunk_size_and_step():

@@ -109,6 +109,16 @@ class TaskFamily:
         """n training sequences drawn from `generator` (a pure function of its state)."""
         raise NotImplementedError
 
+    def sample_compact(self, n: int, generator: torch.Generator) -> TensorBatch:
+        """sample(n, generator) in the form the training stream keeps a chunk of batches in memory;
+        `expand` turns a step's part of it into the batch. Default: the batch itself. A family whose
+        sequences carry large vectors keeps indices instead (fsl: a chunk of 512-d exemplars is 50 MB)."""
+        return self.sample(n, generator)
+
+    def expand(self, compact: TensorBatch) -> TensorBatch:
+        """The batch that `compact` (sample_compact's, or a slice of it) stands for."""
+        return compact
+
     def eval_set(self, name: str, n: int, eval_seed: int) -> TensorBatch:
         """The fixed sequences of evaluator `name`, drawn once from the eval seed."""
         return self.sample(n, chunk_generator(eval_seed, self.evaluators.index(name)))
@@ -231,7 +241,9 @@ class TrainStream:
     """The training batches of one run: batch k is a pure function of (data seed, chunk_batches, k).
 
     The sequences of chunk c are drawn together from one generator, so chunk_batches (the config's
-    train.chunk_batches) decides which sequences a data seed yields. `sampler` has sample(n, generator)."""
+    train.chunk_batches) decides which sequences a data seed yields; a chunk is kept in the family's
+    compact form and each batch expanded from it when a step asks (`TaskFamily.sample_compact`).
+    `sampler` has sample_compact(n, generator) and expand(compact)."""
 
     def __init__(self, sampler, seed: int, batch_size: int, chunk_batches: int):
         self.sampler, self.seed, self.batch_size, self.chunk_batches = sampler, seed, batch_size, chunk_batches
@@ -239,34 +251,29 @@ class TrainStream:
 
     def batch(self, step: int) -> TensorBatch:
         chunk, offset = divmod(step, self.chunk_batches)
-        return self.chunk(chunk)[offset]
+        return self.sampler.expand(self.chunk(chunk)[offset])
 
     def chunk(self, index: int) -> TensorBatch:
-        """Batches index*chunk_batches ... as one batch [chunk_batches, batch_size, ...] (the latest is kept)."""
+        """Batches index*chunk_batches ... in compact form [chunk_batches, batch_size, ...] (the latest is kept)."""
         if index != self._chunk_index:
+            self._chunk, self._chunk_index = None, -1  # the previous chunk goes first: one in memory at a time
             self._chunk, self._chunk_index = self.draw(index), index
         return self._chunk
 
     def draw(self, index: int) -> TensorBatch:
-        """Chunk `index`, drawn afresh (nothing kept)."""
-        drawn = self.sampler.sample(self.chunk_batches * self.batch_size, chunk_generator(self.seed, index))
+        """Chunk `index` in compact form, drawn afresh (nothing kept)."""
+        drawn = self.sampler.sample_compact(self.chunk_batches * self.batch_size, chunk_generator(self.seed, index))
         return drawn.map(lambda t: t.view(self.chunk_batches, self.batch_size, *t.shape[1:]))
 
 
 class PackStream:
-    """Every run's training batches stacked [R, B, ...], a chunk of steps at a time (per-step stacking
-    and copying would cost more than the step's arithmetic)."""
+    """Every run's training batch of a step, stacked [R, B, ...]: each run's stream keeps its chunk
+    compact, so a step's batches are expanded and stacked as the step asks (for 512-d exemplars a
+    step's batch is 200 KB, its chunk 50 MB)."""
 
     def __init__(self, streams: list[TrainStream], device: torch.device):
         self.streams, self.device = streams, device
-        (self.chunk_batches,) = {stream.chunk_batches for stream in streams}  # the pack's train.chunk_batches
-        self.chunk_index, self.chunk = -1, None
 
     def batch(self, step: int) -> TensorBatch:
-        chunk, offset = divmod(step, self.chunk_batches)
-        if chunk != self.chunk_index:
-            self.chunk = None  # the previous chunk goes before the next is drawn: one chunk in memory at a time
-            drawn = [stream.draw(chunk) for stream in self.streams]
-            self.chunk = type(drawn[0]).stack(drawn).to(self.device)
-            self.chunk_index = chunk
-        return self.chunk[:, offset]
+        batches = [stream.batch(step) for stream in self.streams]
+        return type(batches[0]).stack(batches).to(self.device)

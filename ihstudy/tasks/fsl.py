@@ -36,6 +36,16 @@ class Batch(TensorBatch):
         return self.labels.shape[-1]
 
 
+@dataclass
+class Items(TensorBatch):
+    """A Batch in the training stream's compact form: rows of the exemplar table instead of the exemplars."""
+
+    rows: torch.Tensor  # [..., N+1] long: rows of the exemplar array flattened to [classes * exemplars, dim]
+    noise: torch.Tensor  # [..., N+1, dim] float: the exemplar noise drawn for them ([..., N+1, 0] without noise)
+    labels: torch.Tensor  # [..., N] long
+    target: torch.Tensor  # [...] long
+
+
 # --- exemplar sources ---------------------------------------------------------------------------
 
 
@@ -186,6 +196,7 @@ class FewShotSampler:
                  pairs: torch.Tensor, n_labels: int, context_len: int, burstiness: int,
                  zipf_alpha: float = 0.0, exemplar_noise: float = 0.0):
         self.features, self.classes, self.exemplars, self.pairs = features, classes, exemplars, pairs
+        self.table = features.reshape(-1, features.shape[-1])  # [classes * exemplars, dim]: a row per exemplar
         self.n_labels, self.context_len, self.burstiness = n_labels, context_len, burstiness
         self.n_fillers = context_len - 2 * burstiness
         self.exemplar_noise = exemplar_noise
@@ -193,6 +204,9 @@ class FewShotSampler:
         self.class_probs = (ranks ** -zipf_alpha).float()
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
+        return self.expand(self.sample_compact(n, generator))
+
+    def sample_compact(self, n: int, generator: torch.Generator) -> Items:
         b, fillers = self.burstiness, self.n_fillers
         g = generator
         # Query class first, then a distinct distractor, then distinct filler classes.
@@ -208,10 +222,16 @@ class FewShotSampler:
         context_classes, context_labels = context_classes.gather(1, order), context_labels.gather(1, order)
         item_classes = self.classes[torch.cat([context_classes, query_class], 1)]
         item_exemplars = self.exemplars[torch.randint(len(self.exemplars), item_classes.shape, generator=g)]
-        x = self.features[item_classes, item_exemplars]
+        rows = item_classes * self.features.shape[1] + item_exemplars
+        noise_shape = (*rows.shape, self.table.shape[1] if self.exemplar_noise else 0)
+        noise = self.exemplar_noise * torch.randn(noise_shape, generator=g) if self.exemplar_noise else torch.empty(noise_shape)
+        return Items(rows, noise, context_labels, label_a.squeeze(1))
+
+    def expand(self, items: Items) -> Batch:
+        x = self.table[items.rows]
         if self.exemplar_noise:
-            x = x + self.exemplar_noise * torch.randn(x.shape, generator=g)
-        return Batch(x, context_labels, label_a.squeeze(1))
+            x = x + items.noise
+        return Batch(x, items.labels, items.target)
 
     def _filler_labels(self, label_a, label_b, n, g):
         """Fillers get labels outside the sequence's pair, so the pair stays unambiguous."""
@@ -295,6 +315,12 @@ class FewShotTask(TaskFamily):
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         return self.train_sampler.sample(n, generator)
+
+    def sample_compact(self, n: int, generator: torch.Generator) -> Items:
+        return self.train_sampler.sample_compact(n, generator)
+
+    def expand(self, compact: Items) -> Batch:
+        return self.train_sampler.expand(compact)
 
     def eval_set(self, name: str, n_sequences: int, eval_seed: int) -> Batch:
         """The fixed sequences of evaluator `name`, drawn once from the eval seed. Classes are drawn

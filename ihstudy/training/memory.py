@@ -51,7 +51,13 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
     eval_values = len(cfg.eval.evaluators) * (12 + 2 * shape.n_layers * H)
     distinct_arrays = {OmegaConf.to_yaml(c.data): s for c, s in zip(cfgs, exemplar_shapes)}.values()
     sequence = (N + 1) * F + 4 * N  # a sequence's exemplars, labels and target
-    chunk = cfg.train.chunk_batches  # training batches drawn at once (tasks/fsl.TrainStream), however short the run
+    chunk = cfg.train.chunk_batches  # training batches drawn at once (tasks/base.TrainStream), however short the run
+    if shape.input == "exemplar_label":  # a chunk keeps exemplar rows (int64) and noise, not exemplars (fsl.Items);
+        noisy = any(c.task.get("exemplar_noise") for c in cfgs)  # drawing it, torch.multinomial weighs every train class
+        train_classes = max(c.task.get("class_split", [0])[0] for c in cfgs)
+        stored = 2 * (N + 1) + (N + 1) * F * noisy + 4 * N + train_classes
+    else:
+        stored = 2 * sequence  # drawn, then kept
     return [
         Part("parameters, gradients and optimizer state", 4 * R * n_params * FLOAT,
              "model.d_model or model.n_layers (or the runs per pack)"),
@@ -60,7 +66,8 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
              "train.batch_size or task.context_len"),
         Part("training activations [runs, batch, T, d_model]", R * B * T * shape.n_layers * (12 * D + 4 * shape.d_mlp) * FLOAT,
              "train.batch_size, task.context_len or model.d_model"),
-        Part(f"training batches ({chunk} steps at a time)", 2 * R * chunk * B * sequence * FLOAT,  # drawn, then stacked
+        # the chunk, and a step's batches expanded from it and stacked
+        Part(f"training batches ({chunk} steps at a time)", R * (chunk * stored + 2 * sequence) * B * FLOAT,
              "train.batch_size, task.context_len or train.chunk_batches"),
         Part("eval attention patterns [runs, eval sequences, heads, T, T]", 2 * R * FLOAT * _attention(shape, n_eval, kept=1),
              "eval.n_sequences or task.context_len"),

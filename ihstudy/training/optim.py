@@ -42,25 +42,29 @@ class StackedOptimizer:
         self.exp_avg_sq = torch.zeros_like(params) if self.name == "adam" else None
         self.step_count = torch.zeros((), device=params.device)  # Adam's bias correction reads it as a tensor
         self.steps_done = 0
+        # Adam's tensors of each run, made once (detached: updated in place outside autograd): a step's
+        # Python costs about as much as its kernel, so it makes no views and no autograd context.
+        self.run_tensors = [] if self.exp_avg_sq is None else [
+            (params[r].detach(), grads[r].detach(), self.exp_avg[r], self.exp_avg_sq[r]) for r in range(len(params))]
 
-    @torch.no_grad()
     def step(self, lr: torch.Tensor, active: torch.Tensor) -> None:
         """One update with per-run learning rates lr [R]; inactive (failed) runs stay unchanged."""
         self.steps_done += 1
         if self.name == "sgd":
-            self.exp_avg.mul_(self.momentum).add_(self.grads)
-            self.params.sub_((lr * active)[:, None] * self.exp_avg)
+            with torch.no_grad():
+                self.exp_avg.mul_(self.momentum).add_(self.grads)
+                self.params.sub_((lr * active)[:, None] * self.exp_avg)
             return
         # The kernel behind torch.optim.Adam(fused=True): one pass over the buffer instead of ~10 ops.
         # It takes one learning rate per call, so runs with different rates are updated separately.
-        runs = active.nonzero().flatten().tolist()
+        runs = [r for r, on in enumerate(active.tolist()) if on]
         self.step_count.fill_(self.steps_done)
         adam = torch._fused_adam_ if hasattr(torch, "_fused_adam_") else plain_adam  # a private kernel may go away
         for rate, group in self.lr_groups(lr, runs):
-            adam([self.params[r] for r in group], [self.grads[r] for r in group],
-                               [self.exp_avg[r] for r in group], [self.exp_avg_sq[r] for r in group], [],
-                               [self.step_count] * len(group), lr=rate, beta1=self.beta1, beta2=self.beta2,
-                               weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+            params, grads, exp_avgs, exp_avg_sqs = zip(*(self.run_tensors[r] for r in group))
+            adam(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [], [self.step_count] * len(group),
+                 lr=rate, beta1=self.beta1, beta2=self.beta2, weight_decay=0.0, eps=self.eps, amsgrad=False,
+                 maximize=False)
 
     @staticmethod
     def lr_groups(lr: torch.Tensor, runs: list[int]) -> list[tuple[float, list[int]]]:
