@@ -223,8 +223,10 @@ class FewShotSampler:
         item_classes = self.classes[torch.cat([context_classes, query_class], 1)]
         item_exemplars = self.exemplars[torch.randint(len(self.exemplars), item_classes.shape, generator=g)]
         rows = item_classes * self.features.shape[1] + item_exemplars
-        noise_shape = (*rows.shape, self.table.shape[1] if self.exemplar_noise else 0)
-        noise = self.exemplar_noise * torch.randn(noise_shape, generator=g) if self.exemplar_noise else torch.empty(noise_shape)
+        if self.exemplar_noise:
+            noise = self.exemplar_noise * torch.randn((*rows.shape, self.table.shape[1]), generator=g)
+        else:
+            noise = torch.empty((*rows.shape, 0))  # nothing drawn, nothing kept
         return Items(rows, noise, context_labels, label_a.squeeze(1))
 
     def expand(self, items: Items) -> Batch:

@@ -52,9 +52,9 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
     distinct_arrays = {OmegaConf.to_yaml(c.data): s for c, s in zip(cfgs, exemplar_shapes)}.values()
     sequence = (N + 1) * F + 4 * N  # a sequence's exemplars, labels and target
     chunk = cfg.train.chunk_batches  # training batches drawn at once (tasks/base.TrainStream), however short the run
-    if shape.input == "exemplar_label":  # a chunk keeps exemplar rows (int64) and noise, not exemplars (fsl.Items);
-        noisy = any(c.task.get("exemplar_noise") for c in cfgs)  # drawing it, torch.multinomial weighs every train class
-        train_classes = max(c.task.get("class_split", [0])[0] for c in cfgs)
+    if shape.input == "exemplar_label":  # a chunk keeps exemplar rows (int64) and noise, not exemplars (fsl.Items)
+        noisy = any(c.task.get("exemplar_noise") for c in cfgs)
+        train_classes = max(c.task.get("class_split", [0])[0] for c in cfgs)  # drawing it, multinomial weighs each
         stored = 2 * (N + 1) + (N + 1) * F * noisy + 4 * N + train_classes
     else:
         stored = 2 * sequence  # drawn, then kept
