@@ -6,7 +6,12 @@ pack shape (a few seconds once PyTorch's on-disk cache holds it). Results equal 
 functions' up to float rounding, and a run always takes the same path (train.compile is part of
 its config), so runs stay exactly reproducible and resumable. Inductor's C++ wrapper calls the
 kernels of a graph from C++ rather than from generated Python: the same kernels (bit-identical
-results) for ~10% less time per 512-d step (docs/performance.md).
+results) for ~10% less time per 512-d step. And Inductor is told the vector instruction sets the
+CPU reports are usable (`cpp.vec_isa_ok`): otherwise every process checks each of them by
+compiling a test library and loading it in a child Python, 1.5 s per process on an AVX-512 machine;
+its sub-feature checks (bf16, AMX) still run. Where those checks would pass, the kernels are the
+same (byte-identical tables); where a kernel then fails to compile, Compiled falls back as below
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ class Compiled:
 
     def __init__(self, function, fullgraph: bool = False):
         self.plain, self.compiled = function, True
-        self.function = torch.compile(function, dynamic=False, fullgraph=fullgraph, options={"cpp_wrapper": True})
+        self.function = torch.compile(function, dynamic=False, fullgraph=fullgraph,
+                                      options={"cpp_wrapper": True, "cpp.vec_isa_ok": True})
 
     def __call__(self, *args):
         if self.compiled:
