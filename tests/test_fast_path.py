@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+from ihstudy.model import transformer
 from ihstudy.model.clamps import AblateHeads, ClampSet
 from ihstudy.model.fast_path import train_step
 from ihstudy.model.transformer import ModelShape, query_loss
@@ -135,3 +136,18 @@ def test_the_compiled_step_equals_the_plain_one():
     for by_compiled, by_plain in zip(step(m, batch, torch.ones(2, 1, 1) / 4, compiled), step(m, batch, torch.ones(2, 1, 1) / 4)):
         assert torch.allclose(by_compiled, by_plain, rtol=1e-5, atol=1e-6)
     assert compiled.compiled  # not the fallback
+
+
+@pytest.mark.slow  # torch.compile twice: ~40 s of CPU with a cold compile cache
+def test_the_compiled_step_writes_out_atens_small_matmuls_bit_for_bit(monkeypatch):
+    """Compiled, attention's small per-head products are ATen's plain loop written out
+    (transformer.head_matmul): loss, log row and gradient bit-identical to the same graph with `@`."""
+    shape = ModelShape(2, 8, 64, 8, 5, 2)  # 5 x 8 by 8 x 5 per head, as in the paper
+    m, batch = model(shape, seeds=(1, 2)), random_batch(runs=2, n=4, shape=shape)
+    written_out = step(m, batch, torch.ones(2, 1, 1) / 4, Compiled(train_step, fullgraph=True))
+    monkeypatch.setattr(transformer, "ATEN_PLAIN_LOOP_MAX", 0)
+    torch._dynamo.reset()
+    with_matmul = Compiled(train_step, fullgraph=True)
+    for value, expected in zip(written_out, step(m, batch, torch.ones(2, 1, 1) / 4, with_matmul)):
+        assert torch.equal(value, expected)
+    assert with_matmul.compiled  # not the fallback

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from ihstudy.model import transformer
 from ihstudy.model.transformer import OPT_IN_SITES, ModelShape, Transformer, query_loss
 from ihstudy.tasks.fsl import Batch
 
@@ -177,3 +178,28 @@ def test_site_names_are_every_site_the_forward_code_reaches_in_order():
                      "hook_attn_out", "hook_resid_mid", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post"]
     rotary = Transformer(ModelShape(1, 4, 32, 16, 5, 3)).site_names()
     assert "hook_pos_embed" not in rotary and rotary.index("blocks.0.attn.hook_rot_q") == rotary.index("blocks.0.attn.hook_v") + 1
+
+
+def test_compiled_graphs_written_out_matmul_is_bitwise_atens(monkeypatch):
+    """What a compiled graph runs for attention's small per-head products (transformer.head_matmul:
+    ATen's plain loop written out) against `@`: the same bits in every attention activation, the
+    logits and every gradient. Run eager here, as if compiling (test_fast_path checks it compiled)."""
+    shape = ModelShape(2, 8, 64, 16, 5, 2)  # the paper's 5-token sequences: 5 x 8 by 8 x 5 per head
+    net, batch = model(shape, seeds=(1, 2)), random_batch(runs=2, n=8, shape=shape)
+    sites = [f"blocks.{layer}.attn.{name}" for layer in range(2) for name in ("hook_attn_scores", "hook_pattern", "hook_z")]
+
+    def activations_and_gradient():
+        net.flat_grad.zero_()
+        logits, cache = net.run_with_cache(batch, sites)
+        query_loss(logits, batch.target).sum().backward()
+        return [logits, *(cache[s] for s in sites), net.flat_grad.clone()]
+
+    by_matmul = activations_and_gradient()
+    written_out, plain_loop = [], transformer.compiled_matmul
+    monkeypatch.setattr(transformer, "compiled_matmul", lambda a, b: written_out.append(a.shape) or plain_loop(a, b))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    by_plain_loop = activations_and_gradient()
+    assert len(written_out) == 2 * 2 * 3  # scores and z of both layers, each forward and two gradients
+    assert by_matmul[-1].abs().sum() > 0
+    for expected, value in zip(by_matmul, by_plain_loop):
+        assert torch.equal(value, expected)

@@ -506,12 +506,66 @@ def project_qkv(normalized: torch.Tensor, W_QKV: torch.Tensor, n_heads: int) -> 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
     """Scaled, causally masked scores q.k / sqrt(d_head) [R, B, H, Tq, T] from q [R, B, H, Tq, dh] and k [R, B, H, T, dh]."""
-    return torch.add(causal_mask[-q.shape[-2]:], q @ k.transpose(-1, -2), alpha=q.shape[-1] ** -0.5)
+    return torch.add(causal_mask[-q.shape[-2]:], head_matmul(q, k.transpose(-1, -2)), alpha=q.shape[-1] ** -0.5)
 
 
 def attention_z(pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Pattern-weighted values z [R, B, Tq, H, dh] from pattern [R, B, H, Tq, T] and v [R, B, H, T, dh]."""
-    return (pattern @ v).transpose(2, 3)
+    return head_matmul(pattern, v).transpose(2, 3)
+
+
+# ATen's CPU batched matmul multiplies an m x k by k x n pair with m*k*n below this in a plain loop
+# (aten/src/ATen/native/LinearAlgebra.cpp, baddbmm_cpu_kernel): per output element a sum over k in
+# order, one multiply and one add at a time. A few-shot sequence's per-head products (5 x 8 by 8 x 5)
+# are that small, and there the loop runs at under 1 GFLOP/s.
+ATEN_PLAIN_LOOP_MAX = 400
+
+
+def head_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b over the last two dimensions. Inside a compiled graph, the products ATen would run in
+    its plain loop are that same loop written as tensor operations (PlainLoopMatmul), which Inductor
+    fuses with its neighbours: the same sums in the same order, so bit-identical values and
+    gradients, for faster evals and steps (docs/performance.md). Eager PyTorch keeps `@`: there the
+    written-out loop would be one kernel per term."""
+    if torch.compiler.is_compiling() and runs_plain_loop(a, b):
+        return PlainLoopMatmul.apply(a, b)
+    return a @ b
+
+
+def runs_plain_loop(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a compiled graph's a @ b is ATen's plain loop: on the CPU, small enough, and not a
+    single row or column, which Inductor itself turns into a multiply and a sum
+    (torch/_inductor/kernel/bmm.py). GPUs keep their own matmul kernels."""
+    rows, inner, columns = a.shape[-2], a.shape[-1], b.shape[-1]
+    return a.device.type == "cpu" and rows > 1 and columns > 1 and rows * inner * columns < ATEN_PLAIN_LOOP_MAX
+
+
+def compiled_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as a compiled graph computes it: ATen's plain loop written out where ATen runs it."""
+    if not runs_plain_loop(a, b):
+        return a @ b
+    out = a[..., :, :1] * b[..., :1, :]
+    for k in range(1, a.shape[-1]):  # no fused multiply-add: Inductor compiles with -ffp-contract=off
+        out = out + a[..., :, k:k + 1] * b[..., k:k + 1, :]
+    return out
+
+
+class PlainLoopMatmul(torch.autograd.Function):
+    """compiled_matmul with the backward ATen's matmul has: grad @ b^T and a^T @ grad, products of
+    the same three sizes, computed as a compiled graph would compute them."""
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return compiled_matmul(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = ctx.saved_tensors
+        return compiled_matmul(grad, b.transpose(-1, -2)), compiled_matmul(a.transpose(-1, -2), grad)
 
 
 def project_out(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
