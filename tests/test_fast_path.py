@@ -151,3 +151,26 @@ def test_the_compiled_step_writes_out_atens_small_matmuls_bit_for_bit(monkeypatc
     for value, expected in zip(written_out, step(m, batch, torch.ones(2, 1, 1) / 4, with_matmul)):
         assert torch.equal(value, expected)
     assert with_matmul.compiled  # not the fallback
+
+
+@pytest.mark.slow  # torch.compile of a forward and its backward, twice: ~60 s of CPU with a cold cache
+def test_the_compiled_hooked_step_writes_out_atens_small_matmuls_bit_for_bit(monkeypatch):
+    """The hooked path compiled (a clamped pack's step and eval) with the forward's small products
+    written out and the backward's by ATen (transformer.aten_backward_products): log row,
+    gradient, logits and patterns bit-identical to the same graphs with `@`."""
+    shape = ModelShape(2, 8, 64, 8, 5, 2)
+    batch = random_batch(runs=2, n=4, shape=shape)
+    results = []
+    for plain_loop_max in (transformer.ATEN_PLAIN_LOOP_MAX, 0):
+        monkeypatch.setattr(transformer, "ATEN_PLAIN_LOOP_MAX", plain_loop_max)
+        torch._dynamo.reset()
+        m = model(shape, seeds=(1, 2))
+        path = HookedPath(m, ClampSet([[AblateHeads(heads=((1, 3),))], []]))
+        path.compile()
+        log_row = torch.empty(2, 4)
+        assert path.step(OneBatch(batch), 0, torch.ones(2, 1, 1) / 4, torch.full((2,), 0.1), log_row)
+        logits, patterns = path.eval_forward(batch, slice(0, 4))
+        results.append([log_row, m.flat_grad.clone(), logits, *patterns])
+        assert path.query_logits.compiled and path.eval_chunk.compiled  # not the fallback
+    for value, expected in zip(*results):
+        assert torch.equal(value, expected)

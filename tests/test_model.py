@@ -182,8 +182,9 @@ def test_site_names_are_every_site_the_forward_code_reaches_in_order():
 
 def test_compiled_graphs_written_out_matmul_is_bitwise_atens(monkeypatch):
     """What a compiled graph runs for attention's small per-head products (transformer.head_matmul:
-    ATen's plain loop written out) against `@`: the same bits in every attention activation, the
-    logits and every gradient. Run eager here, as if compiling (test_fast_path checks it compiled)."""
+    ATen's plain loop written out, in the backward too unless aten_backward_products) against `@`:
+    the same bits in every attention activation, the logits and every gradient. Run eager here, as
+    if compiling (test_fast_path checks both paths compiled)."""
     shape = ModelShape(2, 8, 64, 16, 5, 2)  # the paper's 5-token sequences: 5 x 8 by 8 x 5 per head
     net, batch = model(shape, seeds=(1, 2)), random_batch(runs=2, n=8, shape=shape)
     sites = [f"blocks.{layer}.attn.{name}" for layer in range(2) for name in ("hook_attn_scores", "hook_pattern", "hook_z")]
@@ -202,4 +203,10 @@ def test_compiled_graphs_written_out_matmul_is_bitwise_atens(monkeypatch):
     assert len(written_out) == 2 * 2 * 3  # scores and z of both layers, each forward and two gradients
     assert by_matmul[-1].abs().sum() > 0
     for expected, value in zip(by_matmul, by_plain_loop):
+        assert torch.equal(value, expected)
+    written_out.clear()
+    with transformer.aten_backward_products():  # as the hooked path traces its graphs
+        forward_written_out = activations_and_gradient()
+    assert len(written_out) == 2 * 2 and transformer.WRITTEN_OUT_BACKWARD
+    for expected, value in zip(by_matmul, forward_written_out):
         assert torch.equal(value, expected)

@@ -550,9 +550,28 @@ def compiled_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Whether PlainLoopMatmul's backward writes out its products too. A step differentiated inside its
+# graph (the fast path's torch.func.grad) is faster with them written out; autograd's separately
+# compiled backward graph (the hooked path) is not, and on some packs slower than with ATen's loop
+# (benchmarks/bench_plain_loop.py, docs/performance.md). Read while a graph is traced: Dynamo guards on it.
+WRITTEN_OUT_BACKWARD = True
+
+
+@contextmanager
+def aten_backward_products():
+    """Compiled graphs traced (and, as Dynamo guards on the setting, called) within keep ATen's
+    loop for PlainLoopMatmul's backward: the same sums, so the same bits."""
+    global WRITTEN_OUT_BACKWARD
+    WRITTEN_OUT_BACKWARD = False
+    try:
+        yield
+    finally:
+        WRITTEN_OUT_BACKWARD = True
+
+
 class PlainLoopMatmul(torch.autograd.Function):
     """compiled_matmul with the backward ATen's matmul has: grad @ b^T and a^T @ grad, products of
-    the same three sizes, computed as a compiled graph would compute them."""
+    the same three sizes, written out too unless aten_backward_products says otherwise."""
 
     @staticmethod
     def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -565,7 +584,8 @@ class PlainLoopMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = ctx.saved_tensors
-        return compiled_matmul(grad, b.transpose(-1, -2)), compiled_matmul(a.transpose(-1, -2), grad)
+        matmul = compiled_matmul if WRITTEN_OUT_BACKWARD else torch.matmul
+        return matmul(grad, b.transpose(-1, -2)), matmul(a.transpose(-1, -2), grad)
 
 
 def project_out(z: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:

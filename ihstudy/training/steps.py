@@ -16,7 +16,7 @@ import torch
 
 from ihstudy.model.clamps import ClampSet
 from ihstudy.model.fast_path import batch_spread, query_loss_and_gradients, train_step
-from ihstudy.model.transformer import Transformer
+from ihstudy.model.transformer import Transformer, aten_backward_products
 from ihstudy.tasks.base import PackStream, TensorBatch
 from ihstudy.training.compiled import Compiled
 
@@ -47,7 +47,8 @@ class HookedPath:
     def step(self, stream: PackStream, step: int, weight: torch.Tensor, lr: torch.Tensor, log_row: torch.Tensor) -> torch.Tensor:
         batch = stream.batch(step)
         self.model.flat_grad.zero_()
-        logits, target = self.query_logits(self.model, batch), batch.target
+        with aten_backward_products():
+            logits, target = self.query_logits(self.model, batch), batch.target
         if self.every_position:  # each position a "sequence" of the loss, weighted 1/T
             logits, target, weight = logits.flatten(1, 2), target.flatten(1, 2), weight / target.shape[-1]
         loss, logit_grads = query_loss_and_gradients(logits.detach(), target)
