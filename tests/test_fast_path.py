@@ -138,19 +138,33 @@ def test_the_compiled_step_equals_the_plain_one():
     assert compiled.compiled  # not the fallback
 
 
+def compiled_with_and_without_written_out_products(monkeypatch, compute) -> list:
+    """compute() (which compiles) as shipped, with attention's small products written out
+    (transformer.head_matmul), and again with `@` throughout, each from an empty Dynamo cache."""
+    results = []
+    for plain_loop_max in (transformer.ATEN_PLAIN_LOOP_MAX, 0):
+        monkeypatch.setattr(transformer, "ATEN_PLAIN_LOOP_MAX", plain_loop_max)
+        torch._dynamo.reset()
+        results.append(compute())
+    return results
+
+
 @pytest.mark.slow  # torch.compile twice: ~40 s of CPU with a cold compile cache
 def test_the_compiled_step_writes_out_atens_small_matmuls_bit_for_bit(monkeypatch):
     """Compiled, attention's small per-head products are ATen's plain loop written out
     (transformer.head_matmul): loss, log row and gradient bit-identical to the same graph with `@`."""
     shape = ModelShape(2, 8, 64, 8, 5, 2)  # 5 x 8 by 8 x 5 per head, as in the paper
     m, batch = model(shape, seeds=(1, 2)), random_batch(runs=2, n=4, shape=shape)
-    written_out = step(m, batch, torch.ones(2, 1, 1) / 4, Compiled(train_step, fullgraph=True))
-    monkeypatch.setattr(transformer, "ATEN_PLAIN_LOOP_MAX", 0)
-    torch._dynamo.reset()
-    with_matmul = Compiled(train_step, fullgraph=True)
-    for value, expected in zip(written_out, step(m, batch, torch.ones(2, 1, 1) / 4, with_matmul)):
+
+    def compiled_step():
+        compiled = Compiled(train_step, fullgraph=True)
+        result = step(m, batch, torch.ones(2, 1, 1) / 4, compiled)
+        assert compiled.compiled  # not the fallback
+        return result
+
+    written_out, with_matmul = compiled_with_and_without_written_out_products(monkeypatch, compiled_step)
+    for value, expected in zip(written_out, with_matmul):
         assert torch.equal(value, expected)
-    assert with_matmul.compiled  # not the fallback
 
 
 @pytest.mark.slow  # torch.compile of a forward and its backward, twice: ~60 s of CPU with a cold cache
@@ -160,17 +174,16 @@ def test_the_compiled_hooked_step_writes_out_atens_small_matmuls_bit_for_bit(mon
     gradient, logits and patterns bit-identical to the same graphs with `@`."""
     shape = ModelShape(2, 8, 64, 8, 5, 2)
     batch = random_batch(runs=2, n=4, shape=shape)
-    results = []
-    for plain_loop_max in (transformer.ATEN_PLAIN_LOOP_MAX, 0):
-        monkeypatch.setattr(transformer, "ATEN_PLAIN_LOOP_MAX", plain_loop_max)
-        torch._dynamo.reset()
+
+    def compiled_hooked_step_and_eval():
         m = model(shape, seeds=(1, 2))
         path = HookedPath(m, ClampSet([[AblateHeads(heads=((1, 3),))], []]))
         path.compile()
         log_row = torch.empty(2, 4)
         assert path.step(OneBatch(batch), 0, torch.ones(2, 1, 1) / 4, torch.full((2,), 0.1), log_row)
         logits, patterns = path.eval_forward(batch, slice(0, 4))
-        results.append([log_row, m.flat_grad.clone(), logits, *patterns])
         assert path.query_logits.compiled and path.eval_chunk.compiled  # not the fallback
-    for value, expected in zip(*results):
+        return [log_row, m.flat_grad.clone(), logits, *patterns]
+
+    for value, expected in zip(*compiled_with_and_without_written_out_products(monkeypatch, compiled_hooked_step_and_eval)):
         assert torch.equal(value, expected)

@@ -562,11 +562,11 @@ def aten_backward_products():
     """Compiled graphs traced (and, as Dynamo guards on the setting, called) within keep ATen's
     loop for PlainLoopMatmul's backward: the same sums, so the same bits."""
     global WRITTEN_OUT_BACKWARD
-    WRITTEN_OUT_BACKWARD = False
+    previous, WRITTEN_OUT_BACKWARD = WRITTEN_OUT_BACKWARD, False
     try:
         yield
     finally:
-        WRITTEN_OUT_BACKWARD = True
+        WRITTEN_OUT_BACKWARD = previous
 
 
 class PlainLoopMatmul(torch.autograd.Function):
