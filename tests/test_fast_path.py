@@ -138,6 +138,20 @@ def test_the_compiled_step_equals_the_plain_one():
     assert compiled.compiled  # not the fallback
 
 
+@pytest.mark.slow  # torch.compile twice: ~35 s of CPU with a cold compile cache
+def test_a_compiled_step_comes_from_aotautograds_cache_the_second_time():
+    """The step's graph holds a custom autograd.Function (transformer.PlainLoopMatmul), which
+    AOTAutograd's on-disk cache would not keep by default: every process would redo its work."""
+    shape = ModelShape(2, 4, 16, 8, 5, 2)
+    m, batch = model(shape, seeds=(1, 2)), random_batch(runs=2, n=4, shape=shape)
+    counters = torch._dynamo.utils.counters["aot_autograd"]
+    for _ in range(2):  # the first compile may find the graph on disk already or save it
+        torch._dynamo.reset()
+        counters.clear()
+        step(m, batch, torch.ones(2, 1, 1) / 4, Compiled(train_step, fullgraph=True))
+    assert counters["autograd_cache_hit"] == 1 and counters["autograd_cache_bypass"] == 0
+
+
 def compiled_with_and_without_written_out_products(monkeypatch, compute) -> list:
     """compute() (which compiles) as shipped, with attention's small products written out
     (transformer.head_matmul), and again with `@` throughout, each from an empty Dynamo cache."""

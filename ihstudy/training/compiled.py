@@ -11,7 +11,10 @@ CPU reports are usable (`cpp.vec_isa_ok`): otherwise every process checks each o
 compiling a test library and loading it in a child Python, 1.5 s per process on an AVX-512 machine;
 its sub-feature checks (bf16, AMX) still run. Where those checks would pass, the kernels are the
 same (byte-identical tables); where a kernel then fails to compile, Compiled falls back as below
-(docs/performance.md).
+(docs/performance.md). And AOTAutograd's on-disk cache is told to keep graphs holding a custom
+autograd.Function (PlainLoopMatmul): it does not by default, so every process would redo
+AOTAutograd's work for the training step, ~2 s. Its cache key covers the Function's traced forward and
+backward (a changed backward misses the cache: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch._functorch import config as functorch_config
 
 from ihstudy.run_files import first_line
 
@@ -38,6 +42,7 @@ class Compiled:
 
     def __init__(self, function, fullgraph: bool = False):
         self.plain, self.compiled = function, True
+        functorch_config.autograd_cache_allow_custom_autograd_functions = True
         self.function = torch.compile(function, dynamic=False, fullgraph=fullgraph,
                                       options={"cpp_wrapper": True, "cpp.vec_isa_ok": True})
 
