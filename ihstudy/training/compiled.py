@@ -42,7 +42,8 @@ class Compiled:
 
     def __init__(self, function, fullgraph: bool = False):
         self.plain, self.compiled = function, True
-        functorch_config.autograd_cache_allow_custom_autograd_functions = True
+        if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):  # absent from older torch
+            functorch_config.autograd_cache_allow_custom_autograd_functions = True
         self.function = torch.compile(function, dynamic=False, fullgraph=fullgraph,
                                       options={"cpp_wrapper": True, "cpp.vec_isa_ok": True})
 
