@@ -13,8 +13,8 @@ its sub-feature checks (bf16, AMX) still run. Where those checks would pass, the
 same (byte-identical tables); where a kernel then fails to compile, Compiled falls back as below
 (docs/performance.md). And AOTAutograd's on-disk cache is told to keep graphs holding a custom
 autograd.Function (PlainLoopMatmul): it does not by default, so every process would redo
-AOTAutograd's work for the training step, ~2 s. Its cache key covers the Function's traced forward and
-backward (a changed backward misses the cache: docs/performance.md).
+AOTAutograd's work for its training step, 2-4 s. Its cache key covers the Function's traced forward
+and backward (a changed backward misses the cache: docs/performance.md).
 """
 
 from __future__ import annotations
