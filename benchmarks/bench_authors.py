@@ -15,6 +15,8 @@ untimed run of each pack shape (as after a machine's first run).
   two   two runs (seeds 5 and 6): `ihstudy sweep ... seed=5,6` (one command, both cores) against two
         `python main.py` processes started together (the authors' code uses about one core each, so
         two processes are how it uses a 2-core machine); the wall time is the later of the two ends
+  split the same two runs as two one-thread packs at once, like the authors' two processes:
+        `ihstudy sweep --max-pack-runs 1 hydra/launcher=joblib ... seed=5,6`
 
 Turns alternate (ihstudy, authors, ihstudy, ...) so that a machine's drift falls on both sides; the
 report gives every repeat and the medians. Setting up the authors' side (their setup guide's versions):
@@ -60,10 +62,12 @@ def ihstudy_overrides(data: Path, sequences: int) -> list[str]:
 
 
 def ihstudy_command(comparison: str, overrides: list[str], folder: Path) -> list[str]:
-    """ihstudy's side of a comparison: one `ihstudy train`, or one `ihstudy sweep` of seeds 5 and 6."""
+    """ihstudy's side of a comparison: one `ihstudy train`, or one `ihstudy sweep` of seeds 5 and 6 (split:
+    one pack per run, both at once in joblib's processes, each taking one core)."""
     if comparison == "one":
         return [IHSTUDY, "train", "-q", *overrides, f"hydra.run.dir={folder}"]
-    return [IHSTUDY, "sweep", "-q", *overrides, "seed=5,6", f"hydra.sweep.dir={folder}"]
+    split = ["--max-pack-runs", "1", "hydra/launcher=joblib"] if comparison == "split" else []
+    return [IHSTUDY, "sweep", "-q", *split, *overrides, "seed=5,6", f"hydra.sweep.dir={folder}"]
 
 
 def start_timed(command: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
@@ -111,7 +115,7 @@ def main() -> None:
     parser.add_argument("--features", type=Path, help="a feature file to use (default: a generated one of the paper's shape)")
     parser.add_argument("--sequences", type=int, default=320_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["one", "two"], help="run one of the two comparisons")
+    parser.add_argument("--only", choices=["one", "two", "split"], help="run one of the comparisons")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for ihstudy, e.g. train.compile=false")
     args = parser.parse_args()
     authors = args.authors.resolve()
@@ -130,6 +134,7 @@ def main() -> None:
             "two": lambda i: [authors_command(args.authors_python, data, args.sequences, seed, tmp / f"authors-two-{i}")
                               for seed in (5, 6)],
         }
+        comparisons["split"] = comparisons["two"]
         names = [args.only] if args.only else list(comparisons)
         # Untimed: one short compiled run of each pack shape, so that PyTorch's on-disk compile cache holds
         # its graphs, as on any machine after the first run (the cold compile: docs/performance.md).
