@@ -1,8 +1,9 @@
 """torch.compile for the hot loops of a long training run, with a fallback to plain PyTorch.
 
 Compiled, the small ops of a step run as a few fused C++ kernels: ~2x faster unclamped steps
-and ~1.6x faster clamped ones on a 2-core CPU, for 15-30 s of compilation once per process and
-pack shape (a few seconds once PyTorch's on-disk cache holds it). Results equal the plain
+and ~1.6x faster clamped ones on a 2-core CPU, for most of a minute of compilation the first time
+a machine meets a pack shape (a few seconds once PyTorch's on-disk cache holds it; measured in
+docs/performance.md). Results equal the plain
 functions' up to float rounding, and a run always takes the same path (train.compile is part of
 its config), so runs stay exactly reproducible and resumable. Inductor's C++ wrapper calls the
 kernels of a graph from C++ rather than from generated Python: the same kernels (bit-identical
