@@ -129,13 +129,8 @@ def main() -> None:
             write_features(data)
         env = os.environ | {"IHSTUDY_OUTPUTS": str(tmp / "outputs")}
         overrides = [*ihstudy_overrides(data, args.sequences), *args.overrides]
-        comparisons = {  # the authors' side of each comparison, repeat i
-            "one": lambda i: [authors_command(args.authors_python, data, args.sequences, 5, tmp / f"authors-one-{i}")],
-            "two": lambda i: [authors_command(args.authors_python, data, args.sequences, seed, tmp / f"authors-two-{i}")
-                              for seed in (5, 6)],
-        }
-        comparisons["split"] = comparisons["two"]
-        names = [args.only] if args.only else list(comparisons)
+        authors_seeds = {"one": (5,), "two": (5, 6), "split": (5, 6)}  # the authors' side: one process per seed
+        names = [args.only] if args.only else list(authors_seeds)
         # Untimed: one short compiled run of each pack shape, so that PyTorch's on-disk compile cache holds
         # its graphs, as on any machine after the first run (the cold compile: docs/performance.md).
         warm = [*ihstudy_overrides(data, 3200), "train.compile=true", *args.overrides]
@@ -149,7 +144,9 @@ def main() -> None:
             for i in range(args.repeats):
                 ours = [ihstudy_command(name, overrides, tmp / f"outputs/{name}-{i}")]
                 results["ihstudy"].append(run_side(ours, Path.cwd(), env, tmp, f"{name}-ihstudy-{i}"))
-                results["authors"].append(run_side(comparisons[name](i), authors, env, tmp, f"{name}-authors-{i}"))
+                theirs = [authors_command(args.authors_python, data, args.sequences, seed, tmp / f"authors-{name}-{i}")
+                          for seed in authors_seeds[name]]
+                results["authors"].append(run_side(theirs, authors, env, tmp, f"{name}-authors-{i}"))
                 print(f"  {name} #{i + 1}: " + "; ".join(f"{side} {r[-1]['wall']:.1f} s wall, {r[-1]['cpu']:.1f} s CPU, "
                                                        f"{r[-1]['peak_gb']:.2f} GB" for side, r in results.items()), flush=True)
             medians = {side: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for side, rows in results.items()}
