@@ -12,10 +12,12 @@ time, peak resident memory), start-up included; ihstudy's compile cache is warme
 untimed run of each pack shape (as after a machine's first run).
 
   one   one run: `ihstudy train` against one `python main.py`
-  two   two runs (seeds 5 and 6): `ihstudy sweep ... seed=5,6` (one command, both cores) against two
+  two   two runs (seeds 5 and 6) as one pack: `ihstudy sweep --max-pack-runs 0 ... seed=5,6` (one process,
+        both cores) against two
         `python main.py` processes started together (the authors' code uses about one core each, so
         two processes are how it uses a 2-core machine); the wall time is the later of the two ends
-  split the same two runs as two one-thread packs at once, like the authors' two processes:
+  split the same two runs as two one-thread packs at once, like the authors' two processes (what
+        `ihstudy sweep ... seed=5,6` chooses on a 2-core machine, docs/sweeps.md):
         `ihstudy sweep --max-pack-runs 1 hydra/launcher=joblib ... seed=5,6`
 
 Turns alternate (ihstudy, authors, ihstudy, ...) so that a machine's drift falls on both sides; the
@@ -62,12 +64,13 @@ def ihstudy_overrides(data: Path, sequences: int) -> list[str]:
 
 
 def ihstudy_command(comparison: str, overrides: list[str], folder: Path) -> list[str]:
-    """ihstudy's side of a comparison: one `ihstudy train`, or one `ihstudy sweep` of seeds 5 and 6 (split:
-    one pack per run, both at once in joblib's processes, each taking one core)."""
+    """ihstudy's side of a comparison: one `ihstudy train`, or one `ihstudy sweep` of seeds 5 and 6 (two:
+    one pack in the sweep's process; split: one pack per run, both at once in joblib's processes, each
+    taking one core)."""
     if comparison == "one":
         return [IHSTUDY, "train", "-q", *overrides, f"hydra.run.dir={folder}"]
-    split = ["--max-pack-runs", "1", "hydra/launcher=joblib"] if comparison == "split" else []
-    return [IHSTUDY, "sweep", "-q", *split, *overrides, "seed=5,6", f"hydra.sweep.dir={folder}"]
+    packs = ["--max-pack-runs", "1", "hydra/launcher=joblib"] if comparison == "split" else ["--max-pack-runs", "0"]
+    return [IHSTUDY, "sweep", "-q", *packs, *overrides, "seed=5,6", f"hydra.sweep.dir={folder}"]
 
 
 def start_timed(command: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:

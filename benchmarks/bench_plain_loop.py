@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/bench_plain_loop.py fig5b [--pack 0] [--threads 2] [--rounds 16] [--steps 20]
 
-The pack (`ihstudy sweep experiment=X --dry-run` shows the packs) is built and compiled three
-times (transformer.head_matmul):
+The pack (`ihstudy sweep experiment=X --dry-run --max-pack-runs 0` shows the packs) is built and
+compiled three times (transformer.head_matmul):
   aten          `@` throughout (ATEN_PLAIN_LOOP_MAX = 0): ATen's plain loop, as before the change
   written out   the loop written out in the forward and in the backward (the fast path's choice)
   as shipped    what ihstudy runs: the hooked path (clamped packs) keeps ATen's loop for the
@@ -52,7 +52,7 @@ def main() -> None:
         def use(variant: str) -> None:
             transformer.ATEN_PLAIN_LOOP_MAX, steps.aten_backward_products = variants[variant]
 
-        runs = plan_sweep([f"experiment={args.preset}"]).packs[args.pack]
+        runs = plan_sweep([f"experiment={args.preset}"], max_pack_runs=0).packs[args.pack]
         packs = {}
         for variant in variants:
             use(variant)

@@ -5,8 +5,8 @@ in at most 25 minutes on a 2-core CPU).
     .venv/bin/python benchmarks/bench_reproduce_packs.py                      # fig3 fig4b fig5b fig6_long fig6_clamps
     .venv/bin/python benchmarks/bench_reproduce_packs.py fig6_clamps --compile true --threads 1
 
-For each pack of each preset (`ihstudy sweep experiment=X --dry-run` shows the same grouping), a
-`Pack` of the full-length configs is built in a temporary folder and timed: construction (eval
+For each pack of each preset (`ihstudy sweep experiment=X --dry-run --max-pack-runs 0` shows the
+same grouping), a `Pack` of the full-length configs is built in a temporary folder and timed: construction (eval
 sets, model), the first steps (compilation, as train.compile decides for the full length),
 steady training steps, one eval with its table writes, and one checkpoint with its durable table
 writes, both at the table sizes of mid-training (the tables are rewritten whole, so their cost
@@ -83,7 +83,7 @@ def main() -> None:
         print("\t".join(header))
         grand = 0.0
         for preset in args.presets:
-            plan = plan_sweep([f"experiment={preset}"])
+            plan = plan_sweep([f"experiment={preset}"], max_pack_runs=0)
             for i, runs in enumerate(plan.packs):
                 specs = [RunSpec(run.cfg, Path(tmp) / preset / str(i) / run.name, run.name) for run in runs]
                 start = time.perf_counter()

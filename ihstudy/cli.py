@@ -216,7 +216,9 @@ def print_summary(results, root: Path | None = None) -> None:
 @app.command(context_settings=EXTRA, cls=WithLauncherGroups)
 def sweep(
     overrides: list[str] | None = OVERRIDES,
-    max_pack_runs: int = typer.Option(0, "--max-pack-runs", min=0, help="Most runs trained together in one pack (0: no limit)."),
+    max_pack_runs: int | None = typer.Option(None, "--max-pack-runs", min=0, show_default=False,
+                                             help="Most runs trained together in one pack (0: no limit; default: as "
+                                                  "suits this machine's cores, docs/sweeps.md)."),
     subsets: str | None = typer.Option(None, "--subsets", metavar="clamp=A,B,...",
                                        help="Sweep every subset of these clamp presets, on top of the base clamp=... "
                                             "(docs/subsets.md)."),
@@ -229,11 +231,12 @@ def sweep(
     """Train many runs: Hydra multirun overrides (clamp=none,copy seed=5,6) or a preset (experiment=fig5b).
 
     Runs of equal tensor shapes train together as one batched pack; packs run through a Hydra
-    launcher (hydra/launcher=joblib, submitit_local or submitit_slurm; default: in this process).
+    launcher (hydra/launcher=joblib, submitit_local or submitit_slurm; default: chosen for this
+    machine, in this process or side by side in one worker process per core).
     Running the same command again skips completed runs and runs whose loss became NaN (unless
     --retry-failed) and resumes the others."""
     from ihstudy.training.lattice import label
-    from ihstudy.training.sweep import plan_sweep
+    from ihstudy.training.sweep import PARALLEL_LAUNCHER, plan_sweep
 
     try:
         with planning_progress(quiet) as on_run:
@@ -250,8 +253,9 @@ def sweep(
         print_sweep_configs(plan, print_config.value)
         return
     n_todo = sum(map(len, plan.packs))
+    side_by_side = ", side by side in one worker process per core" if plan.launcher_overrides == PARALLEL_LAUNCHER else ""
     say(f"sweep {plan.dir}: {len(plan.runs)} runs, {len(plan.runs) - n_todo} already finished, "
-        f"{n_todo} to train in {len(plan.packs)} pack(s)")
+        f"{n_todo} to train in {len(plan.packs)} pack(s){side_by_side}")
     if dry_run:
         print_plan(plan)
         return

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ihstudy.config import compose_config
 from ihstudy.errors import ConfigError
-from ihstudy.training import memory, train
+from ihstudy.training import memory, sweep, train
 from ihstudy.training.memory import check_fits, estimate
 from ihstudy.training.sweep import plan_sweep
 from ihstudy.training.train import Pack, RunSpec, exemplar_shape
@@ -70,6 +70,17 @@ def test_a_pack_needs_more_than_one_run_and_the_refusal_names_the_largest_part()
         check_fits([cfg], [shape], torch.device("cpu"), budget=one // 2)
     with pytest.raises(ConfigError, match="a pack of 4 runs would need"):
         check_fits([cfg] * 4, [shape] * 4, torch.device("cpu"), budget=2 * one)
+
+
+@pytest.mark.parametrize("runs_that_fit,sizes,side_by_side", [(2.5, [1, 1], True), (1.5, [1, 1], False)])
+def test_packs_side_by_side_fit_in_memory_together(monkeypatch, runs_that_fit, sizes, side_by_side):
+    """Two long runs go side by side (sweep.packs_for_machine) only if each fits in half the memory."""
+    cfg, _ = compose_config(["train.sequences=2000000"])
+    one = sum(p.bytes for p in estimate([cfg], [exemplar_shape(cfg.data, {})]))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(runs_that_fit * one / memory.HEADROOM))
+    monkeypatch.setattr(sweep, "available_cores", lambda: 2)
+    plan = plan_sweep(["seed=5,6", "train.sequences=2000000"])
+    assert [len(pack) for pack in plan.packs] == sizes and (plan.launcher_overrides == sweep.PARALLEL_LAUNCHER) == side_by_side
 
 
 def test_a_sweep_splits_a_pack_that_would_not_fit(monkeypatch):

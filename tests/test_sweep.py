@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from ihstudy.cli import app
 from ihstudy.config import compose_config
-from ihstudy.training.sweep import available_cores, plan_sweep, run_sweeps
+from ihstudy.training import sweep as sweeps
+from ihstudy.training.sweep import PARALLEL_LAUNCHER, available_cores, makespan, plan_sweep, run_sweeps
 from ihstudy.training.train import Pack, RunSpec, phase_change_sequences
 
 # 300 steps at lr 1e-3: the fsl_train loss crosses 0.4 ln 2 at ~8000 sequences (seed 5).
@@ -124,7 +125,7 @@ def test_runs_pack_by_shape_and_schedule_only():
 
 
 def test_experiment_preset_expands_and_command_line_wins():
-    plan = plan_sweep(["experiment=fig5b"])
+    plan = plan_sweep(["experiment=fig5b"], max_pack_runs=0)
     assert [run.name for run in plan.runs] == ["clamp=only_l2h3", "clamp=pt_attention", "clamp=layer1",
                                                "clamp=match", "clamp=copy", "clamp=layer1_copy"]
     assert len(plan.packs) == 1 and plan.runs[0].cfg.train.eval_every == 1000
@@ -191,6 +192,51 @@ def test_packs_of_several_sweeps_train_as_one_launch(tmp_path, in_process_sweep)
         assert (sweep.dir / "sweep.parquet").exists() and not (sweep.dir / "plan.json").exists()
         pd.testing.assert_frame_equal(pd.read_parquet(sweep.runs[0].dir / "eval.parquet"),
                                       pd.read_parquet(basic / "eval.parquet"))
+
+
+@pytest.mark.parametrize("seeds,cores,sizes,side_by_side", [
+    ("5,6", 2, [1, 1], True),  # each run on a core: 0.78 of the time of one two-thread pack (docs/sweeps.md)
+    ("5,6,7", 2, [3], False),  # the model's margin: packs of 2 and 1 wait for the pack of 2
+    ("5,6,7,8,9,10", 2, [3, 3], True),
+    ("5,6,7,8", 4, [1, 1, 1, 1], True),
+    ("5,6", 1, [2], False),
+])
+def test_a_sweep_chooses_its_packs_by_the_machine(monkeypatch, seeds, cores, sizes, side_by_side):
+    monkeypatch.setattr(sweeps, "available_cores", lambda: cores)
+    plan = plan_sweep([f"seed={seeds}", "train.sequences=2000000"])
+    assert [len(pack) for pack in plan.packs] == sizes
+    assert plan.launcher_overrides == (PARALLEL_LAUNCHER if side_by_side else [])
+
+
+@pytest.mark.parametrize("args,max_pack_runs,sizes", [
+    (["train.sequences=64000"], None, [2]),  # too short to pay for starting workers
+    (["train.sequences=64000", "task.n_labels=5,10"], None, [2, 2]),  # and not split in this process either
+    (["train.threads=1"], None, [2]),  # the user chose the threads
+    (["hydra/launcher=basic"], None, [2]),  # ... or the launcher
+    ([], 0, [2]),  # ... or the packs
+])
+def test_the_machine_chooses_nothing_the_user_chose(monkeypatch, args, max_pack_runs, sizes):
+    monkeypatch.setattr(sweeps, "available_cores", lambda: 2)
+    plan = plan_sweep(["seed=5,6", *args], max_pack_runs)
+    assert [len(pack) for pack in plan.packs] == sizes and plan.launcher_overrides == [a for a in args if "hydra" in a]
+
+
+def test_packs_the_machine_puts_side_by_side_train_as_in_one_process(tmp_path, monkeypatch, in_process_sweep):
+    """Free workers (WORKER_START_SECONDS=0) put even tiny packs side by side, one thread each."""
+    monkeypatch.setattr(sweeps, "WORKER_START_SECONDS", 0.0)
+    monkeypatch.setattr(sweeps, "available_cores", lambda: 2)
+    threads_chosen = [a for a in TWO_PACKS if a != "train.threads=1"]
+    result = CliRunner().invoke(app, ["sweep", *threads_chosen, f"hydra.sweep.dir={tmp_path}/s"])
+    assert result.exit_code == 0, result.output
+    assert "2 pack(s), side by side in one worker process per core" in result.output
+    assert json.loads((tmp_path / "s" / "plan.json").read_text())["jobs_per_machine"] == 2  # one thread each on 2 cores
+    for basic, launched in zip(run_dirs(in_process_sweep), run_dirs(tmp_path / "s"), strict=True):  # more cores: rounding
+        pd.testing.assert_frame_equal(pd.read_parquet(launched / "eval.parquet"), pd.read_parquet(basic / "eval.parquet"),
+                                      rtol=1e-4)
+
+
+def test_makespan_gives_each_job_to_the_first_free_worker():
+    assert makespan([5, 4, 3], 2) == 7 and makespan([2, 2, 2], 1) == 6 and makespan([1], 4) == 1
 
 
 @pytest.mark.parametrize("args,message", [

@@ -54,12 +54,14 @@ from ihstudy.run_files import RunFiles, check_folder_path, check_report_dir, out
 from ihstudy.training.evaluate import LN2, PHASE_CHANGE_THRESHOLD
 from ihstudy.training.lattice import GROUP
 from ihstudy.training.sweep import (
+    PARALLEL_LAUNCHER,
     SWEEP_DIR,
     Sweep,
     available_cores,
     compose_pack_job,
     folder_name,
     jobs_per_machine,
+    makespan,
     pack_jobs,
     pack_seconds,
     parse,
@@ -82,10 +84,6 @@ QUICK_AS_IS = ("markov_prior",)
 # most of their time evaluating
 SCALED_EVAL_POINTS = 50
 SPARSE_EVAL_SPACING = 10
-# Unless the command line names a launcher: the pack jobs of every preset in one worker process per
-# core (each then takes one torch thread, sweep.jobs_per_machine). A pack gains little from a second
-# thread (1.26 against 1.30 ms per step), so two packs side by side beat one after another.
-PARALLEL_LAUNCHER = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"]
 # Sequences of the training distribution for the checkpoint analyses of findings 3 and 5 (fewer
 # than `ihstudy analyze`'s circuits.DISTRIBUTION_LIMIT: a standard error of at most 0.0035 on an
 # accuracy, far below the judging thresholds, in a fifth of the time), and at small scales.
@@ -191,7 +189,7 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
                                      *(lattice.base_override() if lattice else []), f"{SWEEP_DIR}={quote(str(folder / preset))}"],
                                     max_pack_runs, allow_callbacks, on_run, retry_failed, lattice.subsets if lattice else None)
     n_jobs = sum(len(sweep.packs) for sweep in sweeps.values())
-    if "hydra/launcher" not in given and min(n_jobs, available_cores()) > 1:
+    if "hydra/launcher" not in given and min(n_jobs, available_cores()) > 1:  # hours of packs: side by side
         for sweep in sweeps.values():
             sweep.launcher_overrides = [*PARALLEL_LAUNCHER, *sweep.launcher_overrides]
     workers = jobs_per_machine(compose_pack_job(next(iter(sweeps.values())).launcher_overrides), n_jobs) if sweeps else 1
@@ -227,10 +225,7 @@ def estimate_seconds(sweep: Sweep) -> float:
 
 def estimate_wall_seconds(repro: Reproduction) -> float:
     """Training time of every pack job on `repro.workers` workers, the longest first (pack_jobs)."""
-    workers = [0.0] * repro.workers
-    for sweep, i in pack_jobs(list(repro.sweeps.values())):
-        workers[workers.index(min(workers))] += pack_seconds(sweep.packs[i])
-    return max(workers)
+    return makespan([pack_seconds(sweep.packs[i]) for sweep, i in pack_jobs(list(repro.sweeps.values()))], repro.workers)
 
 
 # --- the data of a reproduction ------------------------------------------------------------------------------

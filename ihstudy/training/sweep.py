@@ -5,7 +5,8 @@
     ihstudy sweep seed=5,6,7 hydra/launcher=joblib              # packs in local worker processes
 
 Runs whose tensors have the same shapes and whose training schedules agree (`pack_key`) train
-together as one `Pack`. Hydra's launcher plugins run the packs (the job config is conf/pack_job.yaml).
+together as one `Pack`. Hydra's launcher plugins run the packs (the job config is conf/pack_job.yaml);
+unless the command line says, `packs_for_machine` chooses the packs and the launcher.
 The sweep folder (default outputs/sweeps/<the overrides>, or hydra.sweep.dir=...):
 
     sweep.parquet    index, one row per run: overrides, status, phase change, final losses
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -70,8 +72,8 @@ from ihstudy.run_files import (
     outputs_root,
 )
 from ihstudy.tasks.base import task_family
+from ihstudy.training import memory
 from ihstudy.training.lattice import LATTICE, Lattice, drop_incompatible, subset_sweep
-from ihstudy.training.memory import check_fits, fits
 from ihstudy.training.pack_settings import shared_group, shared_part
 from ihstudy.training.recorder import NUMERICAL
 from ihstudy.training.train import Pack, RunResult, RunSpec, eval_plan, input_shape, resolve_device, sequences_to_step
@@ -104,6 +106,15 @@ class Run:
 # Orders the pack jobs, longest first, and estimates their time.
 TRAIN_SEQUENCES_PER_SECOND = 20_000
 EVAL_SECONDS = 0.08
+# Unless the command line names a launcher, packs may train side by side: one worker process per core,
+# each with one torch thread (jobs_per_machine). `packs_for_machine` weighs that against fewer, larger
+# packs with more threads, by two numbers measured on this project's 2-core CPU (docs/sweeps.md): per
+# run, a pack with t threads takes t**-THREADS_EXPONENT of the time of one-thread packs side by side
+# (what the threads and the larger batch gain together; fitted to the time ratios of six sweeps of
+# 2-27 runs, 0.72-0.92), and starting the workers costs WORKER_START_SECONDS.
+PARALLEL_LAUNCHER = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"]
+THREADS_EXPONENT = 0.6
+WORKER_START_SECONDS = 3.0
 
 
 @dataclass
@@ -133,12 +144,14 @@ def pack_seconds(pack: list[Run]) -> float:
 # --- planning: everything is composed and validated before anything is written ----------------
 
 
-def plan_sweep(overrides: list[str], max_pack_runs: int = 0, allow_callbacks: bool = False, on_run=None,
+def plan_sweep(overrides: list[str], max_pack_runs: int | None = None, allow_callbacks: bool = False, on_run=None,
                retry_failed: bool = False, subsets: str | None = None) -> Sweep:
     """Expand the overrides into runs, validate all of them and group the ones to train into packs
-    (`needs_training`). `allow_callbacks`: run the hydra.callbacks of the config tree's pack_job.yaml;
-    `on_run(done, total)` is called as the runs are composed (a fraction of a second each); `subsets`
-    (clamp=A,B,...) sweeps every subset of those clamp presets (training/lattice.py)."""
+    (`needs_training`) of at most `max_pack_runs` runs (0: any number; None: as suits this machine
+    unless the overrides name a launcher, `packs_for_machine`). `allow_callbacks`: run the
+    hydra.callbacks of the config tree's pack_job.yaml; `on_run(done, total)` is called as the runs
+    are composed (a fraction of a second each); `subsets` (clamp=A,B,...) sweeps every subset of
+    those clamp presets (training/lattice.py)."""
     parsed = parse(literal_folders(overrides))
     check_hydra_overrides(overrides, SWEEP_DIR, launches=True)
     hydra_args = [o.input_line for o in parsed if o.is_hydra_override()]
@@ -164,8 +177,13 @@ def plan_sweep(overrides: list[str], max_pack_runs: int = 0, allow_callbacks: bo
     budget = memory_budget(job_cfg)
     runs = compose_runs(expanded, sweep_dir.resolve(), budget, on_run)  # absolute: pack jobs may start in another folder
     todo = [run for run in runs if needs_training(run.files.read_status(), retry_failed)]
-    packs = sorted(group_into_packs(todo, max_pack_runs, budget), key=pack_seconds, reverse=True)  # see pack_jobs
     launcher_args = [o.input_line for o in parsed if o.is_hydra_override() and o.key_or_group != SWEEP_DIR]
+    if max_pack_runs is None and not launcher_args:
+        packs, side_by_side = packs_for_machine(todo, budget)
+        launcher_args = list(PARALLEL_LAUNCHER) if side_by_side else []
+    else:
+        packs = group_into_packs(todo, max_pack_runs or 0, budget)
+    packs = sorted(packs, key=pack_seconds, reverse=True)  # see pack_jobs
     return Sweep(sweep_dir.resolve(), runs, packs, launcher_args, lattice)
 
 
@@ -228,7 +246,7 @@ def compose_runs(expanded: list[list[str]], sweep_dir: Path, memory_budget: int 
             cfg, _ = compose_config(overrides)
             shape = input_shape(cfg, features)
             validate(cfg, *shape[:2])
-            check_fits([cfg], [shape], resolve_device(cfg.device), memory_budget)
+            memory.check_fits([cfg], [shape], resolve_device(cfg.device), memory_budget)
             build_clamps(cfg.clamp, ModelShape.of_config(cfg, shape[2]), task_family(cfg.task))
             check_same_config(RunFiles(sweep_dir / name), cfg)
         except ConfigError as exc:
@@ -279,9 +297,45 @@ def group_into_packs(runs: list[Run], max_pack_runs: int, memory_budget: int | N
     return packs
 
 
+def packs_for_machine(runs: list[Run], memory_budget: int | None = None) -> tuple[list[list[Run]], bool]:
+    """The packs of `runs`, and whether they train side by side (PARALLEL_LAUNCHER), that the cost
+    model above expects to finish first on this machine's cores: one pack per group of packable runs
+    in this process, or each group split into 1 to cores packs of near-equal size side by side (each
+    fitting in a core's share of the memory). CPU runs with train.threads=0 only; others train as
+    one pack per group, in this process."""
+    cores, whole = available_cores(), group_into_packs(runs, 0, memory_budget)
+    cpu_only = all(resolve_device(run.cfg.device).type == "cpu" and not run.cfg.train.threads for run in runs)
+    if cores == 1 or not cpu_only or not runs:
+        return whole, False
+    share = (memory_budget or memory.available_bytes(torch.device("cpu"))) // cores
+    plans = [(whole, False)]
+    for size in sorted({math.ceil(len(pack) / parts) for pack in whole for parts in range(1, cores + 1)}):
+        side_by_side = group_into_packs(runs, size, share)
+        if all(fits_in_memory(pack, share) for pack in side_by_side):
+            plans.append((side_by_side, True))
+    # of plans equal to the millisecond, the one of fewest packs: it batches more and compiles fewer shapes
+    return min(plans, key=lambda plan: (round(predicted_seconds(*plan, cores), 3), len(plan[0])))
+
+
+def predicted_seconds(packs: list[list[Run]], side_by_side: bool, cores: int) -> float:
+    """Wall time of training `packs` on `cores` cores by the cost model above."""
+    workers = min(cores, len(packs)) if side_by_side else 1
+    speedup = (cores // workers) ** THREADS_EXPONENT
+    start = WORKER_START_SECONDS if side_by_side else 0.0
+    return start + makespan([pack_seconds(pack) / speedup for pack in packs], workers)
+
+
+def makespan(seconds: list[float], workers: int) -> float:
+    """When the last of these jobs ends on `workers` workers, each taking the longest job left (pack_jobs)."""
+    loads = [0.0] * workers
+    for job in sorted(seconds, reverse=True):
+        loads[loads.index(min(loads))] += job
+    return max(loads)
+
+
 def fits_in_memory(pack: list[Run], memory_budget: int | None) -> bool:
     device = resolve_device(shared_group([run.cfg.device for run in pack], "device"))
-    return fits([run.cfg for run in pack], [run.exemplar_shape for run in pack], device, memory_budget)
+    return memory.fits([run.cfg for run in pack], [run.exemplar_shape for run in pack], device, memory_budget)
 
 
 def memory_budget(job_cfg: DictConfig) -> int | None:
