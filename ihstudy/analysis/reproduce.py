@@ -189,7 +189,7 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
                                      *(lattice.base_override() if lattice else []), f"{SWEEP_DIR}={quote(str(folder / preset))}"],
                                     max_pack_runs, allow_callbacks, on_run, retry_failed, lattice.subsets if lattice else None)
     n_jobs = sum(len(sweep.packs) for sweep in sweeps.values())
-    if "hydra/launcher" not in given and min(n_jobs, available_cores()) > 1:  # hours of packs: side by side
+    if "hydra/launcher" not in given and min(n_jobs, available_cores()) > 1:  # its packs are long: side by side
         for sweep in sweeps.values():
             sweep.launcher_overrides = [*PARALLEL_LAUNCHER, *sweep.launcher_overrides]
     workers = jobs_per_machine(compose_pack_job(next(iter(sweeps.values())).launcher_overrides), n_jobs) if sweeps else 1

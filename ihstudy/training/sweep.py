@@ -304,8 +304,8 @@ def packs_for_machine(runs: list[Run], memory_budget: int | None = None) -> tupl
     fitting in a core's share of the memory). CPU runs with train.threads=0 only; others train as
     one pack per group, in this process."""
     cores, whole = available_cores(), group_into_packs(runs, 0, memory_budget)
-    cpu_only = all(resolve_device(run.cfg.device).type == "cpu" and not run.cfg.train.threads for run in runs)
-    if cores == 1 or not cpu_only or not runs:
+    free_to_choose = all(resolve_device(run.cfg.device).type == "cpu" and not run.cfg.train.threads for run in runs)
+    if cores == 1 or not free_to_choose or not runs:
         return whole, False
     share = (memory_budget or memory.available_bytes(torch.device("cpu"))) // cores
     plans = [(whole, False)]
