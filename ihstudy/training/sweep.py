@@ -309,10 +309,9 @@ def packs_for_machine(runs: list[Run], memory_budget: int | None = None) -> tupl
         return whole, False
     share = (memory_budget or memory.available_bytes(torch.device("cpu"))) // cores
     plans = [(whole, False)]
-    for size in sorted({math.ceil(len(pack) / parts) for pack in whole for parts in range(1, cores + 1)}):
-        side_by_side = group_into_packs(runs, size, share)
-        if all(fits_in_memory(pack, share) for pack in side_by_side):
-            plans.append((side_by_side, True))
+    if all(fits_in_memory([run], share) for run in runs):  # group_into_packs keeps larger packs within share
+        sizes = sorted({math.ceil(len(pack) / parts) for pack in whole for parts in range(1, cores + 1)})
+        plans += [(group_into_packs(runs, size, share), True) for size in sizes]
     # of plans equal to the millisecond, the one of fewest packs: it batches more and compiles fewer shapes
     return min(plans, key=lambda plan: (round(predicted_seconds(*plan, cores), 3), len(plan[0])))
 
