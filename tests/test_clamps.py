@@ -25,6 +25,8 @@ from ihstudy.model.clamps import (
 from ihstudy.model.transformer import ModelShape, Transformer, query_loss
 from ihstudy.run_files import RunFiles
 from ihstudy.tasks.fsl import Batch
+from ihstudy.training.steps import FastPath, HookedPath, choose_path
+from tests.test_fast_path import OneBatch
 
 SHAPE = ModelShape(n_layers=2, n_heads=4, d_model=16, n_features=8, n_labels=5, context_len=2)
 PATTERN = "blocks.{}.attn.hook_pattern"
@@ -385,6 +387,31 @@ def test_query_only_passes_equal_the_full_pass_at_the_query(checkpoint):
         query_loss(clamp_set.forward(full_model, batch), batch.target).sum().backward()
         query_loss(clamp_set.query_logits(query_model, batch).unsqueeze(2), batch.target).sum().backward()
         torch.testing.assert_close(query_model.flat_grad, full_model.flat_grad, msg=str(clamps))
+
+
+def test_the_fast_path_takes_the_hooked_paths_step_under_every_clamp(checkpoint):
+    """Clamped packs train through the fast path (torch.func, fast_path.train_step) unless their
+    clamps read the model's own parameters (a preserving ablation's clean pass): the same losses
+    and gradients as autograd through the hooked model, exactly zero wherever those are."""
+    batch, weight, lr = make_batch(2), torch.full((2, 1, 1), 1 / 16), torch.full((2,), 0.1)
+    blocking = 0
+    for clamps in every_kind(checkpoint):
+        clamp_set = ClampSet([clamps, []])  # run 1 unclamped: run masks must hold in the fast path too
+        if not clamp_set.functional:
+            assert type(choose_path(make_model(2), clamp_set)) is HookedPath
+            continue
+        assert type(choose_path(make_model(2), clamp_set)) is FastPath
+        steps = []
+        for path_type in (FastPath, HookedPath):
+            model, log_row = make_model(2), torch.empty(2, 4)
+            assert path_type(model, clamp_set).step(OneBatch(batch), 0, weight, lr, log_row)
+            steps.append((log_row, model.flat_grad.clone()))
+        (fast_log, fast_grad), (hooked_log, hooked_grad) = steps
+        torch.testing.assert_close(fast_log, hooked_log, msg=str(clamps))
+        torch.testing.assert_close(fast_grad, hooked_grad, msg=str(clamps))
+        assert torch.equal(fast_grad == 0, hooked_grad == 0), str(clamps)
+        blocking += bool((hooked_grad[0] == 0).any())
+    assert blocking >= 10  # most kinds take some weights out of the gradient: the zeros were compared
 
 
 # --- clamps that make others do nothing -------------------------------------------------------------

@@ -21,10 +21,11 @@ SHAPES = {
 }
 
 
-def step(m, batch, weight, function=train_step):
+def step(m, batch, weight, function=train_step, clamps=None):
     """(loss, grad norm, spread, lr, gradient, all finite) of one fast-path step."""
     grad, log = torch.full_like(m.flat, float("nan")), torch.empty(m.n_runs, 4)
-    all_finite = function(m, m.flat, m.embedding_inputs(batch), batch.target, weight, torch.full((m.n_runs,), 0.1), grad, log)
+    clamps = clamps or ClampSet([[]] * m.n_runs)
+    all_finite = function(m, clamps, m.flat, batch, weight, torch.full((m.n_runs,), 0.1), grad, log)
     return (*log.T, grad, all_finite)
 
 
@@ -95,10 +96,12 @@ def test_both_paths_take_the_same_step(shape):
         assert torch.allclose(fast, hooked, atol=1e-6)
 
 
-def test_an_unclamped_pack_takes_the_fast_path_and_a_clamped_one_the_hooked_path():
+def test_a_pack_takes_the_fast_path_unless_its_clamps_or_loss_need_the_hooked_model():
     m = model(SHAPES["paper"], seeds=(1,))
     assert type(choose_path(m, ClampSet([[]]))) is FastPath
-    assert type(choose_path(m, ClampSet([[AblateHeads(heads=((0, 1),))]]))) is HookedPath
+    assert type(choose_path(m, ClampSet([[AblateHeads(heads=((0, 1),))]]))) is FastPath
+    assert type(choose_path(m, ClampSet([[AblateHeads(heads=((0, 1),), preserve=("patterns",))]]))) is HookedPath
+    assert type(choose_path(m, ClampSet([[]]), every_position=True)) is HookedPath
 
 
 @pytest.mark.parametrize("name", SHAPES)

@@ -521,6 +521,13 @@ class ClampSet:
             for what in getattr(clamp, "preserve", ()):
                 self.preserved.setdefault(PRESERVE_SITES[what], set()).update(runs)
 
+    @property
+    def functional(self) -> bool:
+        """Whether the hooks read no parameters but those of the pass they are installed in, so the
+        pass may run on any parameters (fast_path.train_step): not so with a preserving ablation,
+        whose clean pass runs on the model's own."""
+        return not self.preserved
+
     def forward(self, model: Transformer, batch: Batch, query_only: bool = False) -> torch.Tensor:
         """Logits of the clamped pass (query_only: see Transformer.__call__)."""
         if not self.groups:

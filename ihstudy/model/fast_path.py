@@ -1,12 +1,13 @@
-"""The unclamped training step as one pure function of the parameters, differentiated by torch.func.
+"""The training step as one pure function of the parameters, differentiated by torch.func.
 
-Without hooks a training step needs only the query logits and every parameter's gradient, of all
-stacked runs at once. The step below runs the model's own forward pass (Transformer.forward, the one
-wiring of the model, whose sites are no-ops when no hook is installed) and takes its gradient with
-`torch.func.grad`, so it is a pure function of tensors that torch.compile turns into one graph, forward
-and backward fused (`train.compile`, ihstudy/training/compiled.py). A hand-written backward pass
-was measured against it and was not worth its second copy of the wiring (docs/performance.md).
-Clamped packs train through the model's sites with the clamps' hooks instead (ihstudy/training/steps.py).
+A training step of a few-shot pack needs only the query logits and every parameter's gradient, of
+all stacked runs at once. The step below runs the model's own forward pass (Transformer.forward, the
+one wiring of the model) with the clamps' hooks installed (none for an unclamped pack: every site a
+no-op) and takes its gradient with `torch.func.grad`, so it is a pure function of tensors that
+torch.compile turns into one graph, forward and backward fused (`train.compile`,
+ihstudy/training/compiled.py). A hand-written backward pass was measured against it and was not
+worth its second copy of the wiring (docs/performance.md). Packs this cannot serve train through
+autograd on the hooked model instead (ihstudy/training/steps.py).
 
 Shapes: R runs, B sequences, T tokens, L labels, P parameters per run.
 """
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 import torch
 
+from ihstudy.model.clamps import ClampSet
 from ihstudy.model.transformer import Transformer, log_softmax
+from ihstudy.tasks.fsl import Batch
 
 
-def train_step(model: Transformer, flat: torch.Tensor, inputs: tuple[torch.Tensor, ...], target: torch.Tensor,
+def train_step(model: Transformer, clamps: ClampSet, flat: torch.Tensor, batch: Batch,
                weight: torch.Tensor, lr: torch.Tensor, grad_out: torch.Tensor, log_out: torch.Tensor) -> torch.Tensor:
-    """Loss and gradient of every run with parameters `flat` [R, P] on embedding inputs
-    (Transformer.embedding_inputs of a batch [R, B, ...]) and query labels [R, B]; the loss being
-    each run's mean cross-entropy times weight [R, 1, 1].
+    """Loss and gradient of every run with parameters `flat` [R, P] on a batch [R, B, ...] under
+    the pack's clamps (whose hooks must read no parameters but the pass's own: ClampSet.functional);
+    the loss being each run's mean cross-entropy of the query label times weight [R, 1, 1].
 
     Writes the gradient into grad_out [R, P] and the step's log row (loss, gradient norm, batch
     spread of the logit gradients, lr [R]) into log_out [R, 4]; returns whether every loss is
@@ -33,8 +36,9 @@ def train_step(model: Transformer, flat: torch.Tensor, inputs: tuple[torch.Tenso
     def objective(flat: torch.Tensor):
         # sum(logits * d_logits) with d_logits held constant: its gradient is the backward pass of the
         # logits' gradient d_logits, which the finite mask and the per-run weight shape.
-        logits = model.forward(model.views(flat), inputs, query_only=True)[:, :, -1]
-        loss, logit_grads = query_loss_and_gradients(logits.detach(), target)
+        with model.hooks(clamps.hooks(model, batch, query_only=True)):
+            logits = model.forward(model.views(flat), model.embedding_inputs(batch), query_only=True)[:, :, -1]
+        loss, logit_grads = query_loss_and_gradients(logits.detach(), batch.target)
         finite = torch.isfinite(loss)
         d_logits = torch.where(finite[:, None, None], logit_grads * weight, 0.0)
         return (logits * d_logits).sum(), (loss, logit_grads, finite)

@@ -37,9 +37,9 @@ The list of sites is not kept by hand: a dry pass at construction notes every `_
 forward code makes (`site_names`), so a new site is one `_site(...)` line.
 Token positions: exemplar i at 2i, its label at 2i+1, the query at T-1 = 2N.
 
-The wiring of the model is written once, in `Transformer.forward`: the hooked pass (clamps,
-analyses) runs it with hooks installed, the fast path (fast_path.py) differentiates it as a pure
-function of the parameters with none (every site then a no-op).
+The wiring of the model is written once, in `Transformer.forward`: every pass runs it with the
+hooks installed (clamps, analyses; with none, every site is a no-op), and the fast path
+(fast_path.py) differentiates it as a pure function of the parameters.
 """
 
 from __future__ import annotations
@@ -552,7 +552,8 @@ def compiled_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # Whether PlainLoopMatmul's backward writes out its products too. A step differentiated inside its
 # graph (the fast path's torch.func.grad) is faster with them written out; autograd's separately
-# compiled backward graph (the hooked path) is not, and on some packs slower than with ATen's loop
+# compiled backward graph (the hooked path: next-token tasks, preserving ablations) is not, and on
+# some packs slower than with ATen's loop
 # (benchmarks/bench_plain_loop.py, docs/performance.md). Read while a graph is traced: Dynamo guards on it.
 WRITTEN_OUT_BACKWARD = True
 

@@ -4,8 +4,10 @@ Both give a training step (the loss and every parameter's gradient of all runs, 
 row) and the evaluation's forward pass (query logits and every layer's attention pattern), through
 the model's one forward pass (Transformer.forward):
 
-  FastPath    unclamped packs: the step as one pure function, differentiated by torch.func (fast_path.py)
-  HookedPath  clamped packs: autograd through the model's sites with the clamps' hooks (ClampSet)
+  FastPath    packs whose loss reads the query logits: the step, with the clamps' hooks, as one pure
+              function differentiated by torch.func (fast_path.py)
+  HookedPath  the rest (next-token tasks, preserving ablations): autograd through the model's sites
+              with the clamps' hooks (ClampSet)
 
 Either can be compiled (`compile()`, compiled.py) for long runs.
 """
@@ -23,15 +25,17 @@ from ihstudy.training.compiled import Compiled
 
 def choose_path(model: Transformer, clamps: ClampSet, every_position: bool = False) -> FastPath | HookedPath:
     """every_position: the task's loss and metrics read the logits of every position (next-token
-    tasks), not the query's alone: autograd through the hooked model."""
-    if clamps.groups or every_position:
+    tasks), not the query's alone: autograd through the hooked model, as for clamps that are not
+    ClampSet.functional."""
+    if every_position or not clamps.functional:
         return HookedPath(model, clamps, every_position)
     return FastPath(model, clamps)
 
 
 
 class HookedPath:
-    """Autograd through the model's sites, with the clamps' hooks: FastPath's work for any pack.
+    """Autograd through the model's sites, with the clamps' hooks: FastPath's work for any pack, in
+    more time per step (docs/performance.md).
     every_position: the loss is each run's mean next-token cross-entropy over every position of its
     batch, and evaluation gives every position's logits and every layer's full pattern."""
 
@@ -67,8 +71,7 @@ class HookedPath:
 
 
 class FastPath(HookedPath):
-    """An unclamped pack: fast_path.train_step; evaluation as HookedPath's, with no hooks but the
-    pattern recorder."""
+    """fast_path.train_step; evaluation as HookedPath's."""
 
     def __init__(self, model: Transformer, clamps: ClampSet):
         super().__init__(model, clamps)
@@ -83,5 +86,4 @@ class FastPath(HookedPath):
         """Gradients of every run into model.flat_grad, the log row into log_row [R, 4]; whether all
         losses are finite (fast_path.train_step)."""
         batch = stream.batch(step)
-        return self.train_step(self.model, self.model.flat, self.model.embedding_inputs(batch), batch.target, weight, lr,
-                               self.model.flat_grad, log_row)
+        return self.train_step(self.model, self.clamps, self.model.flat, batch, weight, lr, self.model.flat_grad, log_row)
