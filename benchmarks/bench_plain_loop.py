@@ -6,8 +6,9 @@ The pack (`ihstudy sweep experiment=X --dry-run --max-pack-runs 0` shows the pac
 compiled three times (transformer.head_matmul):
   aten          `@` throughout (ATEN_PLAIN_LOOP_MAX = 0): ATen's plain loop, as before the change
   written out   the loop written out in the forward and in the backward (the fast path's choice)
-  as shipped    what ihstudy runs: the hooked path (clamped packs) keeps ATen's loop for the
-                backward (aten_backward_products); for an unclamped pack the same as written out
+  as shipped    what ihstudy runs: the hooked path (next-token tasks, preserving ablations)
+                keeps ATen's loop for the backward (aten_backward_products); for every other
+                pack, clamped or not (the fast path), the same as written out
 All three compute the same bits. Each keeps its own compiled graphs (Dynamo guards on the settings,
 which are set before each call), then `--steps` training steps and one eval of each are timed in
 turn for `--rounds` rounds, so the load of a shared machine falls on all three alike. Printed: the

@@ -87,6 +87,8 @@ def main() -> None:
     started = time.time()
     finished = subprocess.run(command, env=env)
     wall = time.time() - started
+    if not out.is_dir():
+        sys.exit(f"ihstudy reproduce exited with {finished.returncode} and wrote nothing to {out}")
     folder = next(out.iterdir())  # <out>/<full|scale-F>[_overrides]
     table = breakdown(run_table(folder), wall, started)
     print(f"exit {finished.returncode}, {wall / 60:.1f} min in all; report: {folder / 'report' / 'report.md'}")

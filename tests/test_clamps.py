@@ -390,17 +390,17 @@ def test_query_only_passes_equal_the_full_pass_at_the_query(checkpoint):
 
 
 def test_the_fast_path_takes_the_hooked_paths_step_under_every_clamp(checkpoint):
-    """Clamped packs train through the fast path (torch.func, fast_path.train_step) unless their
-    clamps read the model's own parameters (a preserving ablation's clean pass): the same losses
-    and gradients as autograd through the hooked model, exactly zero wherever those are."""
+    """Compiled clamped packs train through the fast path (torch.func, fast_path.train_step) unless
+    their clamps read the model's own parameters (a preserving ablation's clean pass): the same
+    losses and gradients as autograd through the hooked model, exactly zero wherever those are."""
     batch, weight, lr = make_batch(2), torch.full((2, 1, 1), 1 / 16), torch.full((2,), 0.1)
     blocking = 0
     for clamps in every_kind(checkpoint):
         clamp_set = ClampSet([clamps, []])  # run 1 unclamped: run masks must hold in the fast path too
         if not clamp_set.functional:
-            assert type(choose_path(make_model(2), clamp_set)) is HookedPath
+            assert type(choose_path(make_model(2), clamp_set, compiled=True)) is HookedPath
             continue
-        assert type(choose_path(make_model(2), clamp_set)) is FastPath
+        assert type(choose_path(make_model(2), clamp_set, compiled=True)) is FastPath
         steps = []
         for path_type in (FastPath, HookedPath):
             model, log_row = make_model(2), torch.empty(2, 4)
