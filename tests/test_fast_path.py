@@ -24,7 +24,7 @@ SHAPES = {
 def step(m, batch, weight, function=train_step, clamps=None):
     """(loss, grad norm, spread, lr, gradient, all finite) of one fast-path step."""
     grad, log = torch.full_like(m.flat, float("nan")), torch.empty(m.n_runs, 4)
-    clamps = clamps or ClampSet([[]] * m.n_runs)
+    clamps = clamps or ClampSet([[]] * m.n_runs)  # unclamped unless given
     all_finite = function(m, clamps, m.flat, batch, weight, torch.full((m.n_runs,), 0.1), grad, log)
     return (*log.T, grad, all_finite)
 
@@ -134,12 +134,13 @@ def test_a_run_whose_loss_is_not_finite_leaves_its_pack_mates_alone():
     assert torch.allclose(grad[1], solo_grad[0], atol=1e-6)
 
 
-@pytest.mark.slow  # torch.compile: ~35 s of CPU with a cold compile cache (a fresh CI machine)
-def test_the_compiled_step_equals_the_plain_one():
+@pytest.mark.slow  # torch.compile: ~35 s of CPU per case with a cold compile cache (a fresh CI machine)
+@pytest.mark.parametrize("clamps", [[[], []], [[AblateHeads(heads=((1, 3),))], []]], ids=["unclamped", "clamped"])
+def test_the_compiled_step_equals_the_plain_one(clamps):
     shape = ModelShape(2, 4, 16, 8, 5, 2)
-    m, batch = model(shape, seeds=(1, 2)), random_batch(runs=2, n=4, shape=shape)
-    compiled = Compiled(train_step, fullgraph=True)
-    for by_compiled, by_plain in zip(step(m, batch, torch.ones(2, 1, 1) / 4, compiled), step(m, batch, torch.ones(2, 1, 1) / 4)):
+    m, batch, weight = model(shape, seeds=(1, 2)), random_batch(runs=2, n=4, shape=shape), torch.ones(2, 1, 1) / 4
+    compiled, clamp_set = Compiled(train_step, fullgraph=True), ClampSet(clamps)
+    for by_compiled, by_plain in zip(step(m, batch, weight, compiled, clamp_set), step(m, batch, weight, clamps=clamp_set)):
         assert torch.allclose(by_compiled, by_plain, rtol=1e-5, atol=1e-6)
     assert compiled.compiled  # not the fallback
 
