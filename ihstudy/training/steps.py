@@ -36,8 +36,8 @@ def choose_path(model: Transformer, clamps: ClampSet, every_position: bool = Fal
 
 
 class HookedPath:
-    """Autograd through the model's sites, with the clamps' hooks: FastPath's work for any pack, in
-    more time per step (docs/performance.md).
+    """Autograd through the model's sites, with the clamps' hooks: FastPath's work for any pack
+    (compiled, in more time per step; uncompiled, in less for clamped packs: docs/performance.md).
     every_position: the loss is each run's mean next-token cross-entropy over every position of its
     batch, and evaluation gives every position's logits and every layer's full pattern."""
 
