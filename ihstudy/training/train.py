@@ -167,7 +167,7 @@ class Pack(Runs):
     def compile(self) -> None:
         """Compile the step and evaluation functions of this pack's path (compiled.py), chosen again
         for a compiled step (steps.choose_path)."""
-        self.path = choose_path(self.model, self.clamps, self.tasks[0].loss_at_every_position, compiled=True)
+        self.path = choose_path(self.model, self.clamps, self.path.every_position, compiled=True)
         self.path.compile()
 
     def run_loop(self, stop: StopRequest, progress) -> None:
