@@ -33,17 +33,21 @@ def train_step(model: Transformer, clamps: ClampSet, flat: torch.Tensor, batch: 
     gradients may still be NaN); no run's numbers affect another's.
     """
 
-    def objective(flat: torch.Tensor):
+    def objective(params: dict[str, torch.Tensor]):
         # sum(logits * d_logits) with d_logits held constant: its gradient is the backward pass of the
         # logits' gradient d_logits, which the finite mask and the per-run weight shape.
         with model.hooks(clamps.hooks(model, batch, query_only=True)):
-            logits = model.forward(model.views(flat), model.embedding_inputs(batch), query_only=True)[:, :, -1]
+            logits = model.forward(params, model.embedding_inputs(batch), query_only=True)[:, :, -1]
         loss, logit_grads = query_loss_and_gradients(logits.detach(), batch.target)
         finite = torch.isfinite(loss)
         d_logits = torch.where(finite[:, None, None], logit_grads * weight, 0.0)
         return (logits * d_logits).sum(), (loss, logit_grads, finite)
 
-    grad, (loss, logit_grads, finite) = torch.func.grad(objective, has_aux=True)(flat)
+    # by the parameters, then one cat in flat's layout: differentiated by flat itself, the compiled
+    # gradient was a sum of every parameter's zero-padded slice, one masked pass over the whole
+    # buffer per parameter (a tenth of a clamped pack's step: docs/performance.md)
+    grads, (loss, logit_grads, finite) = torch.func.grad(objective, has_aux=True)(model.views(flat))
+    grad = torch.cat([g.flatten(1) for g in grads.values()], 1)
     grad_out.copy_(grad)
     log_out.copy_(torch.stack([loss, grad.norm(dim=1), batch_spread(logit_grads), lr], 1))
     return finite.all()
