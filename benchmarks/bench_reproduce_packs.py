@@ -64,7 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="*", default=["fig3", "fig4b", "fig5b", "fig6_long", "fig6_clamps"])
     parser.add_argument("--steps", type=int, default=300, help="steady steps timed per pack")
-    parser.add_argument("--compile", default="auto", help="train.compile for every pack: auto | true | false")
+    parser.add_argument("--compile", default=None, help="train.compile for every pack: auto | true | false "
+                        "(default: each preset's own, as reproduce trains it)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: two pack jobs share 2 cores)")
     args = parser.parse_args()
     compile_setting = {"true": True, "false": False}.get(args.compile, args.compile)
@@ -89,7 +90,7 @@ def main() -> None:
                 start = time.perf_counter()
                 pack = Pack(specs)
                 build = time.perf_counter() - start
-                m = measure_pack(pack, args.steps, compile_setting)
+                m = measure_pack(pack, args.steps, runs[0].cfg.train.compile if compile_setting is None else compile_setting)
                 parts = [m["n_steps"] * m["step"], m["n_evals"] * m["eval"], m["n_ckpts"] * m["ckpt"]]
                 total = build + max(m["first_steps"], 0) + sum(parts)
                 grand += total
