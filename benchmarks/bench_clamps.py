@@ -80,7 +80,8 @@ def main() -> None:
         flag = "" if ms / base <= target else "  OVER"
         print(f"{case:24} {ms * 1e3:8.2f} {ms / base:7.2f}x {ms / hooked:8.2f}x {target:6.1f}x{flag}")
     print("vs none: against the unclamped run (the fast path, fast_path.py); vs hooked: against the same model "
-          "through the hooked autograd path with a do-nothing clamp, i.e. what the clamps themselves add")
+          "with a do-nothing clamp, on the path clamped runs take (autograd on the hooked model; the fast path "
+          "with --compile), i.e. what the clamps themselves add")
     how = "compiled" if args.compile else "uncompiled"
     print(f"(median of {args.repeats} x {args.steps} {how} steps, batch 32, {args.threads} thread(s); shared machine: noisy)")
 
