@@ -96,15 +96,15 @@ def test_both_paths_take_the_same_step(shape):
         assert torch.allclose(fast, hooked, atol=1e-6)
 
 
-def test_a_pack_takes_the_fast_path_unless_its_clamps_or_loss_need_the_hooked_model():
+def test_a_compiled_pack_takes_the_fast_path_unless_its_clamps_or_loss_need_the_hooked_model():
     m = model(SHAPES["paper"], seeds=(1,))
     ablate, preserving = AblateHeads(heads=((0, 1),)), AblateHeads(heads=((0, 1),), preserve=("patterns",))
+    for clamps in ([], [ablate]):
+        assert type(choose_path(m, ClampSet([clamps]), compiled=True)) is FastPath
+        assert type(choose_path(m, ClampSet([clamps]))) is HookedPath  # uncompiled, autograd is faster
     for compiled in (False, True):
-        assert type(choose_path(m, ClampSet([[]]), compiled=compiled)) is FastPath
         assert type(choose_path(m, ClampSet([[preserving]]), compiled=compiled)) is HookedPath
         assert type(choose_path(m, ClampSet([[]]), every_position=True, compiled=compiled)) is HookedPath
-    assert type(choose_path(m, ClampSet([[ablate]]), compiled=True)) is FastPath
-    assert type(choose_path(m, ClampSet([[ablate]]))) is HookedPath  # uncompiled, autograd is faster
 
 
 @pytest.mark.parametrize("name", SHAPES)

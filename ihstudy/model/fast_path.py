@@ -6,8 +6,9 @@ one wiring of the model) with the clamps' hooks installed (none for an unclamped
 no-op) and takes its gradient with `torch.func.grad`, so it is a pure function of tensors that
 torch.compile turns into one graph, forward and backward fused (`train.compile`,
 ihstudy/training/compiled.py). A hand-written backward pass was measured against it and was not
-worth its second copy of the wiring (docs/performance.md). Packs this cannot serve train through
-autograd on the hooked model instead (ihstudy/training/steps.py).
+worth its second copy of the wiring (docs/performance.md). Packs this cannot serve, and uncompiled
+ones (torch.func costs more per op than autograd), train through autograd on the hooked model
+instead (ihstudy/training/steps.py).
 
 Shapes: R runs, B sequences, T tokens, L labels, P parameters per run.
 """

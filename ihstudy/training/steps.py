@@ -4,10 +4,10 @@ Both give a training step (the loss and every parameter's gradient of all runs, 
 row) and the evaluation's forward pass (query logits and every layer's attention pattern), through
 the model's one forward pass (Transformer.forward):
 
-  FastPath    packs whose loss reads the query logits, unclamped or compiled: the step, with the
-              clamps' hooks, as one pure function differentiated by torch.func (fast_path.py)
-  HookedPath  the rest (next-token tasks, preserving ablations, uncompiled clamped packs): autograd
-              through the model's sites with the clamps' hooks (ClampSet)
+  FastPath    compiled packs whose loss reads the query logits: the step, with the clamps' hooks,
+              as one pure function differentiated by torch.func (fast_path.py)
+  HookedPath  the rest (uncompiled packs, next-token tasks, preserving ablations): autograd through
+              the model's sites with the clamps' hooks (ClampSet)
 
 Either can be compiled (`compile()`, compiled.py) for long runs.
 """
@@ -27,9 +27,9 @@ def choose_path(model: Transformer, clamps: ClampSet, every_position: bool = Fal
                 compiled: bool = False) -> FastPath | HookedPath:
     """every_position: the task's loss and metrics read the logits of every position (next-token
     tasks), not the query's alone: autograd through the hooked model, as for clamps that are not
-    ClampSet.functional, and for any clamps unless the step is compiled (torch.func's cost per op
-    makes an uncompiled clamped step slower than autograd's: docs/performance.md)."""
-    if every_position or not clamps.functional or (clamps.groups and not compiled):
+    ClampSet.functional, and for any pack unless the step is compiled (torch.func's cost per op
+    makes an uncompiled step slower than autograd's: docs/performance.md)."""
+    if every_position or not clamps.functional or not compiled:
         return HookedPath(model, clamps, every_position)
     return FastPath(model, clamps)
 
@@ -37,7 +37,7 @@ def choose_path(model: Transformer, clamps: ClampSet, every_position: bool = Fal
 
 class HookedPath:
     """Autograd through the model's sites, with the clamps' hooks: FastPath's work for any pack
-    (compiled, in more time per step; uncompiled, in less for clamped packs: docs/performance.md).
+    (compiled, in more time per step; uncompiled, in less: docs/performance.md).
     every_position: the loss is each run's mean next-token cross-entropy over every position of its
     batch, and evaluation gives every position's logits and every layer's full pattern."""
 
