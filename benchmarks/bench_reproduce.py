@@ -40,10 +40,11 @@ def run_table(folder: Path) -> pd.DataFrame:
     plan = json.loads((folder / "plan.json").read_text())
     pack_of = {run["dir"]: i for i, pack in enumerate(plan["packs"]) for run in pack["runs"]}
     rows = []
-    for status_file in sorted(folder.glob("fig*/*/run.json")):
+    for run_dir, pack in pack_of.items():
+        status_file = Path(run_dir) / "run.json"
         status = json.loads(status_file.read_text())
         train = OmegaConf.load(status_file.with_name("config.yaml")).train
-        rows.append({"preset": status_file.parent.parent.name, "pack": pack_of.get(str(status_file.parent), -1),
+        rows.append({"preset": status_file.parent.parent.name, "pack": pack,
                      "status": status["status"], "sequences": status["step"] * train.batch_size,
                      "start": datetime.fromisoformat(status["started"]).timestamp(),
                      "end": datetime.fromisoformat(status["ended"]).timestamp()})
