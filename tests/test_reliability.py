@@ -23,6 +23,7 @@ from ihstudy.cli import app
 from ihstudy.config import compose_config
 from ihstudy.errors import UserError
 from ihstudy.run_files import RunFiles, claim_run_dir, load_checkpoint_file, lock_run_dir
+from ihstudy.training import recorder
 from ihstudy.training.train import Pack, RunSpec
 
 # ~500 steps of a small model with frequent evals and checkpoints: long enough to kill mid-run.
@@ -137,19 +138,25 @@ def test_damaged_newest_checkpoints_are_reported_and_the_previous_one_used(tmp_p
     assert_same_tables(run_dir, reference)
 
 
-def test_metrics_are_on_disk_at_every_eval(tmp_path):
-    cfg, _ = compose_config([*RUN, "train.sequences=800", "train.eval_every=160"])
+@pytest.mark.parametrize("watch_seconds", [0.0, 1e9])
+def test_metrics_are_on_disk_at_evals_every_watch_seconds_and_at_the_end(tmp_path, monkeypatch, watch_seconds):
+    monkeypatch.setattr(recorder, "WATCH_SECONDS", watch_seconds)
+    cfg, _ = compose_config([*RUN, "train.sequences=800", "train.eval_every=160", "train.ckpt_every=480"])
     pack = Pack([RunSpec(cfg, tmp_path / "run")])
     on_disk = []
     evaluate = pack.evaluate
 
     def evaluate_and_look():
         evaluate()
-        on_disk.append((pack.step, len(pd.read_parquet(tmp_path / "run" / "metrics.parquet"))))
+        files = [tmp_path / "run" / f"{table}.parquet" for table in ("metrics", "eval")]
+        on_disk.append((pack.step, *(len(pd.read_parquet(f)) if f.exists() else None for f in files)))
 
     pack.evaluate = evaluate_and_look
     pack.train()
-    assert on_disk == [(step, step) for step in range(0, 101, 20)]
+    every_eval = [(step, step, (step // 20 + 1) * 4) for step in range(0, 101, 20)]
+    # never due: the tables are written at the checkpoints (steps 60, 100) and after the last eval
+    assert on_disk == every_eval if watch_seconds == 0 else [(0, None, None), (20, None, None), (40, None, None),
+                                                             (60, 60, 12), (80, 60, 12), (100, 100, 24)]
 
 
 def test_nan_loss_fails_the_run_visibly_and_keeps_the_last_good_checkpoint(tmp_path):

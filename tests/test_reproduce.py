@@ -260,13 +260,16 @@ def test_fig17_copy_circuits_judged_from_per_label_accuracy(tmp_path, monkeypatc
 
 
 def test_scale_shortens_every_schedule_with_sane_minimums():
-    # 1e5 sequences in at most 50 eval points: every 2016 (a whole number of batches), not 5000 * 0.1
+    # 1e5 sequences in at most 50 eval points: every 2016 (a whole number of batches), not 5000 * 0.1;
+    # 500 of each evaluator's 1000 sequences
     fig3 = reproduce.scaled_overrides("fig3", [], 0.1, set())
     assert fig3 == ["train.compile=auto", "train.sequences=100000", "train.eval_every=2016", "eval.sparse_every=20160",
-                    "train.ckpt_every=5000", "train.eval_at=[]", "train.ckpt_at=[]"]
+                    "eval.n_sequences=500", "train.ckpt_every=5000", "train.eval_at=[]", "train.ckpt_at=[]"]
     tiny = dict(o.split("=") for o in reproduce.scaled_overrides("fig5b", [], 0.0001, {"train.eval_at"}))
     assert tiny == {"train.compile": "auto", "train.sequences": "64", "train.eval_every": "32", "eval.sparse_every": "320",
-                    "train.ckpt_every": "32", "train.ckpt_at": "[]"}
+                    "eval.n_sequences": "500", "train.ckpt_every": "32", "train.ckpt_at": "[]"}
+    fewer = reproduce.scaled_overrides("fig3", ["eval.n_sequences=200"], 0.1, set())
+    assert "eval.n_sequences=200" in fewer  # a smaller eval set stays as it is
 
 
 def eval_points(run) -> dict[int, list[str]]:
@@ -300,6 +303,7 @@ def test_quick_mode_plans_the_paper_faster_and_shorter_and_markov_as_it_is(outpu
             assert fast.cfg.optim.lr == pytest.approx(paper.cfg.optim.lr * speedup)
             assert abs(fast.cfg.train.sequences - paper.cfg.train.sequences / speedup) <= paper.cfg.train.batch_size
             assert len(eval_points(fast)) <= reproduce.SCALED_EVAL_POINTS + 2
+            assert fast.cfg.eval.n_sequences == reproduce.SCALED_EVAL_SEQUENCES < paper.cfg.eval.n_sequences
             assert (fast.cfg.clamp, fast.cfg.task, fast.cfg.model) == (paper.cfg.clamp, paper.cfg.task, paper.cfg.model)
     assert quick.toy_iterations == 1000  # the toy model's own time: not compressed
     result = CliRunner().invoke(app, ["reproduce", "--quick", "--scale", "0.1", "--dry-run"])

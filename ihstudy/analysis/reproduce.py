@@ -81,9 +81,11 @@ QUICK_AS_IS = ("markov_prior",)
 # --scale and --quick: eval points per run at most about this many (plus train.eval_at's; the full
 # runs have 120-600), every evaluator at most every SPARSE_EVAL_SPACING of them (eval=sparse): an
 # eval point costs as much as training ~1,000 sequences, so shortened runs would otherwise spend
-# most of their time evaluating
+# most of their time evaluating; and each evaluator at most SCALED_EVAL_SEQUENCES sequences (at 50
+# points, 1,000 would still cost as much as the training between them: docs/reproduce.md)
 SCALED_EVAL_POINTS = 50
 SPARSE_EVAL_SPACING = 10
+SCALED_EVAL_SEQUENCES = 500
 # Sequences of the training distribution for the checkpoint analyses of findings 3 and 5 (fewer
 # than `ihstudy analyze`'s circuits.DISTRIBUTION_LIMIT: a standard error of at most 0.0035 on an
 # accuracy, far below the judging thresholds, in a fifth of the time), and at small scales.
@@ -199,9 +201,10 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
 
 
 def scaled_overrides(preset: str, fixed: list[str], scale: float, given: set[str], lr_factor: float = 1) -> list[str]:
-    """train.* (and eval.sparse_every) overrides shortening `preset` by `scale`, and optim.lr times
+    """train.* (and eval.sparse_every, eval.n_sequences) overrides shortening `preset` by `scale`, and optim.lr times
     `lr_factor` (keys the user set stay theirs). Minimums: a run and an eval interval of at least one
-    batch; at most about SCALED_EVAL_POINTS regular eval points and QUICK_CHECKPOINTS checkpoints per
+    batch; at most about SCALED_EVAL_POINTS regular eval points of at most SCALED_EVAL_SEQUENCES
+    sequences per evaluator, and at most QUICK_CHECKPOINTS checkpoints per
     run (the report reads only the final one), checkpoints no denser than evals. torch.compile as
     train.compile=auto decides for the shorter runs."""
     cfg, _ = compose_config([f"experiment={preset}", *fixed])
@@ -211,6 +214,7 @@ def scaled_overrides(preset: str, fixed: list[str], scale: float, given: set[str
     values = {"optim.lr": f"{cfg.optim.lr * lr_factor:.6g}", "train.compile": "auto",
               "train.sequences": sequences, "train.eval_every": eval_every,
               "eval.sparse_every": max(SPARSE_EVAL_SPACING * eval_every, round(cfg.eval.sparse_every * scale)),
+              "eval.n_sequences": min(cfg.eval.n_sequences, SCALED_EVAL_SEQUENCES),
               "train.ckpt_every": max(eval_every, sequences // QUICK_CHECKPOINTS, round(train.ckpt_every * scale)),
               "train.eval_at": sorted({min(sequences, round(s * scale)) for s in train.eval_at}),
               "train.ckpt_at": sorted({min(sequences, round(s * scale)) for s in train.ckpt_at})}

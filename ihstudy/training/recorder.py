@@ -7,6 +7,7 @@ write goes through run_files' atomic helpers, so a crash or a full disk never le
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,10 @@ STEP_COLUMNS = ("loss", "grad_norm", "grad_batch_stddev", "lr")
 # infinite) comes back if the run is trained again; an environmental one (a write that failed, e.g.
 # a full disk, memory, any other error) may not, so a sweep run again resumes it (sweep.needs_training).
 NUMERICAL, ENVIRONMENT = "numerical", "environment"
+# Eval rows reach the tables on disk at most this often for anyone watching a run (and always at
+# checkpoints, at the end and on failure): the tables are rewritten whole, and a short run evaluating
+# every few hundred sequences would otherwise spend a tenth of its time writing them.
+WATCH_SECONDS = 5.0
 
 
 @dataclass
@@ -56,6 +61,7 @@ class RunRecorder:
         self.step_log = torch.zeros(n_steps, len(specs), len(STEP_COLUMNS), device=device)
         self.eval_columns: list[dict[str, list]] = [{} for _ in specs]  # columnar: cheap to write at every eval
         self.errors: list[str | None] = [None] * len(specs)
+        self.written_at = time.monotonic()
         self.trackers = Trackers(specs, STEP_COLUMNS)  # logger=...: copies of the rows for experiment trackers
 
     @property
@@ -74,12 +80,14 @@ class RunRecorder:
             self.trackers.start(r, step, step * self.batch_size)
 
     def add_evals(self, rows: list[list[dict]], step: int) -> None:
-        """Record every live run's eval rows and write the tables (for anyone watching)."""
+        """Record every live run's eval rows; write the tables at the last step, or for anyone
+        watching if WATCH_SECONDS have passed since they were last written."""
         for r in self.live():
             for row in rows[r]:
                 for column, value in row.items():
                     self.eval_columns[r].setdefault(column, []).append(value)
-        self.flush(step)
+        if step == len(self.step_log) or time.monotonic() - self.written_at >= WATCH_SECONDS:
+            self.flush(step)
         for r in self.live():
             self.trackers.log_eval(r, rows[r], self.step_log[:step, r], step)
 
@@ -90,9 +98,10 @@ class RunRecorder:
                         | {c: log_rows[:, i] for i, c in enumerate(STEP_COLUMNS)})
 
     def flush(self, step: int, durable: bool = False) -> None:
-        """Write every live run's tables: at each eval for anyone watching, durably at checkpoints."""
+        """Write every live run's tables: at evals for anyone watching, durably at checkpoints."""
         for r in self.live():
             self.write_tables(r, step, durable)
+        self.written_at = time.monotonic()
 
     def write_tables(self, r: int, step: int, durable: bool = True) -> None:
         self.files[r].write_metrics(self.metrics_table(r, step), durable)

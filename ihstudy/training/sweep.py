@@ -102,10 +102,11 @@ class Run:
 
 # What a pack job costs on this project's 2-core CPU, one torch thread, beside another pack job
 # (measured end to end: docs/reproduce.md): per run, a training sequence (clamped or
-# not: in packs they cost about the same) and an eval point (4 evaluators x 1000 sequences).
-# Orders the pack jobs, longest first, and estimates their time.
+# not: in packs they cost about the same) and an eval point (4 evaluators x EVAL_SEQUENCES sequences;
+# in proportion for fewer evaluators or sequences). Orders the pack jobs, longest first, and estimates their time.
 TRAIN_SEQUENCES_PER_SECOND = 20_000
 EVAL_SECONDS = 0.08
+EVAL_SEQUENCES = 1000
 # Unless the command line names a launcher, packs may train side by side: one worker process per core,
 # each with one torch thread (jobs_per_machine). `packs_for_machine` weighs that against fewer, larger
 # packs with more threads, by two numbers measured on this project's 2-core CPU (docs/sweeps.md): per
@@ -132,11 +133,12 @@ class Sweep:
 
 def pack_seconds(pack: list[Run]) -> float:
     """Estimated time of a pack's remaining training and evals (TRAIN_SEQUENCES_PER_SECOND, EVAL_SECONDS,
-    in proportion to the evaluators each eval point measures)."""
+    in proportion to the evaluators each eval point measures and to their sequences)."""
     train, ev = (shared_group([run.cfg[group] for run in pack], group) for group in ("train", "eval"))
     n_steps = sequences_to_step(train.sequences, train.batch_size)
     done = max(pack[0].files.checkpoint_steps(), default=0)
-    evals = sum(len(names) for step, names in eval_plan(train, ev, n_steps).items() if step > done) / len(ev.evaluators)
+    evaluations = sum(len(names) for step, names in eval_plan(train, ev, n_steps).items() if step > done)
+    evals = evaluations / len(ev.evaluators) * ev.n_sequences / EVAL_SEQUENCES
     sequences = (n_steps - done) * train.batch_size
     return len(pack) * (sequences / TRAIN_SEQUENCES_PER_SECOND + evals * EVAL_SECONDS)
 
