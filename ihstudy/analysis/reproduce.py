@@ -201,11 +201,11 @@ def plan_reproduction(args: list[str], scale: float = 1.0, out: Path | None = No
 
 
 def scaled_overrides(preset: str, fixed: list[str], scale: float, given: set[str], lr_factor: float = 1) -> list[str]:
-    """train.* (and eval.sparse_every, eval.n_sequences) overrides shortening `preset` by `scale`, and optim.lr times
-    `lr_factor` (keys the user set stay theirs). Minimums: a run and an eval interval of at least one
-    batch; at most about SCALED_EVAL_POINTS regular eval points of at most SCALED_EVAL_SEQUENCES
-    sequences per evaluator, and at most QUICK_CHECKPOINTS checkpoints per
-    run (the report reads only the final one), checkpoints no denser than evals. torch.compile as
+    """train.* (and eval.sparse_every, eval.n_sequences) overrides shortening `preset` by `scale`,
+    and optim.lr times `lr_factor` (keys the user set stay theirs). Minimums: a run and an eval
+    interval of at least one batch; at most about SCALED_EVAL_POINTS regular eval points of at most
+    SCALED_EVAL_SEQUENCES sequences per evaluator, and at most QUICK_CHECKPOINTS checkpoints per run
+    (the report reads only the final one), checkpoints no denser than evals. torch.compile as
     train.compile=auto decides for the shorter runs."""
     cfg, _ = compose_config([f"experiment={preset}", *fixed])
     train, batch = cfg.train, cfg.train.batch_size
