@@ -33,7 +33,7 @@ STEP_COLUMNS = ("loss", "grad_norm", "grad_batch_stddev", "lr")
 NUMERICAL, ENVIRONMENT = "numerical", "environment"
 # Eval rows reach the tables on disk at most this often for anyone watching a run (and always at
 # checkpoints, at the end and on failure): the tables are rewritten whole, and a short run evaluating
-# every few hundred sequences would otherwise spend a tenth of its time writing them.
+# every few hundred sequences would otherwise spend 8% of its time writing them (docs/performance.md).
 WATCH_SECONDS = 5.0
 
 
@@ -59,7 +59,7 @@ class RunRecorder:
         self.specs, self.batch_size = specs, batch_size
         # one row per step and run, written by the step itself (no per-step copy): [steps, R, columns]
         self.step_log = torch.zeros(n_steps, len(specs), len(STEP_COLUMNS), device=device)
-        self.eval_columns: list[dict[str, list]] = [{} for _ in specs]  # columnar: cheap to write at every eval
+        self.eval_columns: list[dict[str, list]] = [{} for _ in specs]  # columnar: cheap to write whole
         self.errors: list[str | None] = [None] * len(specs)
         self.written_at = time.monotonic()
         self.trackers = Trackers(specs, STEP_COLUMNS)  # logger=...: copies of the rows for experiment trackers

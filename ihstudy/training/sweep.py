@@ -106,7 +106,7 @@ class Run:
 # in proportion for fewer evaluators or sequences). Orders the pack jobs, longest first, and estimates their time.
 TRAIN_SEQUENCES_PER_SECOND = 20_000
 EVAL_SECONDS = 0.08
-EVAL_SEQUENCES = 1000
+EVAL_SEQUENCES = 1000  # per evaluator in the eval points EVAL_SECONDS was measured on
 # Unless the command line names a launcher, packs may train side by side: one worker process per core,
 # each with one torch thread (jobs_per_machine). `packs_for_machine` weighs that against fewer, larger
 # packs with more threads, by two numbers measured on this project's 2-core CPU (docs/sweeps.md): per
