@@ -80,7 +80,7 @@ QUICK_SPEEDUP = 30
 QUICK_AS_IS = ("markov_prior",)
 # --scale and --quick: eval points per run at most about this many (plus train.eval_at's; the full
 # runs have 120-600), every evaluator at most every SPARSE_EVAL_SPACING of them (eval=sparse): an
-# eval point costs as much as training ~1,000 sequences, so shortened runs would otherwise spend
+# eval point costs as much as training ~1,600 sequences (sweep.EVAL_SECONDS), so shortened runs would otherwise spend
 # most of their time evaluating; and each evaluator at most SCALED_EVAL_SEQUENCES sequences (at 50
 # points, 1,000 would still cost as much as the training between them: docs/reproduce.md)
 SCALED_EVAL_POINTS = 50
