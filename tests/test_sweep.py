@@ -208,6 +208,22 @@ def test_a_sweep_chooses_its_packs_by_the_machine(monkeypatch, seeds, cores, siz
     assert plan.launcher_overrides == (PARALLEL_LAUNCHER if side_by_side else [])
 
 
+@pytest.mark.parametrize("preset,cost", [
+    ("experiment=fig3", 1.0),  # the basis: 1 full layer x 5 positions + the query, of width 64
+    ("experiment=fig6_long", 1.0),  # more labels, the same positions
+    ("experiment=markov", 2 * 100 * 16 / 384),  # next-token loss: 2 layers x 100 positions of width 16
+    ("experiment=repeat", 2 * 48 * 32 / 384),
+])
+def test_a_sequence_costs_its_positions_times_width(monkeypatch, preset, cost):
+    """The cost model (pack_seconds) weighs a sequence by the positions its layers compute times the
+    model's width, against the few-shot model it was measured on."""
+    pack = plan_sweep([preset, "seed=5,6"]).runs[:1]
+    assert sweeps.sequence_cost(pack[0]) == pytest.approx(cost)
+    seconds = sweeps.pack_seconds(pack)
+    monkeypatch.setattr(sweeps, "BASIS_ACTIVATIONS", 10**9)  # every sequence as cheap as the basis
+    assert seconds == pytest.approx(cost * sweeps.pack_seconds(pack))
+
+
 @pytest.mark.parametrize("args,max_pack_runs,sizes", [
     (["train.sequences=64000"], None, [2]),  # too short to pay for starting workers
     (["train.sequences=64000", "task.n_labels=5,10"], None, [2, 2]),  # and not split in this process either

@@ -94,6 +94,14 @@ class ModelShape:
         return self.context_len if self.input == "tokens" else 2 * self.context_len + 1
 
     @property
+    def query_rows(self) -> int:
+        """Positions a sequence computes, summed over the layers: all T but in the last layer (the
+        query alone); all T in every layer for a token family's model (next-token loss at every position)."""
+        if self.input == "tokens":
+            return self.n_layers * self.n_tokens
+        return (self.n_layers - 1) * self.n_tokens + 1
+
+    @property
     def d_mlp(self) -> int:
         return int(self.mlp_ratio * self.d_model)
 

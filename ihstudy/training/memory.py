@@ -79,17 +79,9 @@ def estimate(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]]
     ]
 
 
-def _query_rows(shape: ModelShape) -> int:
-    """Query rows per sequence summed over the layers: all T but the last layer's (the query alone);
-    all T in every layer for a token family's model (next-token loss at every position)."""
-    if shape.input == "tokens":
-        return shape.n_layers * shape.n_tokens
-    return (shape.n_layers - 1) * shape.n_tokens + 1
-
-
 def _attention(shape: ModelShape, n_sequences: int, kept: int) -> int:
     """Values in `kept` attention tensors [sequences, heads, query rows, T] of every layer."""
-    return kept * n_sequences * shape.n_heads * _query_rows(shape) * shape.n_tokens
+    return kept * n_sequences * shape.n_heads * shape.query_rows * shape.n_tokens
 
 
 def check_fits(cfgs: list[DictConfig], exemplar_shapes: list[tuple[int, int, int]], device: torch.device,

@@ -107,6 +107,10 @@ class Run:
 TRAIN_SEQUENCES_PER_SECOND = 20_000
 EVAL_SECONDS = 0.08
 EVAL_SEQUENCES = 1000  # per evaluator in the eval points EVAL_SECONDS was measured on
+# Both were measured on few-shot runs of the default model: a sequence computes 6 positions (query
+# rows: ModelShape.query_rows) of width 64. A sequence of another shape costs in proportion to its
+# rows x width, never less (a token family's: 8-8.3x; measured 6-11x, docs/sweeps.md).
+BASIS_ACTIVATIONS = 6 * 64
 # Unless the command line names a launcher, packs may train side by side: one worker process per core,
 # each with one torch thread (jobs_per_machine). `packs_for_machine` weighs that against fewer, larger
 # packs with more threads, by two numbers measured on this project's 2-core CPU (docs/sweeps.md): per
@@ -133,14 +137,20 @@ class Sweep:
 
 def pack_seconds(pack: list[Run]) -> float:
     """Estimated time of a pack's remaining training and evals (TRAIN_SEQUENCES_PER_SECOND, EVAL_SECONDS,
-    in proportion to the evaluators each eval point measures and to their sequences)."""
+    in proportion to the evaluators each eval point measures, to their sequences and to a sequence's cost)."""
     train, ev = (shared_group([run.cfg[group] for run in pack], group) for group in ("train", "eval"))
     n_steps = sequences_to_step(train.sequences, train.batch_size)
     done = max(pack[0].files.checkpoint_steps(), default=0)
     evaluations = sum(len(names) for step, names in eval_plan(train, ev, n_steps).items() if step > done)
     evals = evaluations / len(ev.evaluators) * ev.n_sequences / EVAL_SEQUENCES
     sequences = (n_steps - done) * train.batch_size
-    return len(pack) * (sequences / TRAIN_SEQUENCES_PER_SECOND + evals * EVAL_SECONDS)
+    return len(pack) * sequence_cost(pack[0]) * (sequences / TRAIN_SEQUENCES_PER_SECOND + evals * EVAL_SECONDS)
+
+
+def sequence_cost(run: Run) -> float:
+    """What a sequence of this run's model costs, in sequences of the cost model's basis (BASIS_ACTIVATIONS)."""
+    shape = ModelShape.of_config(run.cfg, run.n_features)
+    return max(1.0, shape.query_rows * shape.d_model / BASIS_ACTIVATIONS)
 
 
 # --- planning: everything is composed and validated before anything is written ----------------
