@@ -95,8 +95,9 @@ class ModelShape:
 
     @property
     def query_rows(self) -> int:
-        """Positions a sequence computes, summed over the layers: all T but in the last layer (the
-        query alone); all T in every layer for a token family's model (next-token loss at every position)."""
+        """Positions a sequence computes, summed over the layers: all T in every layer but the last,
+        which computes the query alone; all T in every layer for a token family's model (next-token
+        loss at every position)."""
         if self.input == "tokens":
             return self.n_layers * self.n_tokens
         return (self.n_layers - 1) * self.n_tokens + 1
