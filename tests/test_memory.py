@@ -65,7 +65,7 @@ def test_a_pack_needs_more_than_one_run_and_the_refusal_names_the_largest_part()
     cfg, _ = compose_config(["task.context_len=64", "task.burstiness=1"])
     shape = exemplar_shape(cfg.data, {})
     one, four = (sum(p.bytes for p in estimate([cfg] * n, [shape] * n)) for n in (1, 4))
-    assert 2 * one < four < 4 * one  # the exemplar array is shared, eval chunks hold 1000 sequences of all runs
+    assert 2 * one < four < 4 * one  # the exemplar array is shared
     with pytest.raises(ConfigError, match=r"the largest part is eval attention patterns .*: lower eval.n_sequences"):
         check_fits([cfg], [shape], torch.device("cpu"), budget=one // 2)
     with pytest.raises(ConfigError, match="a pack of 4 runs would need"):

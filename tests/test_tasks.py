@@ -167,6 +167,33 @@ def test_head_scores_of_an_ideal_induction_pattern():
     assert "induction.L0H0" not in scores and "prev_token.L1H0" not in scores
 
 
+
+@pytest.mark.parametrize("family", ["markov", "repeat"])
+def test_head_scores_are_the_masked_sums_over_the_whole_batch_to_the_bit(family):
+    """The default head_scores reads the previous-token cell directly and sums the induction score in
+    chunks of SCORE_SEQUENCES sequences: the very numbers of attention_on over the whole batch and
+    both runs at once (61 sequences: a last chunk shorter than the others)."""
+    cfg, _ = compose_config([f"experiment={family}"])
+    task = task_family(cfg.task).from_config(cfg, None)
+    generator = torch.Generator().manual_seed(0)
+    runs = [task.sample(61, generator), task.sample(61, generator)]
+    batch = type(runs[0]).stack(runs)
+    T = batch.target.shape[-1]
+    patterns = [torch.rand(2, 61, 3, T, T, generator=generator).softmax(-1) for _ in range(3)]
+    scores = task.head_scores(patterns, batch)
+    previous = torch.zeros(T, T)
+    previous[torch.arange(1, T), torch.arange(T - 1)] = 1.0
+    target = task.induction_target(batch)
+    for layer in range(3):
+        for h in range(3):
+            if layer < 2:
+                assert torch.equal(scores[f"prev_token.L{layer}H{h}"], attention_on(patterns[layer], previous)[:, h])
+            if layer > 0:
+                assert torch.equal(scores[f"induction.L{layer}H{h}"], attention_on(patterns[layer], target)[:, h])
+    assert list(scores) == [f"{kind}.L{layer}H{h}" for layer, kind in
+                            [(0, "prev_token"), (1, "prev_token"), (1, "induction"), (2, "induction")] for h in range(3)]
+
+
 # --- token models through training -----------------------------------------------------------------------------
 
 

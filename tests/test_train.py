@@ -145,6 +145,23 @@ def small_task():
     return cfg, FewShotTask(cfg.task, load_features(cfg.data))
 
 
+def test_eval_chunks_hold_at_most_5000_positions_of_all_runs():
+    """A forward pass over the eval sets takes equal chunks of an evaluator's sequences: 1000 few-shot
+    sequences of 5 tokens over all runs, 25 Markov chains of 100 per run for a pack of two."""
+    import torch
+
+    from ihstudy.config import compose_config
+    from ihstudy.tasks.base import task_family
+    from ihstudy.training.evaluate import EVAL_CHUNK_POSITIONS, Evaluator
+
+    cfg, task = small_task()
+    assert Evaluator([task] * 2, [cfg] * 2, torch.device("cpu"), n_tokens=5).chunk == 30  # an evaluator's all
+    assert Evaluator([task] * 2, [cfg] * 2, torch.device("cpu"), n_tokens=1000).chunk == 2  # 2 x 2 x 1000 <= 5000
+    cfg, _ = compose_config(["experiment=markov"])
+    task = task_family(cfg.task).from_config(cfg, None)
+    chunk = Evaluator([task] * 2, [cfg] * 2, torch.device("cpu"), n_tokens=cfg.task.length).chunk
+    assert chunk == 25 and 2 * chunk * cfg.task.length == EVAL_CHUNK_POSITIONS
+
 def test_evaluator_turns_a_forward_pass_into_eval_rows():
     """Evaluator alone, with a forward pass that is certain of the right label and attends from the
     query only to the label tokens carrying it: loss 0, accuracy 1, induction strength 1."""
@@ -153,8 +170,8 @@ def test_evaluator_turns_a_forward_pass_into_eval_rows():
     from ihstudy.training.evaluate import Evaluator
 
     cfg, task = small_task()
-    evaluator = Evaluator([task, task], [cfg, cfg], torch.device("cpu"))
     T, H = 2 * cfg.task.context_len + 1, 2
+    evaluator = Evaluator([task, task], [cfg, cfg], torch.device("cpu"), T)
 
     def certain(batch, part):
         sub = batch[:, part]

@@ -33,6 +33,7 @@ from ihstudy.errors import ConfigError
 from ihstudy.schema import check_schema
 
 DEFAULT_FAMILY = "ihstudy.tasks.fsl.FewShotTask"  # a task config without _target_ (runs saved before families)
+SCORE_SEQUENCES = 25  # per chunk of the induction score (TaskFamily.induction_masses)
 
 
 class TensorBatch:
@@ -132,18 +133,28 @@ class TaskFamily:
         """Per-run scores [R, H] of every head, named "score.L{layer}H{head}", from each layer's
         attention pattern [R, B, H, T, T]. Default: the previous-token score of every layer but the
         last and the induction score of every layer above the first, where the family defines their positions."""
+        previous = self.previous_position(patterns[0].shape[-1])
+        induction = self.induction_masses(patterns[1:], batch)
         scores = {}
-        T = patterns[0].shape[-1]
-        previous = self.previous_position(T)
         for layer, pattern in enumerate(patterns):
             if previous is not None and layer < len(patterns) - 1:
-                for h, score in enumerate(attention_on(pattern, _one_hot_rows(previous, T)).T):
-                    scores[f"prev_token.L{layer}H{h}"] = score
-            target = self.induction_target(batch) if layer > 0 else None
-            if target is not None:
-                for h, score in enumerate(attention_on(pattern, target).T):
-                    scores[f"induction.L{layer}H{h}"] = score
+                scores |= per_head(f"prev_token.L{layer}", row_mean(*previous_token_mass(pattern, previous)))
+            if induction is not None and layer > 0:
+                scores |= per_head(f"induction.L{layer}", row_mean(*induction[layer - 1]))
         return scores
+
+    def induction_masses(self, patterns: list[torch.Tensor], batch: TensorBatch) -> list[tuple] | None:
+        """attention_mass of each pattern on induction_target(batch), SCORE_SEQUENCES sequences at a
+        time: each row's sum is its own, so the numbers are those of all at once, while a chunk's
+        [B, T, T] temporaries stay in the CPU cache (docs/performance.md). None: no target defined."""
+        chunks = []
+        for start in range(0, patterns[0].shape[1] if patterns else 0, SCORE_SEQUENCES):
+            part = slice(start, start + SCORE_SEQUENCES)
+            target = self.induction_target(batch[:, part])
+            if target is None:
+                return None
+            chunks.append([attention_mass(pattern[:, part], target) for pattern in patterns])
+        return [tuple(torch.cat(parts, 1) for parts in zip(*layer)) for layer in zip(*chunks)] if chunks else None
 
     # --- what clamps and analyses need (None: the family does not define it) ---------------------
 
@@ -176,20 +187,35 @@ def attention_on(pattern: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Per run and head [R, H]: the attention mass `pattern` [R, B, H, T, T] puts on the cells where
     `where` ([.., T, T], broadcastable with the run and batch axes) is positive, averaged over the rows
     that have any such cell (a row without one does not count) and over sequences."""
+    return row_mean(*attention_mass(pattern, where))
+
+
+def attention_mass(pattern: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_on's two parts: each row's mass on its cells [R, B, H, T], and whether the row has any [R, B, 1, T]."""
     if where.dim() == 2:
         where = where.expand(*pattern.shape[:2], *where.shape)
     cells = (where > 0).to(pattern.dtype)
-    mass = (pattern * cells.unsqueeze(2)).sum(-1)  # [R, B, H, T]
-    counted = (cells.sum(-1) > 0).unsqueeze(2).to(pattern.dtype)  # [R, B, 1, T]
+    return (pattern * cells.unsqueeze(2)).sum(-1), (cells.sum(-1) > 0).unsqueeze(2).to(pattern.dtype)
+
+
+def previous_token_mass(pattern: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_mass on the one cell previous[t] of each row t (none where it is -1), read directly
+    rather than summed under a [T, T] mask: the same numbers (a row's other terms are zeros)."""
+    previous = previous.to(pattern.device)
+    has_one = previous >= 0
+    index = previous.clamp(min=0).expand(*pattern.shape[:-1]).unsqueeze(-1)
+    mass = pattern.gather(-1, index).squeeze(-1) * has_one
+    return mass, has_one.to(pattern.dtype).expand(*pattern.shape[:2], 1, -1)
+
+
+def row_mean(mass: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """[R, H]: the mass of the counted rows, averaged over them and over sequences (attention_on)."""
     return (mass * counted).sum(-1).sum(1) / counted.sum(-1).sum(1).clamp(min=1)
 
 
-def _one_hot_rows(position: torch.Tensor, n: int) -> torch.Tensor:
-    """[T, T]: row t one-hot at position[t] (all zero where position[t] < 0)."""
-    rows = torch.zeros(len(position), n)
-    valid = position >= 0
-    rows[valid.nonzero().flatten(), position[valid]] = 1.0
-    return rows
+def per_head(prefix: str, score: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{prefix}H{h}: each head's column of a score [R, H]."""
+    return {f"{prefix}H{h}": column for h, column in enumerate(score.T)}
 
 
 def earlier_occurrence_successors(tokens: torch.Tensor) -> torch.Tensor:

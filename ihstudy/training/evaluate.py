@@ -19,13 +19,13 @@ LN2 = math.log(2)
 PHASE_CHANGE_THRESHOLD = 0.4 * LN2  # the paper's phase-change criterion on the fsl_train loss
 
 METRICS = ("loss", "acc", "icl_acc", "icl_prob", "ooc_acc", "ooc_prob", "in_context_mass")
-EVAL_CHUNK_SEQUENCES = 1000  # per eval forward pass, over all runs of a pack
+EVAL_CHUNK_POSITIONS = 5000  # per eval forward pass, over all runs of a pack: 1000 few-shot sequences
 
 
 class Evaluator:
     """The eval sequences of R runs (every evaluator's n_sequences, concatenated) and their rows."""
 
-    def __init__(self, tasks: list[TaskFamily], cfgs: list, device: torch.device):
+    def __init__(self, tasks: list[TaskFamily], cfgs: list, device: torch.device, n_tokens: int):
         shared = shared_group([cfg.eval for cfg in cfgs], "eval")
         self.names, self.n = list(shared.evaluators), shared.n_sequences
         self.task = tasks[0]  # runs pack together only with equal task families
@@ -34,8 +34,9 @@ class Evaluator:
         self.batch = kind.stack([kind.concat(run_sets) for run_sets in sets]).to(device)
         # equal chunks within one evaluator's sequences (one compiled graph; an evaluator's values do
         # not depend on which others are measured with it), small enough to stay in the CPU cache
-        R = len(cfgs)
-        self.chunk = max(d for d in range(1, self.n + 1) if self.n % d == 0 and d * R <= max(EVAL_CHUNK_SEQUENCES, R))
+        per_sequence = len(cfgs) * n_tokens  # positions of one sequence of every run
+        self.chunk = max(d for d in range(1, self.n + 1)
+                         if self.n % d == 0 and d * per_sequence <= max(EVAL_CHUNK_POSITIONS, per_sequence))
 
     @torch.no_grad()
     def measure(self, eval_forward, step: int, batch_size: int, names: list[str] | None = None) -> list[list[dict]]:

@@ -104,7 +104,7 @@ class Runs:
         self.model = Transformer(self.shape, len(specs), self.device).init_([s.cfg.seed for s in specs], shared.model.init)
         self.clamps = ClampSet([build_clamps(s.cfg.clamp, self.shape, task) for s, task in zip(specs, self.tasks)])
         self.path = choose_path(self.model, self.clamps, self.tasks[0].loss_at_every_position)
-        self.evaluator = Evaluator(self.tasks, [s.cfg for s in specs], self.device)
+        self.evaluator = Evaluator(self.tasks, [s.cfg for s in specs], self.device, self.shape.n_tokens)
         self.step = 0
 
     @property
