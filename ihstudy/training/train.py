@@ -30,6 +30,7 @@ from ihstudy.model.transformer import ModelShape, Transformer, check_checkpoint_
 from ihstudy.run_files import RunFiles, first_line
 from ihstudy.tasks.base import PackStream, TaskFamily, TrainStream, task_family
 from ihstudy.tasks.fsl import load_features
+from ihstudy.training.allocator import keep_freed_memory
 from ihstudy.training.compiled import use_compile
 from ihstudy.training.evaluate import Evaluator
 from ihstudy.training.memory import check_fits
@@ -91,6 +92,7 @@ class Runs:
         if len({shape[2] for shape in exemplar_shapes}) > 1:
             raise ConfigError("runs packed together must share the exemplar dimension (data.dim or the feature file's)")
         self.device = resolve_device(shared.device)
+        keep_freed_memory()  # a step's freed tensors stay mapped for the next (allocator.py)
         if shared.train.threads:
             torch.set_num_threads(shared.train.threads)
         check_fits([spec.cfg for spec in specs], exemplar_shapes, self.device)  # before anything large is made
