@@ -167,7 +167,6 @@ def test_head_scores_of_an_ideal_induction_pattern():
     assert "induction.L0H0" not in scores and "prev_token.L1H0" not in scores
 
 
-
 @pytest.mark.parametrize("family", ["markov", "repeat"])
 def test_head_scores_are_the_masked_sums_over_the_whole_batch_to_the_bit(family):
     """The default head_scores reads the previous-token cell directly and sums the induction score in

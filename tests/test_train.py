@@ -162,6 +162,7 @@ def test_eval_chunks_hold_at_most_5000_positions_of_all_runs():
     chunk = Evaluator([task] * 2, [cfg] * 2, torch.device("cpu"), n_tokens=cfg.task.length).chunk
     assert chunk == 25 and 2 * chunk * cfg.task.length == EVAL_CHUNK_POSITIONS
 
+
 def test_evaluator_turns_a_forward_pass_into_eval_rows():
     """Evaluator alone, with a forward pass that is certain of the right label and attends from the
     query only to the label tokens carrying it: loss 0, accuracy 1, induction strength 1."""

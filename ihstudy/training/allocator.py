@@ -21,7 +21,10 @@ NEVER_TRIM = 2**31 - 1  # mallopt takes an int
 
 def keep_freed_memory() -> None:
     """Raise this process's mmap threshold to its maximum and stop trimming its heap (idempotent)."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library this process runs on
+    try:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library this process runs on
+    except (OSError, TypeError):  # no C library to open by that name (Windows)
+        return
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
         mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
