@@ -147,14 +147,16 @@ class TaskFamily:
         """attention_mass of each pattern on induction_target(batch), SCORE_SEQUENCES sequences at a
         time: each row's sum is its own, so the numbers are those of all at once, while a chunk's
         [B, T, T] temporaries stay in the CPU cache (docs/performance.md). None: no target defined."""
+        if not patterns:  # a one-layer model: no layer above the first
+            return None
         chunks = []
-        for start in range(0, patterns[0].shape[1] if patterns else 0, SCORE_SEQUENCES):
+        for start in range(0, patterns[0].shape[1], SCORE_SEQUENCES):
             part = slice(start, start + SCORE_SEQUENCES)
             target = self.induction_target(batch[:, part])
             if target is None:
                 return None
             chunks.append([attention_mass(pattern[:, part], target) for pattern in patterns])
-        return [tuple(torch.cat(parts, 1) for parts in zip(*layer)) for layer in zip(*chunks)] if chunks else None
+        return [tuple(torch.cat(parts, 1) for parts in zip(*layer)) for layer in zip(*chunks)]
 
     # --- what clamps and analyses need (None: the family does not define it) ---------------------
 
