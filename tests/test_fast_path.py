@@ -10,7 +10,7 @@ from ihstudy.model.clamps import AblateHeads, ClampSet
 from ihstudy.model.fast_path import train_step
 from ihstudy.model.transformer import ModelShape, query_loss
 from ihstudy.tasks.fsl import Batch
-from ihstudy.training.compiled import Compiled
+from ihstudy.training.compiled import VECTOR_BITS, Compiled, vector_width
 from ihstudy.training.steps import FastPath, HookedPath, choose_path
 from tests.test_model import model, random_batch
 
@@ -134,6 +134,22 @@ def test_a_run_whose_loss_is_not_finite_leaves_its_pack_mates_alone():
     solo_loss, *_, solo_grad, _ = step(alone, batch[1:], ones[:1])
     assert loss[0].isnan() and not all_finite and torch.allclose(loss[1:], solo_loss)
     assert torch.allclose(grad[1], solo_grad[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2", "DEFAULT"])
+def test_compiled_kernels_are_capped_at_256_bit_vectors_only_on_avx512_cpus(monkeypatch, capability):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert vector_width() == ({"cpp.simdlen": 256} if capability == "AVX512" else {})
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
+def test_inductor_picks_256_bit_vectors_with_the_cap_on_this_avx512_cpu():
+    from torch._inductor import config, cpu_vec_isa
+
+    with config.patch({"cpp.vec_isa_ok": True}):  # as Compiled sets it: no probing child processes
+        assert cpu_vec_isa.pick_vec_isa().bit_width() == 512  # uncapped: AVX-512
+        with config.patch(vector_width()):
+            assert cpu_vec_isa.pick_vec_isa().bit_width() == VECTOR_BITS
 
 
 @pytest.mark.slow  # torch.compile: ~35 s of CPU per case with a cold compile cache (a fresh CI machine)
